@@ -1,0 +1,153 @@
+"""The FBNet model zoo and ``create_model`` for any architecture.
+
+Block lists (TBS layers 1..22) come from the paper (Wu et al., CVPR 2019, Figure 4).
+FBNet-C equals timm's ``fbnetc_100``. FBNet-S8 and FBNet-iPhoneX are transcriptions of
+the paper's figure from a public reimplementation, not released by the authors.
+FBNet-96-0.35-1 uses the channels published with the released model (stem 8, stages
+8, 16, 16, 24, 40, 72, 128, head 1416), not a plain 0.35 rounding.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import ConvBNReLU, build_block
+from .space import Architecture, SearchSpace, parse_candidate, skip_is_conv
+
+__all__ = ["FBNet", "ZOO", "create_model", "resolve_arch", "LayerCost", "count_costs"]
+
+_S = "skip"
+ZOO_BLOCKS = {
+    "fbnet_a": ("skip k3_e3 k3_e1 skip skip k5_e6 k3_e3 k5_e1 k3_e3 k5_e6 k5_e3 k5_e1_g2 "
+                "k5_e6 k3_e6 k5_e1_g2 k5_e3 k3_e1_g2 k5_e6 k5_e6 k5_e3 k5_e6 k5_e6"),
+    "fbnet_b": ("k3_e1 k3_e6 k5_e1 k3_e1 k3_e1 k5_e6 k5_e3 k3_e6 k5_e6 k5_e6 k5_e1 skip "
+                "k5_e3 k5_e6 k3_e1 k5_e1 k5_e3 k5_e6 k5_e1 k5_e6 k5_e6 k3_e6"),
+    "fbnet_c": ("k3_e1 k3_e6 skip k3_e1 k3_e1 k5_e6 k5_e3 k5_e6 k3_e6 k5_e6 k5_e3 k5_e6 "
+                "k5_e6 k5_e6 k5_e6 k5_e6 k5_e3 k5_e6 k5_e6 k5_e6 k5_e6 k3_e6"),
+    "fbnet_s8": ("k3_e1 k3_e3 k3_e1 skip skip k5_e6 k3_e3 k3_e3 k3_e6 k5_e6 k5_e3 k5_e3 "
+                 "k5_e3 k3_e6 k5_e3 k5_e3 k5_e3 k5_e6 k5_e6 k5_e3 k5_e6 k5_e6"),
+    "fbnet_iphonex": ("skip k3_e6 k3_e1 k3_e1 k3_e1 k3_e6 k3_e6 k3_e6 k3_e6 k3_e6 k3_e6 "
+                      "k3_e3 k3_e6 k3_e6 k3_e3 k3_e3 k3_e3 k5_e6 k5_e6 k5_e6 k5_e3 k5_e6"),
+    "fbnet_96_035_1": ("k3_e1 k3_e6 k3_e6 skip skip k5_e6 k5_e6 skip skip k5_e6 skip skip "
+                       "skip k3_e6 skip skip skip k5_e6 k5_e6 skip skip k5_e6"),
+}
+ZOO_SPACES = {
+    "fbnet_a": SearchSpace(head_channels=1504),
+    "fbnet_b": SearchSpace(),
+    "fbnet_c": SearchSpace(),
+    "fbnet_s8": SearchSpace(head_channels=1504),
+    "fbnet_iphonex": SearchSpace(head_channels=1504),
+    "fbnet_96_035_1": SearchSpace(resolution=96, width=0.35, head_channels=1416,
+                                  channels=(8, 8, 16, 16, 24, 40, 72, 128)),
+}
+ZOO = {name: Architecture(ZOO_BLOCKS[name].split(), ZOO_SPACES[name], name)
+       for name in ZOO_BLOCKS}
+
+
+def resolve_arch(arch) -> Architecture:
+    """Any accepted form -> ``Architecture``: zoo name, file path, short string, object, list."""
+    if isinstance(arch, Architecture):
+        return arch
+    if isinstance(arch, (str, os.PathLike)):
+        s = os.fspath(arch)
+        if s in ZOO:
+            return ZOO[s]
+        if os.path.exists(s) or s.endswith(".json"):
+            return Architecture.load(s)
+        if ":" in s:
+            return Architecture.from_string(s)
+        raise ValueError(
+            f"unknown architecture {s!r}: give a zoo name ({', '.join(ZOO)}), an architecture "
+            "JSON file, a short string 'r224_w1.0_h1984:k3_e1,...', or a list of block names")
+    if isinstance(arch, dict):
+        return Architecture.from_dict(arch)
+    if isinstance(arch, Sequence):
+        return Architecture(list(arch))
+    raise ValueError(f"cannot read an architecture from {type(arch).__name__}")
+
+
+class FBNet(nn.Module):
+    """A discrete FBNet: stem, one candidate block per searchable layer, head, classifier."""
+
+    def __init__(self, arch, num_classes: int = 1000, dropout: float = 0.0):
+        super().__init__()
+        self.arch = arch = resolve_arch(arch)
+        space = arch.space
+        self.stem = ConvBNReLU(3, space.stem_out, 3, space.effective_stem_stride)
+        self.blocks = nn.Sequential(*[
+            build_block(name, l.in_channels, l.out_channels, l.stride)
+            for name, l in zip(arch.blocks, space.layers())])
+        last = space.layers()[-1].out_channels
+        self.head = ConvBNReLU(last, space.head_out, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(space.head_out, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+def create_model(arch, num_classes: int = 1000, **kw) -> FBNet:
+    """Build a zoo name, an architecture file, an ``Architecture`` or a list of 22 names."""
+    return FBNet(arch, num_classes, **kw)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    block: str
+    out_shape: tuple       # (C, H, W) for one image
+    macs: int
+    params: int
+
+
+def _conv_macs(c_in, c_out, k, h_out, groups=1) -> int:
+    return c_out * (c_in // groups) * k * k * h_out * h_out
+
+
+def _bn_params(c) -> int:
+    return 2 * c
+
+
+def block_cost(name: str, c_in: int, c_out: int, stride: int, size: int) -> tuple:
+    """(MACs, parameters incl. BN) of one candidate at one layer, counted as the paper does."""
+    spec = parse_candidate(name)
+    h_out = (size + stride - 1) // stride
+    if spec.is_skip:
+        from .space import Layer
+        if not skip_is_conv(Layer(0, c_in, c_out, stride, size)):
+            return 0, 0
+        return _conv_macs(c_in, c_out, 1, h_out), c_in * c_out + _bn_params(c_out)
+    mid, g, k = c_in * spec.expansion, spec.groups, spec.kernel
+    macs = (_conv_macs(c_in, mid, 1, size, g) + _conv_macs(mid, mid, k, h_out, mid)
+            + _conv_macs(mid, c_out, 1, h_out, g))
+    params = (mid * c_in // g + mid * k * k + c_out * mid // g
+              + _bn_params(mid) * 2 + _bn_params(c_out))
+    return macs, params
+
+
+def count_costs(arch, num_classes: int = 1000) -> list:
+    """Per-layer costs (stem, 22 blocks, head, classifier) of one architecture."""
+    arch = resolve_arch(arch)
+    space = arch.space
+    size = (space.resolution + space.effective_stem_stride - 1) // space.effective_stem_stride
+    stem = space.stem_out
+    rows = [LayerCost("stem", "conv3x3", (stem, size, size),
+                      _conv_macs(3, stem, 3, size), 3 * 9 * stem + _bn_params(stem))]
+    for name, l in zip(arch.blocks, space.layers()):
+        macs, params = block_cost(name, l.in_channels, l.out_channels, l.stride, l.in_size)
+        rows.append(LayerCost(f"tbs{l.index + 1}", name,
+                              (l.out_channels, l.out_size, l.out_size), macs, params))
+    last = space.layers()[-1]
+    h = last.out_size
+    rows.append(LayerCost("head", "conv1x1", (space.head_out, h, h),
+                          _conv_macs(last.out_channels, space.head_out, 1, h),
+                          last.out_channels * space.head_out + _bn_params(space.head_out)))
+    rows.append(LayerCost("fc", "linear", (num_classes, 1, 1), space.head_out * num_classes,
+                          space.head_out * num_classes + num_classes))
+    return rows
