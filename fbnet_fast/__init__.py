@@ -5,5 +5,6 @@ from .space import CANDIDATES, Architecture, SearchSpace
 from .blocks import build_block
 from .mixed_block import MixedBlock
 from .models import FBNet, ZOO, create_model, count_costs
+from .supernet import SuperNet
 
 __version__ = "0.1.0"
