@@ -188,8 +188,9 @@ class MixedBlock(nn.Module):
         """Candidate ``i`` as a standalone module holding its trained weights and BN state."""
         name = self.candidates[i]
         L = self.layout
+        like = dict(device=self.pw1_weight.device, dtype=self.pw1_weight.dtype)
         if i == L.skip_index:
-            out = SkipBlock(self.in_channels, self.out_channels, self.stride)
+            out = SkipBlock(self.in_channels, self.out_channels, self.stride).to(**like)
             if L.skip_is_conv:
                 conv, bn = out.conv[0], out.conv[1]
                 conv.weight.copy_(self.skip_weight.view_as(conv.weight))
@@ -197,7 +198,7 @@ class MixedBlock(nn.Module):
         else:
             s = next(s for s in L.slots if s.index == i)
             out = CandidateBlock(self.in_channels, self.out_channels, self.stride,
-                                 s.spec.kernel, s.spec.expansion, s.spec.groups)
+                                 s.spec.kernel, s.spec.expansion, s.spec.groups).to(**like)
             out.conv_pw.weight.copy_(L.pw1(self.pw1_weight, s))
             out.conv_dw.weight.copy_(L.dw(self.dw_weight, s))
             out.conv_pwl.weight.copy_(L.pw2(self.pw2_weight, s))
@@ -205,8 +206,7 @@ class MixedBlock(nn.Module):
             _copy_bn(out.bn1, self, "bn1", mids)
             _copy_bn(out.bn2, self, "bn2", mids)
             _copy_bn(out.bn3, self, "bn3", slice(s.out_offset, s.out_offset + self.out_channels))
-        out.train(self.training)
-        return out.to(self.pw1_weight.device, self.pw1_weight.dtype)
+        return out.train(self.training)
 
     @torch.no_grad()
     def load_block(self, i: int, block: nn.Module) -> None:

@@ -1,0 +1,59 @@
+"""SuperNet: masks, sampled architectures, extraction."""
+import pytest
+import torch
+
+from fbnet_fast import SearchSpace, SuperNet
+
+SPACE = SearchSpace.small(width=0.25, resolution=16)
+
+
+def make_net(**kw):
+    torch.manual_seed(0)
+    return SuperNet(SPACE, num_classes=5, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("gumbel, shape", [("per-batch", (22, 9)), ("per-example", (22, 3, 9))])
+def test_masks_are_distributions(gumbel, shape):
+    net = make_net(gumbel=gumbel)
+    net(torch.randn(3, 3, 16, 16)).sum().backward()
+    m = net.last_masks
+    assert m.shape == shape
+    torch.testing.assert_close(m.sum(-1), torch.ones(shape[:-1]))
+    assert net.theta.grad is not None and net.theta.grad.abs().sum() > 0
+
+
+def test_temperature_sharpens_masks():
+    net = make_net()
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    g = torch.Generator().manual_seed(0)
+    net.temperature = 100.0
+    soft = net.sample_masks(1, generator=g).max(-1).values.mean()
+    net.temperature = 0.05
+    hard = net.sample_masks(1, generator=g).max(-1).values.mean()
+    assert hard > 0.9 > 0.2 > soft
+
+
+def test_argmax_run_equals_extracted_model():
+    net = make_net()
+    x = torch.randn(4, 3, 16, 16)
+    net(x)  # one training step so BN running stats are not the defaults
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    net.eval()
+    model = net.extract().eval()
+    assert list(model.arch.blocks) == [SPACE.candidates[i] for i in net.argmax_indices()]
+    torch.testing.assert_close(net(x), model(x))
+    # Explicit architecture: only the chosen blocks run.
+    arch = net.sample_architecture(torch.Generator().manual_seed(1))
+    torch.testing.assert_close(net(x, arch=arch), net.extract(arch).eval()(x))
+
+
+def test_bad_inputs():
+    net = make_net()
+    with pytest.raises(ValueError, match="gumbel must be"):
+        SuperNet(SPACE, gumbel="sometimes")
+    with pytest.raises(ValueError, match="layer 3: 'k9_e9' is not a candidate"):
+        net(torch.randn(1, 3, 16, 16), arch=["skip"] * 2 + ["k9_e9"] + ["skip"] * 19)
+    with pytest.raises(ValueError, match=r"Tensor\[N, 3, H, W\]"):
+        net(torch.randn(1, 1, 16, 16))
