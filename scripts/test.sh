@@ -6,4 +6,6 @@ source "$(dirname "$0")/setup.sh"
 # so "import fbnet_fast" finds the installed package.
 "$VENV/bin/pytest" tests "$@"
 # The benchmarks run once, untimed, so they cannot rot.
-"$VENV/bin/pytest" bench -q --benchmark-disable || [ $? -eq 5 ]
+if compgen -G "bench/bench_*.py" > /dev/null; then
+    "$VENV/bin/pytest" bench -q --benchmark-disable
+fi
