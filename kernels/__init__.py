@@ -1,0 +1,13 @@
+"""Triton kernels of the fused MixedBlock (installed as ``fbnet_fast.kernels``).
+
+One file per op family: ``pointwise`` (segmented 1x1 GEMM), ``depthwise`` (KxK depthwise
+forward and backward), ``combine`` (the mask-weighted sum and its backward). Whether the
+kernels run compiled or in Triton's CPU interpreter is fixed when this package is imported
+(``TRITON_INTERPRET`` is read as the kernels are decorated).
+"""
+from . import combine, depthwise, pointwise, utils
+from .utils import interpreting
+
+INTERPRETED = interpreting()
+
+__all__ = ["pointwise", "depthwise", "combine", "utils", "INTERPRETED"]

@@ -1,0 +1,255 @@
+"""Segmented 1x1 convolution (a GEMM over NHWC rows) for all candidates at once.
+
+x is Tensor[M, C_x] (M = N*H*W rows, channels contiguous). The output columns are cut
+into *segments*; segment s computes ``y[:, out] = prologue(x)[:, in] @ W_s^T`` with W_s a
+row-major [out_len, in_len] block of a flat weight. One segment with a dense weight is the
+first pointwise of every candidate together (grouped ones block-diagonal, the channel
+shuffle folded into the row order); one segment per (candidate, group) is the second.
+
+Prologue: ``relu(x * scale + shift)`` per input channel (the previous BN + ReLU, applied
+on load). Epilogue: per output channel sum and sum of squares (the next BN's statistics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, interpreting,
+                    num_warps_for)
+
+__all__ = ["Segment", "pointwise_forward", "pointwise_grad_input", "pointwise_grad_weight"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output columns [out_start, +out_len) read input columns [in_start, +in_len) through
+    the row-major weight block at ``w_offset`` (out_len x in_len elements)."""
+
+    out_start: int
+    out_len: int
+    in_start: int
+    in_len: int
+    w_offset: int
+
+
+@triton.jit
+def _pointwise_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr, tiles_ptr,
+    M, ldx, ldy,
+    PROLOGUE: tl.constexpr, STATS: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    t = tiles_ptr + tl.program_id(1) * 7
+    o0 = tl.load(t)
+    o1 = tl.load(t + 1)
+    i0 = tl.load(t + 2)
+    ilen = tl.load(t + 3)
+    woff = tl.load(t + 4)
+    w_so = tl.load(t + 5)
+    w_sr = tl.load(t + 6)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = o0 + rn < o1
+    rows = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(0, ilen, BLOCK_K):
+        rk = k + tl.arange(0, BLOCK_K)
+        mask_k = rk < ilen
+        xmask = mask_m[:, None] & mask_k[None, :]
+        xv = tl.load(x_ptr + rows[:, None] * ldx + (i0 + rk)[None, :], mask=xmask, other=0.0)
+        wv = tl.load(w_ptr + woff + rn[None, :] * w_so + rk[:, None] * w_sr,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if PROLOGUE:
+            sc = tl.load(scale_ptr + i0 + rk, mask=mask_k, other=0.0)
+            sh = tl.load(shift_ptr + i0 + rk, mask=mask_k, other=0.0)
+            xa = tl.maximum(xv.to(ACC) * sc[None, :] + sh[None, :], 0.0)
+            xv = tl.where(xmask, xa, 0.0).to(wv.dtype)
+        acc += tl.dot(xv.to(wv.dtype), wv, input_precision=PRECISION, out_dtype=ACC)
+    cols = o0 + rn
+    ymask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + rows[:, None] * ldy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ymask)
+    if STATS:
+        a = tl.where(ymask, acc, 0.0)
+        tl.atomic_add(sum_ptr + cols, tl.sum(a, axis=0), mask=mask_n)
+        tl.atomic_add(sumsq_ptr + cols, tl.sum(a * a, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _pointwise_grad_weight_kernel(
+    g_ptr, x_ptr, dw_ptr, scale_ptr, shift_ptr, tiles_ptr,
+    M, ldg, ldx, rows_per_split,
+    PROLOGUE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # dW[o, r] += sum over this program's rows of g[m, o] * prologue(x)[m, r]
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    t = tiles_ptr + tl.program_id(0) * 6
+    g0 = tl.load(t)
+    g1 = tl.load(t + 1)
+    x0 = tl.load(t + 2)
+    x1 = tl.load(t + 3)
+    woff = tl.load(t + 4)
+    w_so = tl.load(t + 5)
+    ro = tl.arange(0, BLOCK_O)
+    rr = tl.arange(0, BLOCK_R)
+    mask_o = g0 + ro < g1
+    mask_r = x0 + rr < x1
+    if PROLOGUE:
+        sc = tl.load(scale_ptr + x0 + rr, mask=mask_r, other=0.0)
+        sh = tl.load(shift_ptr + x0 + rr, mask=mask_r, other=0.0)
+    m_begin = tl.program_id(1) * rows_per_split
+    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=ACC)
+    for m in range(m_begin, m_begin + rows_per_split, BLOCK_M):
+        rm = m + tl.arange(0, BLOCK_M)
+        mask_m = rm < M
+        rows = rm.to(tl.int64)
+        gv = tl.load(g_ptr + rows[:, None] * ldg + (g0 + ro)[None, :],
+                     mask=mask_m[:, None] & mask_o[None, :], other=0.0)
+        xmask = mask_m[:, None] & mask_r[None, :]
+        xv = tl.load(x_ptr + rows[:, None] * ldx + (x0 + rr)[None, :], mask=xmask, other=0.0)
+        if PROLOGUE:
+            xa = tl.maximum(xv.to(ACC) * sc[None, :] + sh[None, :], 0.0)
+            xv = tl.where(xmask, xa, 0.0).to(gv.dtype)
+        acc += tl.dot(tl.trans(gv), xv.to(gv.dtype), input_precision=PRECISION, out_dtype=ACC)
+    tl.atomic_add(dw_ptr + woff + ro[:, None] * w_so + rr[None, :], acc,
+                  mask=mask_o[:, None] & mask_r[None, :])
+
+
+@lru_cache(maxsize=512)
+def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> torch.Tensor:
+    rows = []
+    for s in segments:
+        if not transpose:   # y[:, out] = x[:, in] @ W^T
+            for o in range(0, s.out_len, block_n):
+                rows.append((s.out_start + o, s.out_start + s.out_len, s.in_start, s.in_len,
+                             s.w_offset + o * s.in_len, s.in_len, 1))
+        else:               # dx[:, in] = dy[:, out] @ W
+            for o in range(0, s.in_len, block_n):
+                rows.append((s.in_start + o, s.in_start + s.in_len, s.out_start, s.out_len,
+                             s.w_offset + o, 1, s.in_len))
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@lru_cache(maxsize=512)
+def _grad_weight_tiles(segments: tuple, block_o: int, block_r: int, device: str) -> torch.Tensor:
+    rows = []
+    for s in segments:
+        for o in range(0, s.out_len, block_o):
+            for r in range(0, s.in_len, block_r):
+                rows.append((s.out_start + o, s.out_start + s.out_len, s.in_start + r,
+                             s.in_start + s.in_len, s.w_offset + o * s.in_len + r, s.in_len))
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _check_segments(segments, x_cols: int, out_cols: int, w_numel: int) -> tuple:
+    segments = tuple(segments)
+    if not segments:
+        raise ValueError("pointwise: at least one segment is needed")
+    for s in segments:
+        if s.in_start + s.in_len > x_cols or s.out_start + s.out_len > out_cols:
+            raise ValueError(f"pointwise: segment {s} exceeds the {x_cols} input / "
+                             f"{out_cols} output channels")
+        if s.w_offset + s.out_len * s.in_len > w_numel:
+            raise ValueError(f"pointwise: segment {s} exceeds the weight's {w_numel} elements")
+    return segments
+
+
+def _vec(t, n, dtype, device):
+    return t if t is not None else torch.empty(n or 1, dtype=dtype, device=device)
+
+
+def pointwise_forward(x, w, segments, out_channels, scale=None, shift=None, stats=False,
+                      out_dtype=None):
+    """y (Tensor[M, out_channels]) from x (Tensor[M, C]) and flat w; with ``stats`` also
+    the per-column sum and sum of squares (accumulator dtype). Columns no segment
+    covers are left uninitialised. Returns (y, sum, sumsq) (None, None without stats)."""
+    check_nhwc("pointwise x", x)
+    segments = _check_segments(segments, x.shape[1], out_channels, w.numel())
+    prologue = scale is not None
+    M = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    y = torch.empty(M, out_channels, dtype=out_dtype or x.dtype, device=x.device)
+    s1 = torch.zeros(out_channels if stats else 1, dtype=acc, device=x.device)
+    s2 = torch.zeros_like(s1)
+    max_out = max(s.out_len for s in segments)
+    max_in = max(s.in_len for s in segments)
+    bm, bn, bk = gemm_blocks(M, max_out, max_in)
+    tiles = _fwd_tiles(segments, bn, False, str(x.device))
+    if M > 0:
+        grid = (triton.cdiv(M, bm), tiles.shape[0])
+        _pointwise_fwd_kernel[grid](
+            x, w, y, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), s1, s2, tiles,
+            M, x.stride(0), y.stride(0),
+            PROLOGUE=prologue, STATS=stats, IS_FP64=acc == torch.float64,
+            PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=num_warps_for(bm * bn))
+    return (y, s1, s2) if stats else (y, None, None)
+
+
+def pointwise_grad_input(dy, w, segments, in_channels, out_dtype=None):
+    """dx (Tensor[M, in_channels]) = dy @ W for every segment (inputs no segment reads
+    are zero). Each input column may be read by one segment only."""
+    check_nhwc("pointwise dy", dy)
+    segments = _check_segments(segments, in_channels, dy.shape[1], w.numel())
+    spans = sorted((s.in_start, s.in_start + s.in_len) for s in segments)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError("pointwise_grad_input: segments read overlapping input columns; "
+                         "sum one call per segment instead")
+    M = dy.shape[0]
+    acc = acc_dtype(dy.dtype)
+    covered = sum(s.in_len for s in segments)
+    alloc = torch.empty if covered >= in_channels else torch.zeros
+    dx = alloc(M, in_channels, dtype=out_dtype or dy.dtype, device=dy.device)
+    bm, bn, bk = gemm_blocks(M, max(s.in_len for s in segments), max(s.out_len for s in segments))
+    tiles = _fwd_tiles(segments, bn, True, str(dy.device))
+    if M > 0:
+        dummy = torch.empty(1, dtype=acc, device=dy.device)
+        _pointwise_fwd_kernel[(triton.cdiv(M, bm), tiles.shape[0])](
+            dy, w, dx, dummy, dummy, dummy, dummy, tiles, M, dy.stride(0), dx.stride(0),
+            PROLOGUE=False, STATS=False, IS_FP64=acc == torch.float64,
+            PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=num_warps_for(bm * bn))
+    return dx
+
+
+def _row_splits(M: int, block_m: int, tiles: int) -> tuple:
+    """Split the row reduction so that the grid has enough programs to fill a GPU."""
+    blocks = triton.cdiv(max(M, 1), block_m)
+    want = 1 if tiles >= 256 else max(1, 512 // max(tiles, 1))
+    if interpreting():
+        want = 1
+    splits = min(blocks, want)
+    per = triton.cdiv(blocks, splits) * block_m
+    return triton.cdiv(max(M, 1), per), per
+
+
+def pointwise_grad_weight(dy, x, segments, w_numel, scale=None, shift=None):
+    """Flat dW (accumulator dtype, w_numel elements) = dy^T @ prologue(x) per segment."""
+    check_nhwc("pointwise dy", dy)
+    check_nhwc("pointwise x", x)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"pointwise: dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+    segments = _check_segments(segments, x.shape[1], dy.shape[1], w_numel)
+    M = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    dw = torch.zeros(w_numel, dtype=acc, device=x.device)
+    bm, bo, br = gemm_blocks(M, max(s.out_len for s in segments), max(s.in_len for s in segments))
+    tiles = _grad_weight_tiles(segments, bo, br, str(x.device))
+    splits, per = _row_splits(M, bm, tiles.shape[0])
+    if M > 0:
+        _pointwise_grad_weight_kernel[(tiles.shape[0], splits)](
+            dy, x, dw, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), tiles,
+            M, dy.stride(0), x.stride(0), per,
+            PROLOGUE=scale is not None, IS_FP64=acc == torch.float64,
+            PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_O=bo, BLOCK_R=br,
+            num_warps=num_warps_for(bo * br))
+    return dw
