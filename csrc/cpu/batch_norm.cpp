@@ -1,0 +1,231 @@
+// Batch-norm passes over a [M, C] matrix of channels-last data (rows = pixels), fused so each
+// reads the data once or twice instead of the five or six passes of separate torch ops.
+// Channels are contiguous; rows may have any stride (a column slice of a wider matrix).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace fbnet_fast {
+namespace {
+
+at::Tensor rows_of(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
+  return x.contiguous();
+}
+
+void check_vec(const at::Tensor& v, int64_t C, const at::Tensor& like, const char* op,
+               const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": ", name, " must be Tensor[", C,
+              "], got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
+              v.scalar_type(), ", expected ", like.scalar_type());
+}
+
+// Rows [r0, r1) of part t out of `parts` equal shares.
+inline std::pair<int64_t, int64_t> share(int64_t M, int64_t parts, int64_t t) {
+  return {M * t / parts, M * (t + 1) / parts};
+}
+
+// Rows summed in the input precision before adding into the double accumulators.
+constexpr int64_t kRowBlock = 64;
+
+int64_t num_parts(int64_t M) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+}
+
+// Per-channel mean and biased variance over the rows (shifted by row 0 against cancellation).
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
+  auto x = rows_of(x_in, "channel_stats", "x");
+  const int64_t M = x.size(0), C = x.size(1), ld = x.stride(0);
+  TORCH_CHECK(M > 0, "channel_stats: needs at least one row, got shape ", x.sizes());
+  auto mean = at::empty({C}, x.options());
+  auto var = at::empty({C}, x.options());
+  const int64_t parts = num_parts(M);
+  std::vector<double> acc(parts * 2 * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_stats", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        auto [r0, r1] = share(M, parts, t);
+        double* s1 = acc.data() + t * 2 * C;
+        double* s2 = s1 + C;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = xp + r * ld;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = double(row[c]) - double(xp[c]);
+            s1[c] += d;
+            s2[c] += d * d;
+          }
+        }
+      }
+    });
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t t = 0; t < parts; ++t) {
+        s1 += acc[t * 2 * C + c];
+        s2 += acc[t * 2 * C + C + c];
+      }
+      const double m = s1 / M;
+      mp[c] = scalar_t(double(xp[c]) + m);
+      vp[c] = scalar_t(std::max(0.0, s2 / M - m * m));
+    }
+  });
+  return {mean, var};
+}
+
+// relu(x * scale + shift) (relu optional), a new contiguous [M, C] matrix.
+at::Tensor scale_shift_cpu(const at::Tensor& x_in, const at::Tensor& scale,
+                           const at::Tensor& shift, bool relu) {
+  auto x = rows_of(x_in, "scale_shift", "x");
+  const int64_t M = x.size(0), C = x.size(1), ld = x.stride(0);
+  check_vec(scale, C, x, "scale_shift", "scale");
+  check_vec(shift, C, x, "scale_shift", "shift");
+  auto sc = scale.contiguous(), sh = shift.contiguous();
+  auto out = at::empty({M, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale_shift", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* a = sc.const_data_ptr<scalar_t>();
+    const scalar_t* b = sh.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = xp + r * ld;
+        scalar_t* o = op + r * C;
+        if (relu) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) o[c] = std::max(row[c] * a[c] + b[c], scalar_t(0));
+        } else {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) o[c] = row[c] * a[c] + b[c];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Backward of y = [relu](BN(z)) given dL/dy: (dL/dz, dL/dweight, dL/dbias).
+// Training: batch statistics (mean, rstd) were used; eval: fixed statistics.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& bias, bool relu,
+    bool training) {
+  auto g = rows_of(grad_in, "bn_backward", "grad");
+  auto z = rows_of(z_in, "bn_backward", "z");
+  const int64_t M = z.size(0), C = z.size(1);
+  TORCH_CHECK(g.sizes() == z.sizes(), "bn_backward: grad shape ", g.sizes(),
+              " differs from z shape ", z.sizes());
+  TORCH_CHECK(g.scalar_type() == z.scalar_type(), "bn_backward: grad dtype ", g.scalar_type(),
+              " differs from z dtype ", z.scalar_type());
+  for (auto [v, n] : {std::pair{mean, "mean"}, {rstd, "rstd"}, {weight, "weight"}, {bias, "bias"}})
+    check_vec(v, C, z, "bn_backward", n);
+  TORCH_CHECK(M > 0, "bn_backward: needs at least one row, got shape ", z.sizes());
+  const int64_t lg = g.stride(0), lz = z.stride(0);
+  auto mu = mean.contiguous(), rs = rstd.contiguous(), w = weight.contiguous(), bb = bias.contiguous();
+  auto dz = at::empty({M, C}, z.options());
+  auto dw = at::empty({C}, z.options());
+  auto db = at::empty({C}, z.options());
+  const int64_t parts = num_parts(M);
+  std::vector<double> acc(parts * 2 * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_backward", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const T* zp = z.const_data_ptr<T>();
+    std::vector<T> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {  // the forward's formula, so the ReLU mask matches
+      scale[c] = w.const_data_ptr<T>()[c] * rs.const_data_ptr<T>()[c];
+      shift[c] = bb.const_data_ptr<T>()[c] - mu.const_data_ptr<T>()[c] * scale[c];
+    }
+    const T* a = scale.data();
+    const T* b = shift.data();
+    // Pass 1: sum of g and of g * (z - mean), per thread, in T over blocks of rows, then double.
+    const T* m = mu.const_data_ptr<T>();
+    auto pass1 = [&](auto relu_c) {
+      constexpr bool R = decltype(relu_c)::value;
+      at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> b1(C), b2(C);
+        for (int64_t t = t0; t < t1; ++t) {
+          auto [r0, r1] = share(M, parts, t);
+          double* s1 = acc.data() + t * 2 * C;
+          double* s2 = s1 + C;
+          for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+            std::fill(b1.begin(), b1.end(), T(0));
+            std::fill(b2.begin(), b2.end(), T(0));
+            T* p1 = b1.data();
+            T* p2 = b2.data();
+            for (int64_t r = rb; r < std::min(r1, rb + kRowBlock); ++r) {
+              const T* gr = gp + r * lg;
+              const T* zr = zp + r * lz;
+              _Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                const T gv = (!R || zr[c] * a[c] + b[c] > T(0)) ? gr[c] : T(0);
+                p1[c] += gv;
+                p2[c] += gv * (zr[c] - m[c]);
+              }
+            }
+            for (int64_t c = 0; c < C; ++c) {
+              s1[c] += p1[c];
+              s2[c] += p2[c];
+            }
+          }
+        }
+      });
+    };
+    if (relu) pass1(std::true_type{}); else pass1(std::false_type{});
+    std::vector<T> cz(C), c0(C);
+    T* dwp = dw.mutable_data_ptr<T>();
+    T* dbp = db.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t t = 0; t < parts; ++t) {
+        s1 += acc[t * 2 * C + c];
+        s2 += acc[t * 2 * C + C + c];
+      }
+      const double r = rs.const_data_ptr<T>()[c];
+      dbp[c] = T(s1);
+      dwp[c] = T(s2 * r);
+      // dz = scale * (g - (db + zhat * dw) / M), zhat = (z - mean) * rstd
+      cz[c] = training ? T(-double(a[c]) * r * (s2 * r) / M) : T(0);
+      c0[c] = training ? T(-double(a[c]) * (s1 - double(m[c]) * r * (s2 * r)) / M) : T(0);
+    }
+    const T* pz = cz.data();
+    const T* p0 = c0.data();
+    T* out = dz.mutable_data_ptr<T>();
+    auto pass2 = [&](auto relu_c) {
+      constexpr bool R = decltype(relu_c)::value;
+      at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* gr = gp + r * lg;
+          const T* zr = zp + r * lz;
+          T* o = out + r * C;
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const T gv = (!R || zr[c] * a[c] + b[c] > T(0)) ? gr[c] : T(0);
+            o[c] = a[c] * gv + pz[c] * zr[c] + p0[c];
+          }
+        }
+      });
+    };
+    if (relu) pass2(std::true_type{}); else pass2(std::false_type{});
+  });
+  return {dz, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("scale_shift", &scale_shift_cpu);
+  m.impl("bn_backward", &bn_backward_cpu);
+}
+
+}  // namespace fbnet_fast
