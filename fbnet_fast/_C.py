@@ -13,14 +13,13 @@ import platform
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 __all__ = ["load", "why_unavailable", "source_dir"]
 
 NAME = "fbnet_fast_C"
-_lock = threading.Lock()
-_state: dict = {}   # "ok": bool, "why": str | None
 
 
 def source_dir() -> Path | None:
@@ -54,24 +53,26 @@ def _cpu_key() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _build_dir() -> Path:
+def build_dir(name: str, key: str = "") -> Path:
+    """The cache folder of one library, keyed by torch and Python versions (and ``key``)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "fbnet_fast" / "extensions"
     tv = torch.__version__.replace("+", "_")
-    d = base / f"{NAME}-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_key()}"
+    d = base / f"{name}-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}{key}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def _needs_compile(build: Path, sources: list) -> bool:
-    libs = list(build.glob(f"{NAME}*.so")) + list(build.glob(f"{NAME}*.pyd"))
+def _needs_compile(build: Path, name: str, sources: list) -> bool:
+    libs = list(build.glob(f"{name}*.so")) + list(build.glob(f"{name}*.pyd"))
     if not libs:
         return True
     newest = max(p.stat().st_mtime for p in libs)
     return any(Path(s).stat().st_mtime > newest for s in sources)
 
 
-def _build() -> None:
+def compile_library(name: str, what: str, sources: list, key: str = "", **load_kw) -> None:
+    """Build (printing one line when it actually compiles) and load a library of ops."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import warns about CUDA, irrelevant to a CPU build
@@ -79,39 +80,61 @@ def _build() -> None:
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
+    build = build_dir(name, key)
+    if _needs_compile(build, name, sources):
+        print(f"fbnet_fast: compiling the {what} (first use, about a minute)...",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(name=name, sources=sources, build_directory=str(build),
+                       is_python_module=False, verbose=False, **load_kw)
 
+
+class JitLibrary:
+    """A library of ops built on first use and loaded once per process (thread-safe)."""
+
+    def __init__(self, what: str, build: Callable[[], None]):
+        self.what, self._build = what, build
+        self._lock = threading.Lock()
+        self._ok: bool | None = None
+        self._why: str | None = None
+
+    def load(self) -> bool:
+        with self._lock:
+            if self._ok is None:
+                try:
+                    self._build()
+                    self._ok = True
+                except Exception as e:  # no compiler, no headers, a failed build
+                    msg = str(e).strip()
+                    if len(msg) > 2000:  # a compiler log: keep its end, where the error is
+                        msg = "..." + msg[-2000:]
+                    self._ok = False
+                    self._why = (f"the fbnet_fast {self.what} could not be built or loaded "
+                                 f"({type(e).__name__}): {msg}")
+            return self._ok
+
+    def why_unavailable(self) -> str | None:
+        self.load()
+        return self._why
+
+
+def _build_cpu() -> None:
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources (csrc/) are not shipped with this installation")
     sources = [str(src / "ops.cpp")] + sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
-    build = _build_dir()
     cflags = ["-O3", "-fopenmp"] + (["-march=native"] if _native() else [])
-    if _needs_compile(build, sources):
-        print("fbnet_fast: compiling the C++ CPU kernels (first use, about a minute)...",
-              file=sys.stderr, flush=True)
-    cpp_extension.load(name=NAME, sources=sources, extra_cflags=cflags,
-                       extra_ldflags=["-fopenmp"], build_directory=str(build),
-                       is_python_module=False, verbose=False)
+    compile_library(NAME, "C++ CPU kernels", sources, key=f"-{_cpu_key()}",
+                    extra_cflags=cflags, extra_ldflags=["-fopenmp"])
+
+
+CPU_LIBRARY = JitLibrary("C++ CPU kernels", _build_cpu)
 
 
 def load() -> bool:
     """Build (first use) and load the kernels; True when ``torch.ops.fbnet_fast`` has them."""
-    with _lock:
-        if "ok" not in _state:
-            try:
-                _build()
-                _state["ok"], _state["why"] = True, None
-            except Exception as e:  # no compiler, no headers, a failed build
-                msg = str(e).strip()
-                if len(msg) > 2000:  # a compiler log: keep its end, where the error is
-                    msg = "..." + msg[-2000:]
-                _state["ok"] = False
-                _state["why"] = ("the fbnet_fast C++ CPU kernels could not be built or loaded "
-                                 f"({type(e).__name__}): {msg}")
-        return _state["ok"]
+    return CPU_LIBRARY.load()
 
 
 def why_unavailable() -> str | None:
     """None when the kernels are loaded, else why not (builds them on first call)."""
-    load()
-    return _state["why"]
+    return CPU_LIBRARY.why_unavailable()

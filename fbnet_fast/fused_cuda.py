@@ -8,26 +8,16 @@ the statistics after it run as PyTorch ops, since the CUDA ops do not fuse them.
 """
 from __future__ import annotations
 
-import os
-import sys
-import threading
-from pathlib import Path
-
 import torch
 
-from . import fused_triton
+from . import _C, fused_triton
 
 __all__ = ["mixed_block_forward", "why_unavailable", "CudaDepthwise", "load_cuda_ops"]
 
 NAME = "fbnet_fast_cuda"
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
-
-    from . import _C
     if not _C.load():                     # registers the schemas (TORCH_LIBRARY)
         raise RuntimeError(_C.why_unavailable())
     src = _C.source_dir()
@@ -35,28 +25,15 @@ def _build() -> None:
     if not sources:
         raise RuntimeError("the CUDA sources (csrc/cuda/*.cu) are not shipped with this "
                            "installation")
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "fbnet_fast" / "extensions"
-    tv = torch.__version__.replace("+", "_")
-    build = base / f"{NAME}-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}"
-    build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=NAME, sources=sources, build_directory=str(build),
-                       extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False)
+    _C.compile_library(NAME, "CUDA kernels", sources, extra_cuda_cflags=["-O3"])
+
+
+CUDA_LIBRARY = _C.JitLibrary("CUDA kernels", _build)
 
 
 def load_cuda_ops() -> bool:
     """Build (first use) and load the CUDA depthwise ops; True when registered."""
-    with _lock:
-        if "ok" not in _state:
-            try:
-                _build()
-                _state["ok"], _state["why"] = True, None
-            except Exception as e:  # no nvcc, no GPU toolchain, a failed build
-                msg = str(e).strip()
-                _state["ok"] = False
-                _state["why"] = ("the fbnet_fast CUDA kernels could not be built or loaded "
-                                 f"({type(e).__name__}): {msg[-2000:]}")
-        return _state["ok"]
+    return CUDA_LIBRARY.load()
 
 
 def why_unavailable(device) -> str | None:
@@ -66,7 +43,7 @@ def why_unavailable(device) -> str | None:
     why = fused_triton.why_unavailable(device)   # pointwise GEMMs and combine are Triton
     if why is not None:
         return why
-    return None if load_cuda_ops() else _state["why"]
+    return CUDA_LIBRARY.why_unavailable()
 
 
 class CudaDepthwise:
