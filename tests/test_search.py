@@ -1,0 +1,242 @@
+"""The search end to end: artefacts, exact resume (also after SIGKILL), latency awareness,
+two-process DDP, and clear errors for bad input. Tiny settings: 4 layers at 16x16."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fbnet_fast.cli import main as cli_main
+from fbnet_fast.models import create_model
+from fbnet_fast.search import make_config, run_search
+
+sys.path.insert(0, os.path.dirname(__file__))
+from search_helpers import TINY, macs_table, tiny_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli_args(cfg_kw: dict) -> list:
+    out = []
+    for k, v in cfg_kw.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lut(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lut") / "lut.json"
+    macs_table(tiny_config("unused")).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, lut):
+    """One uninterrupted tiny search, the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    res = run_search(tiny_config(out, lut=lut), quiet=True)
+    return out, res
+
+
+def _state(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_tiny_search_writes_every_artefact(full_run):
+    out, res = full_run
+    for name in ("config.json", "lut.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+                 "archs/argmax.json", "archs/sample_1.json", "archs/sample_2.json",
+                 "plots/probabilities_final.png", "plots/probabilities_evolution.png",
+                 "plots/curves.png", "plots/archs.png"):
+        assert os.path.getsize(out / name) > 0, name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 3 and cfg["stages"] == TINY["stages"]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for key in ("temperature", "train_loss", "train_acc", "theta_loss", "theta_acc",
+                "expected_latency_ms", "entropy"):
+        assert key in rows[-1]
+    assert rows[0]["theta_loss"] is None and rows[1]["theta_acc"] is not None
+    assert rows[2]["temperature"] < rows[1]["temperature"] == rows[0]["temperature"] == 5.0
+    assert len(rows[-1]["entropy"]) == 4
+    assert sorted(os.listdir(out / "theta")) == [f"epoch_{e:03d}.json" for e in range(3)]
+    # θ moved away from its zero start
+    assert res.net.theta.abs().max() > 0.05
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["name"] for a in summary["archs"]] == ["argmax", "sample_1", "sample_2"]
+    for a in summary["archs"]:
+        assert a["latency_ms"] > 0 and a["macs"] > 0 and a["params"] > 0
+        assert 0 <= a["theta_acc"] <= 1
+    model = create_model(str(out / "archs" / "argmax.json"), num_classes=10)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    # plots can be redrawn on demand
+    os.remove(out / "plots" / "curves.png")
+    assert cli_main(["report", str(out)]) == 0
+    assert os.path.exists(out / "plots" / "curves.png")
+
+
+def test_resume_from_epoch_1_is_bit_identical(full_run, tmp_path, lut):
+    out = tmp_path / "run"
+    first = run_search(tiny_config(out, lut=lut), quiet=True, stop_after=1)
+    assert first.summary is None and not os.path.exists(out / "summary.json")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    res = run_search(tiny_config(out, lut=lut), resume=True, quiet=True)
+    _assert_same_state(_state(out), _state(full_run[0]))
+    assert torch.equal(res.net.theta, full_run[1].net.theta)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_identically(full_run, tmp_path, lut):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fbnet_fast", "search", "--out", str(out), "--lut", lut,
+            "--quiet"] + _cli_args({k: v for k, v in TINY.items()})
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    time.sleep(0.5)                      # into epoch 2 (an epoch takes seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] in (1, 2)
+    assert not os.path.exists(out / "summary.json")
+    r = subprocess.run(args + ["--resume"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _assert_same_state(_state(out), _state(full_run[0]))
+    assert "archs" in r.stdout and os.path.exists(out / "summary.json")
+
+
+def test_strong_latency_term_lowers_expected_latency(tmp_path, lut):
+    kw = dict(lut=lut, epochs=3, warmup_epochs=0)
+    off = run_search(tiny_config(tmp_path / "off", latency_loss="none", **kw), quiet=True)
+    on = run_search(tiny_config(tmp_path / "on", latency_loss="add", lam=50.0, **kw),
+                    quiet=True)
+    lat_off = off.metrics[-1]["expected_latency_ms"]
+    lat_on = on.metrics[-1]["expected_latency_ms"]
+    start = macs_table(tiny_config("x")).layer_matrix(
+        __import__("fbnet_fast.search", fromlist=["x"]).build_space(tiny_config("x"))
+    ).mean(1).sum().item() + 0.1
+    assert lat_on < lat_off
+    assert lat_on < 0.8 * start        # clearly below the uniform-θ starting point
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_kw, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    res = run_search(make_config(**cfg_kw), quiet=True)
+    torch.save({k: v.detach().clone() for k, v in res.net.state_dict().items()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, lut):
+    import torch.multiprocessing as mp
+    cfg_kw = {**TINY, "out": str(tmp_path / "run"), "lut": lut, "epochs": 2,
+              "warmup_epochs": 1, "samples": 1, "device": "cpu"}
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg_kw, str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(s0["theta"], torch.zeros_like(s0["theta"]))
+    for k in s0:
+        if "running" in k or "num_batches" in k:
+            continue                     # BN statistics are per process (no SyncBN)
+        assert torch.equal(s0[k], s1[k]), f"{k} differs between ranks"
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world"] for r in rows] == [2, 2]
+    assert os.path.exists(tmp_path / "run" / "summary.json")
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def _one_line_error(capsys, argv, match):
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:          # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys, lut):
+    base = ["search", "--out", str(tmp_path / "r"), "--quiet"]
+    _one_line_error(capsys, base + ["--data", str(tmp_path / "missing")], "does not exist")
+    (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+    _one_line_error(capsys, base + ["--data", str(tmp_path / "empty")], "no images")
+    _one_line_error(capsys, base + ["--gumbel", "sometimes"], "--gumbel must be one of")
+    _one_line_error(capsys, base + ["--latency-loss", "log"], "--latency-loss must be one of")
+    _one_line_error(capsys, base + ["--epochs", "many"], "invalid int value")
+    _one_line_error(capsys, base + ["--lut", str(tmp_path / "no.json")], "does not exist")
+    # a table measured for another space does not cover this one: name the missing entry
+    _one_line_error(capsys, base + _cli_args({**TINY, "width": 2.0}) + ["--lut", lut],
+                    "has no entry")
+    _one_line_error(capsys, ["report", str(tmp_path / "nothing")], "does not exist")
+    _one_line_error(capsys, base + ["--resume"], "nothing to resume")
+
+
+def test_python_api_errors(tmp_path, lut):
+    with pytest.raises(ValueError, match="gumbel"):
+        make_config(gumbel="per-pixel")
+    with pytest.raises(ValueError, match="warmup"):
+        make_config(epochs=2, warmup_epochs=3)
+    with pytest.raises(ValueError, match="stages"):
+        make_config(stages="16-1-1")
+    with pytest.raises(FileNotFoundError):
+        run_search(tiny_config(tmp_path / "a", data=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="has no entry"):
+        run_search(tiny_config(tmp_path / "b", lut=lut, resolution=24))
+    done = tiny_config(tmp_path / "c", lut=lut, epochs=1, warmup_epochs=1)
+    run_search(done, quiet=True)
+    with pytest.raises(ValueError, match="already holds a search"):
+        run_search(tiny_config(tmp_path / "c", lut=lut, epochs=1, warmup_epochs=1))
+
+
+def test_train_from_scratch_writes_result_and_resumes(full_run, tmp_path, capsys):
+    from fbnet_fast.train import TrainConfig, train
+    arch = str(full_run[0] / "archs" / "argmax.json")
+    out = tmp_path / "train"
+    kw = dict(arch=arch, out=str(out), epochs=2, batch_size=16, builtin_train=128,
+              builtin_val=32, threads=1)
+    res = train(TrainConfig(**kw), quiet=True)
+    assert 0 <= res["top1"] <= 1 and res["num_classes"] == 10
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and "val_top1" in rows[-1]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2
+    again = train(TrainConfig(**kw), resume=True, quiet=True)      # nothing left to do
+    assert again["top1"] == res["top1"]
+    _one_line_error(capsys, ["train", arch, "--out", str(out), "--resume", "--epochs", "5"],
+                    "differs")
+    _one_line_error(capsys, ["train", "no_such_arch", "--out", str(tmp_path / "x")],
+                    "unknown architecture")
