@@ -9,6 +9,11 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // Returns (grad_x, grad_weights) for dw_conv.
   m.def("dw_conv_backward(Tensor grad, Tensor x, Tensor[] weights, int stride)"
         " -> (Tensor, Tensor[])");
+  // The same into a preallocated channels_last `out` / `grad_x` (a reused workspace, so the
+  // big outputs do not page-fault fresh memory on every call); the backward returns grad_weights.
+  m.def("dw_conv_out(Tensor x, Tensor[] weights, int stride, Tensor(a!) out) -> ()");
+  m.def("dw_conv_backward_out(Tensor grad, Tensor x, Tensor[] weights, int stride,"
+        " Tensor(a!) grad_x) -> Tensor[]");
   // Batch-norm passes over a [M, C] matrix (rows = pixels of channels-last data).
   // Per-channel (mean, biased variance).
   m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
@@ -18,4 +23,8 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // were the batch's own (they depend on z), else fixed.
   m.def("bn_backward(Tensor grad, Tensor z, Tensor mean, Tensor rstd, Tensor weight,"
         " Tensor bias, bool relu, bool training) -> (Tensor, Tensor, Tensor)");
+  // Out variants of the two: `out` may be x, `grad_z` may be grad (in place); any row stride.
+  m.def("scale_shift_out(Tensor x, Tensor scale, Tensor shift, bool relu, Tensor(a!) out) -> ()");
+  m.def("bn_backward_out(Tensor grad, Tensor z, Tensor mean, Tensor rstd, Tensor weight,"
+        " Tensor bias, bool relu, bool training, Tensor(a!) grad_z) -> (Tensor, Tensor)");
 }

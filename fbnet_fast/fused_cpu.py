@@ -6,10 +6,14 @@ folded into the row order), one C++ depthwise pass over all expanded channels, o
 per candidate for the second 1x1, and the mask-weighted combine. The backward recomputes
 the intermediates from x, so only x, the mask, the weights and the BN batch statistics are
 saved. Both ops are registered with fake kernels, so torch.compile and export trace them.
+The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
+they hold about the largest layer's peak, ``clear_workspace()`` frees them).
 """
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -19,7 +23,7 @@ from torch import Tensor
 from . import _C
 from .mixed_block import BN_EPS, BN_MOMENTUM, MixedLayout
 
-__all__ = ["mixed_block_forward", "why_unavailable", "layout_key"]
+__all__ = ["mixed_block_forward", "why_unavailable", "layout_key", "clear_workspace"]
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -111,19 +115,61 @@ def _stats(m: Tensor, training: bool, rm: Tensor, rv: Tensor):
     return torch.ops.fbnet_fast.channel_stats.default(m) if training else (rm, rv)
 
 
-def _scale_shift(m: Tensor, scale: Tensor, shift: Tensor, relu: bool = True) -> Tensor:
-    return torch.ops.fbnet_fast.scale_shift.default(m, scale, shift, relu)
+def _scale_shift(m: Tensor, scale: Tensor, shift: Tensor, relu: bool = True,
+                 out: Optional[Tensor] = None) -> Tensor:
+    if out is None:
+        return torch.ops.fbnet_fast.scale_shift.default(m, scale, shift, relu)
+    torch.ops.fbnet_fast.scale_shift_out.default(m, scale, shift, relu, out)
+    return out
 
 
-def _bn_bwd(grad, z, mean, rstd, gamma, beta, relu, training):
-    return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, gamma, beta, relu,
-                                                    training)
+def _bn_bwd(grad, z, mean, rstd, gamma, beta, relu, training, out=None):
+    if out is None:
+        return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, gamma, beta, relu,
+                                                        training)
+    dg, db = torch.ops.fbnet_fast.bn_backward_out.default(grad, z, mean, rstd, gamma, beta, relu,
+                                                          training, out)
+    return out, dg, db
 
 
 def _bn_coef(mean, var, gamma, beta):
     rstd = torch.rsqrt(var + BN_EPS)
     scale = gamma * rstd
     return rstd, scale, beta - mean * scale
+
+
+# --- scratch buffers reused across calls ------------------------------------------------
+
+class _Workspace(threading.local):
+    """Scratch matrices reused across calls (one set per thread), one flat buffer per role.
+
+    The intermediates are [N*H*W, 22*C] matrices; allocated fresh they come from mmap and
+    every page faults on first touch, which cost as much as the arithmetic. A buffer only
+    grows (to the largest layer seen) and never leaves the op: nothing returned to the caller
+    or saved for backward is a view of it.
+    """
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, role: str, shape: tuple, like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        key = (role, like.dtype)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            self.bufs.pop(key, None)   # free the old one before allocating the larger one
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.bufs[key] = buf
+        return buf[:numel].view(shape)
+
+
+_ws = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers (they are kept to be reused by the next call)."""
+    _ws.bufs.clear()
 
 
 # --- shared forward computation -----------------------------------------------------
@@ -143,7 +189,8 @@ def _forward(p: Plan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb,
     W1 = _dense(pw1, p.idx1, T * C).view(T, C)
     if p.perm1 is not None:
         g1, b1 = g1[p.perm1], b1[p.perm1]
-    A = X @ W1.t()
+    M1, M2 = n * h * w, n * ho * wo
+    A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x))
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     else:
@@ -153,33 +200,28 @@ def _forward(p: Plan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb,
         m1, v1 = _stats(A, training, rm, rv)
     r.bn1 = (m1, v1)
     rstd1, sc1, sh1 = _bn_coef(m1, v1, g1, b1)
-    H1 = _scale_shift(A, sc1, sh1)
-    if not keep:
-        del A
-    D = _dw(_nchw(H1, n, h, w), _dw_weights(p, dw), s)
-    Dm = D.permute(0, 2, 3, 1).reshape(n * ho * wo, T)
+    H1 = _scale_shift(A, sc1, sh1, out=_ws.get("H1", (M1, T), x) if keep else A)
+    Dm = _ws.get("D", (M2, T), x)
+    torch.ops.fbnet_fast.dw_conv_out.default(_nchw(H1, n, h, w), _dw_weights(p, dw), s,
+                                             _nchw(Dm, n, ho, wo))
     if stats_in is not None:
         m2, v2 = stats_in["bn2"]
     else:
         m2, v2 = _stats(Dm, training, running[2], running[3])
     r.bn2 = (m2, v2)
     rstd2, sc2, sh2 = _bn_coef(m2, v2, g2, b2)
-    H2 = _scale_shift(Dm, sc2, sh2)
-    if not keep:
-        del D, Dm, H1
+    H2 = _scale_shift(Dm, sc2, sh2, out=_ws.get("H2", (M2, T), x) if keep else Dm)
     W2 = _dense(pw2, p.idx2, O * T)
-    r.Z, r.W2, r.bn3 = [], [], []
+    k = len(L.slots)
+    Z = _ws.get("Z", (M2, k * O), x)           # slot i's output in columns [i*O, (i+1)*O)
+    r.W2 = []
     for i, sl in enumerate(L.slots):
         W2i = W2[O * sl.mid_offset:O * (sl.mid_offset + sl.mid)].view(O, sl.mid)
-        Zi = H2[:, sl.mid_offset:sl.mid_offset + sl.mid] @ W2i.t()
-        o = slice(i * O, (i + 1) * O)
-        if stats_in is not None:
-            st = stats_in["bn3"][i]
-        else:
-            st = _stats(Zi, training, running[4][o], running[5][o])
-        r.Z.append(Zi)
+        torch.mm(H2[:, sl.mid_offset:sl.mid_offset + sl.mid], W2i.t(), out=Z[:, i * O:(i + 1) * O])
         r.W2.append(W2i)
-        r.bn3.append(st)
+    # every slot's BN3 at once: one pass over Z
+    r.bn3 = stats_in["bn3"] if stats_in is not None else _stats(Z, training, running[4], running[5])
+    r.Z = Z.view(n, ho * wo, k, O)
     r.skip = None
     if L.skip_index >= 0 and L.skip_is_conv:
         Xs = X if s == 1 else _nhwc(x[:, :, ::s, ::s])
@@ -194,10 +236,6 @@ def _forward(p: Plan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb,
     return r
 
 
-def _dw(x: Tensor, ws: list, stride: int) -> Tensor:
-    return torch.ops.fbnet_fast.dw_conv.default(x, ws, stride)
-
-
 def _mask_rows(mask: Tensor, n: int) -> Tensor:
     """Tensor[Nm, K]: one row per batch (Nm = 1) or per example (Nm = N)."""
     return mask.view(1, -1) if mask.dim() == 1 else mask
@@ -208,8 +246,8 @@ def _pack(p: Plan, r: _Fwd) -> Tensor:
     if p.perm1 is not None:  # back to parameter order
         m1 = torch.empty_like(m1).index_put_((p.perm1,), m1)
         v1 = torch.empty_like(v1).index_put_((p.perm1,), v1)
-    means = [m1, r.bn2[0]] + [m for m, _ in r.bn3]
-    vars_ = [v1, r.bn2[1]] + [v for _, v in r.bn3]
+    means = [m1, r.bn2[0], r.bn3[0]]
+    vars_ = [v1, r.bn2[1], r.bn3[1]]
     if r.skip is not None:
         means.append(r.skip[2][0])
         vars_.append(r.skip[2][1])
@@ -222,9 +260,7 @@ def _unpack(p: Plan, stats: Tensor) -> dict:
     m1, v1 = mean[:T], var[:T]
     if p.perm1 is not None:
         m1, v1 = m1[p.perm1], v1[p.perm1]
-    O = p.L.out_channels
-    bn3 = [(mean[2 * T + i * O:2 * T + (i + 1) * O], var[2 * T + i * O:2 * T + (i + 1) * O])
-           for i in range(len(p.L.slots))]
+    bn3 = (mean[2 * T:2 * T + n3], var[2 * T:2 * T + n3])
     out = {"bn1": (m1, v1), "bn2": (mean[T:2 * T], var[T:2 * T]), "bn3": bn3}
     if ns:
         out["skip"] = (mean[2 * T + n3:], var[2 * T + n3:])
@@ -254,15 +290,12 @@ def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tenso
         O = L.out_channels
         mr = _mask_rows(mask, n)                       # [Nm, K]
         nm = mr.shape[0]
-        out = x.new_zeros(n, ho * wo, O)
-        const = x.new_zeros(nm, 1, O)
-        for i, sl in enumerate(L.slots):
-            mean, var = r.bn3[i]
-            _, sc, sh = _bn_coef(mean, var, bn3_weight[i * O:(i + 1) * O], bn3_bias[i * O:(i + 1) * O])
-            mi = mr[:, sl.index].view(nm, 1, 1)
-            out.addcmul_(r.Z[i].view(n, ho * wo, O), mi * sc)
-            const.addcmul_(mi, sh)
-        out.add_(const)
+        k = len(L.slots)
+        _, sc, sh = _bn_coef(*r.bn3, bn3_weight, bn3_bias)
+        mk = mr[:, [sl.index for sl in L.slots]].view(nm, 1, k, 1)
+        # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one scaled copy of Z, one sum over slots
+        t = torch.mul(r.Z, mk * sc.view(1, 1, k, O), out=_ws.get("ZT", r.Z.shape, x))
+        out = t.sum(2).add_((mk * sh.view(1, 1, k, O)).sum(2))
         res = mr[:, [sl.index for sl in L.slots]].sum(1) if L.residual else None
         if L.skip_index >= 0:
             ms = mr[:, L.skip_index]
@@ -316,35 +349,41 @@ def mixed_block_cpu_backward(
         nm = mr.shape[0]
         Sdy = dY.sum(1)                                         # [n, O]
         dm = x.new_zeros(n, K)                                  # per example
-        dH2 = x.new_empty(M2, T)
+        dH2 = _ws.get("dH2", (M2, T), x)
         dW2 = x.new_empty(O * T)
-        dg3, db3 = [], []
+        k = len(L.slots)
+        # every slot's BN3 backward at once, on [n, pixels, k, O] views
+        mean, var = (v.view(k, O) for v in r.bn3)
+        g3, b3 = bn3_weight.view(k, O), bn3_bias.view(k, O)
+        rstd = torch.rsqrt(var + BN_EPS)
+        mk = mr[:, [sl.index for sl in L.slots]].view(nm, 1, k, 1)
+        dZ = _ws.get("ZT", r.Z.shape, x)
+        dY4 = dY.view(n, ho * wo, 1, O)
+        R = (torch.mul(r.Z, dY4, out=dZ).sum(1) - Sdy.view(n, 1, O) * mean) * rstd  # [n, k, O]
+        dm[:, [sl.index for sl in L.slots]] = (R * g3).sum(2) + Sdy @ b3.t()
+        mk3 = mk.view(nm, k, 1)
+        dgam = (mk3 * R).sum(0)                                   # [k, O]
+        dbet = (mk3 * Sdy.view(n, 1, O)).sum(0)
+        dg3, db3 = [dgam.flatten()], [dbet.flatten()]
+        a = (g3 * rstd).view(1, 1, k, O) * mk
+        if training:
+            c_z = -g3 * rstd * rstd * dgam / M2
+            c_0 = -g3 * rstd * (dbet - mean * rstd * dgam) / M2
+            torch.mul(r.Z, c_z, out=dZ).add_(c_0).addcmul_(dY4, a)
+        else:
+            torch.mul(dY4, a, out=dZ)
+        dZm = dZ.view(M2, k * O)
         for i, sl in enumerate(L.slots):
-            mean, var = r.bn3[i]
-            g3 = bn3_weight[i * O:(i + 1) * O]
-            rstd = torch.rsqrt(var + BN_EPS)
-            Zi = r.Z[i].view(n, ho * wo, O)
-            R = ((dY * Zi).sum(1) - Sdy * mean) * rstd          # sum of dY * zhat, per example
-            dm[:, sl.index] = R @ g3 + Sdy @ bn3_bias[i * O:(i + 1) * O]
-            mi = mr[:, sl.index]
-            dgam, dbet = (mi @ R, mi @ Sdy) if nm > 1 else (mi * R.sum(0), mi * Sdy.sum(0))
-            dg3.append(dgam)
-            db3.append(dbet)
-            a = (g3 * rstd).view(1, 1, O) * mi.view(nm, 1, 1)
-            if training:
-                c_z = -g3 * rstd * rstd * dgam / M2
-                c_0 = -g3 * rstd * (dbet - mean * rstd * dgam) / M2
-                dZ = torch.addcmul(c_0, Zi, c_z).addcmul_(dY, a).view(M2, O)
-            else:
-                dZ = (dY * a).view(M2, O)
+            dZi = dZm[:, i * O:(i + 1) * O]
             cols = slice(sl.mid_offset, sl.mid_offset + sl.mid)
-            dW2[O * sl.mid_offset:O * (sl.mid_offset + sl.mid)] = (dZ.t() @ r.H2[:, cols]).flatten()
-            torch.mm(dZ, r.W2[i], out=dH2[:, cols])
+            torch.mm(dZi.t(), r.H2[:, cols],
+                     out=dW2[O * sl.mid_offset:O * (sl.mid_offset + sl.mid)].view(O, sl.mid))
+            torch.mm(dZi, r.W2[i], out=dH2[:, cols])
         dX = None
         res = mr[:, [sl.index for sl in L.slots]].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
         if L.residual:
-            Sx = (dY * r.X.view(n, h * w, C)).sum((1, 2))        # [n]
+            Sx = torch.mul(dY, r.X.view(n, h * w, C), out=_ws.get("dYX", dY.shape, x)).sum((1, 2))
             for sl in L.slots:
                 dm[:, sl.index] += Sx
             if L.skip_index >= 0:
@@ -367,11 +406,14 @@ def mixed_block_cpu_backward(
                 dX[:, ::L.stride, ::L.stride] = dXs.view(n, ho, wo, C)
                 dX = dX.view(M1, C)
         # BN2 + ReLU, depthwise, BN1 + ReLU, first GEMM.
-        dD, dg2, db2 = _bn_bwd(dH2, r.D, r.bn2[0], r.rstd2, bn2_weight, bn2_bias, True, training)
-        dH1, dws = torch.ops.fbnet_fast.dw_conv_backward.default(
-            _nchw(dD, n, ho, wo), _nchw(r.H1, n, h, w), _dw_weights(p, dw), L.stride)
-        G1 = dH1.permute(0, 2, 3, 1).reshape(M1, T)
-        dA, dg1, db1 = _bn_bwd(G1, r.A, r.bn1[0], r.rstd1, r.g1, r.b1, True, training)
+        # (in place: dD over dH2, dA over dH1)
+        dD, dg2, db2 = _bn_bwd(dH2, r.D, r.bn2[0], r.rstd2, bn2_weight, bn2_bias, True, training,
+                               out=dH2)
+        dH1 = _ws.get("dH1", (M1, T), x)
+        dws = torch.ops.fbnet_fast.dw_conv_backward_out.default(
+            _nchw(dD, n, ho, wo), _nchw(r.H1, n, h, w), _dw_weights(p, dw), L.stride,
+            _nchw(dH1, n, h, w))
+        dA, dg1, db1 = _bn_bwd(dH1, r.A, r.bn1[0], r.rstd1, r.g1, r.b1, True, training, out=dH1)
         W1 = _dense(pw1, p.idx1, T * C).view(T, C)
         dW1 = (dA.t() @ r.X).flatten()
         dpw1 = dW1 if p.idx1 is None else dW1[p.idx1]

@@ -83,6 +83,52 @@ def test_float32():
                                F.conv2d(x, w, stride=2, padding=2, groups=80))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, DT], ids=["f32", "f64"])
+@pytest.mark.parametrize("size", [(2, 40, 7, 7), (3, 37, 8, 9), (1, 50, 1, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_stride2_grad_input(size, dtype):
+    """The stride-2 grad-input row kernel (odd and even maps, full vectors and a channel tail)
+    against autograd of F.conv2d, in both layouts and with mixed kernel sizes."""
+    torch.manual_seed(sum(size))
+    n, c, h, w = size
+    ws = [torch.randn(c - 13, 3, 3, dtype=dtype), torch.randn(13, 5, 5, dtype=dtype)]
+    for channels_last in (False, True):
+        x = torch.randn(n, c, h, w, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xr = x.clone().requires_grad_()
+        y = reference(xr, ws, 2)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        gx, _ = ops.dw_conv_backward(dy, x, ws, 2)
+        tol = {} if dtype == DT else {"rtol": 1e-4, "atol": 1e-4}
+        torch.testing.assert_close(gx, xr.grad, **tol)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_out_variants(stride):
+    """dw_conv_out / dw_conv_backward_out write what the functional ops return, into
+    channels_last views of a reused [N*H*W, C] buffer."""
+    torch.manual_seed(10 + stride)
+    n, c, h, w = 2, 21, 7, 8
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ws = [torch.randn(9, 3, 3, dtype=DT), torch.randn(12, 5, 5, dtype=DT)]
+    x = torch.randn(n, c, h, w, dtype=DT)
+    dy = torch.randn(n, c, ho, wo, dtype=DT)
+    buf = torch.full((n * h * w, c), float("nan"), dtype=DT)
+    out = buf[:n * ho * wo].view(n, ho, wo, c).permute(0, 3, 1, 2)
+    torch.ops.fbnet_fast.dw_conv_out(x, ws, stride, out)
+    torch.testing.assert_close(out, ops.dw_conv(x, ws, stride))
+    gx = torch.full((n * h * w, c), float("nan"), dtype=DT).view(n, h, w, c).permute(0, 3, 1, 2)
+    gws = torch.ops.fbnet_fast.dw_conv_backward_out(dy, x, ws, stride, gx)
+    gx_ref, gws_ref = ops.dw_conv_backward(dy, x, ws, stride)
+    torch.testing.assert_close(gx, gx_ref)
+    for a, b in zip(gws, gws_ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="channels_last-contiguous"):
+        torch.ops.fbnet_fast.dw_conv_out(x, ws, stride, torch.empty(n, c, ho, wo, dtype=DT))
+
+
 def test_bad_input_messages():
     x = torch.randn(2, 8, 5, 5, dtype=DT)
     with pytest.raises(RuntimeError, match="cover 6 channels but x has 8"):
@@ -169,3 +215,28 @@ def test_bn_ops_bad_input_and_opcheck():
     torch.library.opcheck(torch.ops.fbnet_fast.scale_shift.default, (x, v, v + 1, True))
     torch.library.opcheck(torch.ops.fbnet_fast.bn_backward.default,
                           (torch.randn_like(x), x, v, v + 1, v, v, True, True))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_out_variants_in_place(relu):
+    """scale_shift_out and bn_backward_out equal the functional ops, written in place over
+    their input (the fused block's use) and into a strided column slice."""
+    z = _matrix(seed=5)
+    c = z.shape[1]
+    g = torch.Generator().manual_seed(6)
+    scale, shift = torch.randn(c, dtype=DT, generator=g), torch.randn(c, dtype=DT, generator=g)
+    want = ops.scale_shift(z, scale, shift, relu)
+    inplace = z.clone()
+    torch.ops.fbnet_fast.scale_shift_out(inplace, scale, shift, relu, inplace)
+    torch.testing.assert_close(inplace, want)
+    wide = torch.zeros(z.shape[0], c + 9, dtype=DT)
+    torch.ops.fbnet_fast.scale_shift_out(z, scale, shift, relu, wide[:, 4:4 + c])
+    torch.testing.assert_close(wide[:, 4:4 + c], want)
+    mean, var = ops.channel_stats(z)
+    rstd = torch.rsqrt(var + 1e-5)
+    grad = torch.randn(z.shape, dtype=DT, generator=g)
+    dz, dw, db = ops.bn_backward(grad, z, mean, rstd, scale, shift, relu, True)
+    g2 = grad.clone()
+    dw2, db2 = torch.ops.fbnet_fast.bn_backward_out(g2, z, mean, rstd, scale, shift, relu, True, g2)
+    for a, b in ((g2, dz), (dw2, dw), (db2, db)):
+        torch.testing.assert_close(a, b)

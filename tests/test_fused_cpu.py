@@ -179,3 +179,26 @@ def test_torch_compile_matches_eager():
         outs.append((y, xi.grad, net[0].pw1_weight.grad, net[1].bn1_running_var.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a)
+
+
+def test_workspace_reuse_is_safe():
+    """Scratch buffers are reused across calls and grow with the shape: outputs and gradients
+    of earlier calls must not change, in training, eval and inference mode alike."""
+    ref, fused = make_pair(8, 16, 2, seed=4)
+    from fbnet_fast import fused_cpu
+    fused_cpu.clear_workspace()
+    mask = torch.softmax(torch.randn(9, dtype=DT), -1)
+    small = torch.randn(2, 8, 5, 5, dtype=DT)
+    first = run_both(ref, fused, small, mask)
+    kept = [[t.clone() for t in (y, dx, dm)] for y, dx, dm, _ in first]
+    big = torch.randn(3, 8, 9, 9, dtype=DT).contiguous(memory_format=torch.channels_last)
+    assert_same(*run_both(ref, fused, big, mask))          # the buffers grow here
+    for (y, dx, dm, _), k in zip(first, kept):
+        for a, b in zip((y, dx, dm), k):
+            torch.testing.assert_close(a, b)
+    ref.eval(), fused.eval()
+    with torch.inference_mode():
+        y_inf = fused(big, mask)
+    torch.testing.assert_close(y_inf, ref(big, mask))
+    ref.train(), fused.train()
+    assert_same(*run_both(ref, fused, small, mask))        # buffers made in inference mode

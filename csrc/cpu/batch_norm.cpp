@@ -82,15 +82,26 @@ _Pragma("omp simd")
   return {mean, var};
 }
 
-// relu(x * scale + shift) (relu optional), a new contiguous [M, C] matrix.
-at::Tensor scale_shift_cpu(const at::Tensor& x_in, const at::Tensor& scale,
-                           const at::Tensor& shift, bool relu) {
+// Checks an output [M, C] matrix: the shape of x, contiguous channels (rows may be strided).
+void check_out(const at::Tensor& out, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(out.dim() == 2 && out.sizes() == x.sizes() && out.stride(1) == 1 &&
+                  out.stride(0) >= out.size(1),
+              op, ": ", name, " must be a [M, C] matrix of shape ", x.sizes(),
+              " with contiguous channels, got shape ", out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+              out.scalar_type(), ", expected ", x.scalar_type());
+}
+
+// out = relu(x * scale + shift) (relu optional); out may be x itself (elementwise, in place).
+void scale_shift_out_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
+                         bool relu, const at::Tensor& out) {
   auto x = rows_of(x_in, "scale_shift", "x");
   const int64_t M = x.size(0), C = x.size(1), ld = x.stride(0);
   check_vec(scale, C, x, "scale_shift", "scale");
   check_vec(shift, C, x, "scale_shift", "shift");
+  check_out(out, x, "scale_shift_out", "out");
   auto sc = scale.contiguous(), sh = shift.contiguous();
-  auto out = at::empty({M, C}, x.options());
+  const int64_t lo = out.stride(0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale_shift", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* a = sc.const_data_ptr<scalar_t>();
@@ -99,7 +110,7 @@ at::Tensor scale_shift_cpu(const at::Tensor& x_in, const at::Tensor& scale,
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = xp + r * ld;
-        scalar_t* o = op + r * C;
+        scalar_t* o = op + r * lo;
         if (relu) {
 _Pragma("omp simd")
           for (int64_t c = 0; c < C; ++c) o[c] = std::max(row[c] * a[c] + b[c], scalar_t(0));
@@ -110,15 +121,24 @@ _Pragma("omp simd")
       }
     });
   });
+}
+
+// relu(x * scale + shift) (relu optional), a new contiguous [M, C] matrix.
+at::Tensor scale_shift_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           bool relu) {
+  TORCH_CHECK(x.dim() == 2, "scale_shift: x must be a [M, C] matrix, got shape ", x.sizes());
+  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  scale_shift_out_cpu(x, scale, shift, relu, out);
   return out;
 }
 
 // Backward of y = [relu](BN(z)) given dL/dy: (dL/dz, dL/dweight, dL/dbias).
 // Training: batch statistics (mean, rstd) were used; eval: fixed statistics.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
+// dL/dz goes to dz, which may be grad itself (each element is read before it is written).
+std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& bias, bool relu,
-    bool training) {
+    bool training, const at::Tensor& dz) {
   auto g = rows_of(grad_in, "bn_backward", "grad");
   auto z = rows_of(z_in, "bn_backward", "z");
   const int64_t M = z.size(0), C = z.size(1);
@@ -131,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   TORCH_CHECK(M > 0, "bn_backward: needs at least one row, got shape ", z.sizes());
   const int64_t lg = g.stride(0), lz = z.stride(0);
   auto mu = mean.contiguous(), rs = rstd.contiguous(), w = weight.contiguous(), bb = bias.contiguous();
-  auto dz = at::empty({M, C}, z.options());
+  check_out(dz, z, "bn_backward_out", "grad_z");
+  const int64_t ldz = dz.stride(0);
   auto dw = at::empty({C}, z.options());
   auto db = at::empty({C}, z.options());
   const int64_t parts = num_parts(M);
@@ -206,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
         for (int64_t r = r0; r < r1; ++r) {
           const T* gr = gp + r * lg;
           const T* zr = zp + r * lz;
-          T* o = out + r * C;
+          T* o = out + r * ldz;
           _Pragma("omp simd")
           for (int64_t c = 0; c < C; ++c) {
             const T gv = (!R || zr[c] * a[c] + b[c] > T(0)) ? gr[c] : T(0);
@@ -217,6 +238,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     };
     if (relu) pass2(std::true_type{}); else pass2(std::false_type{});
   });
+  return {dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& weight, const at::Tensor& bias, bool relu, bool training) {
+  TORCH_CHECK(z.dim() == 2, "bn_backward: z must be a [M, C] matrix, got shape ", z.sizes());
+  auto dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [dw, db] = bn_backward_out_cpu(grad, z, mean, rstd, weight, bias, relu, training, dz);
   return {dz, dw, db};
 }
 
@@ -226,6 +256,8 @@ TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("channel_stats", &channel_stats_cpu);
   m.impl("scale_shift", &scale_shift_cpu);
   m.impl("bn_backward", &bn_backward_cpu);
+  m.impl("scale_shift_out", &scale_shift_out_cpu);
+  m.impl("bn_backward_out", &bn_backward_out_cpu);
 }
 
 }  // namespace fbnet_fast

@@ -4,7 +4,8 @@
 // the accumulators in registers. K = 3 and 5 have register-tiled row kernels (4 output
 // pixels per weight load in the forward; K accumulators per kernel row over a whole output
 // row in grad-weight); edges, channel tails and other K go pixel by pixel. Grad-input is
-// the forward with flipped kernels at stride 1 and a gather at stride 2 (no atomics);
+// the forward with flipped kernels at stride 1 and, at stride 2, a gather of only the taps
+// of matching parity (no atomics);
 // grad-weight sums per thread over its share of the N*H_out rows into a private [K*K, C]
 // partial, then the partials are reduced.
 #include <ATen/ATen.h>
@@ -17,6 +18,8 @@
 
 namespace fbnet_fast {
 namespace {
+
+using at::IntArrayRef;
 
 // Channel block held in registers: 64 floats or 32 doubles (four 512-bit registers).
 template <typename T>
@@ -155,8 +158,22 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
   for (int64_t cb = 0; cb < cv; cb += VL) {
     const T* xb = x + n * S.xn + g.c0 + cb;
     T* ob = out + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+    // One output pixel, taps outside the row skipped: the edges and the interior's remainder.
+    auto one = [&](int64_t ow) {
+      vt a = {};
+      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+        const T* xr = xb + (ih0 + kh) * S.xh;
+        const T* wr = g.w + kh * K * g.C + cb;
+#pragma GCC unroll 8
+        for (int kw = 0; kw < K; ++kw) {
+          const int64_t iw = ow * s - P + kw;
+          if (iw >= 0 && iw < S.W) a += vload(xr + iw * S.xw) * vload(wr + kw * g.C);
+        }
+      }
+      vstore(ob + ow * S.C, a);
+    };
     int64_t ow = 0;
-    for (; ow < lo; ++ow) fwd_px<T, VL>(S, g, x, out, n, oh, ow, cb, VL);
+    for (; ow < lo; ++ow) one(ow);
     for (; ow + 4 <= hi; ow += 4) {
       vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
@@ -177,7 +194,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
       vstore(ob + (ow + 2) * S.C, a2);
       vstore(ob + (ow + 3) * S.C, a3);
     }
-    for (; ow < S.Wo; ++ow) fwd_px<T, VL>(S, g, x, out, n, oh, ow, cb, VL);
+    for (; ow < S.Wo; ++ow) one(ow);
   }
   if (cv < g.C)
     for (int64_t ow = 0; ow < S.Wo; ++ow)
@@ -222,6 +239,55 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
   if (cv < g.C)
     for (int64_t ow = 0; ow < S.Wo; ++ow)
       bwd_weight_px<T, 0>(S, g, gy, x, n, oh, ow, cv, static_cast<int>(g.C - cv));
+}
+
+// Grad-input of one input row at stride 2 with K known: input column iw gathers only the
+// taps kw of parity (iw + P) % 2 (output column ow = (iw + P - kw) / 2), and row ih only the
+// taps kh of parity (ih + P) % 2, so a pixel needs about K*K/4 FMAs; the accumulator stays in
+// a register and the tap loops unroll. The channel tail goes per pixel.
+template <typename T, int K>
+void bwd_input_row_s2(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                      int64_t ih) {
+  constexpr int P = K / 2, VL = kLanes<T>;
+  using vt = vec_t<T>;
+  int64_t khs[K], ohs[K];
+  int nk = 0;
+  for (int kh = (ih + P) % 2; kh < K; kh += 2) {
+    const int64_t oh = (ih + P - kh) / 2;
+    if (ih + P - kh >= 0 && oh < S.Ho) khs[nk] = kh, ohs[nk++] = oh;
+  }
+  const int64_t cv = g.C / VL * VL;
+  for (int64_t cb = 0; cb < cv; cb += VL) {
+    T* xb = gx + (n * S.H + ih) * S.W * S.C + g.c0 + cb;
+    for (int64_t iw = 0; iw < S.W; ++iw) {
+      vt acc = {};
+      const int kw0 = (iw + P) % 2;
+      for (int t = 0; t < nk; ++t) {
+        const T* gr = gy + (n * S.Ho + ohs[t]) * S.Wo * S.C + g.c0 + cb;
+        const T* wr = g.w + khs[t] * K * g.C + cb;
+#pragma GCC unroll 8
+        for (int kw = kw0; kw < K; kw += 2) {
+          const int64_t b = iw + P - kw, ow = b / 2;
+          if (b >= 0 && ow < S.Wo) acc += vload(gr + ow * S.C) * vload(wr + kw * g.C);
+        }
+      }
+      vstore(xb + iw * S.C, acc);
+    }
+  }
+  if (cv < g.C)
+    for (int64_t iw = 0; iw < S.W; ++iw)
+      bwd_input_px<T, 0>(S, g, gy, gx, n, ih, iw, cv, static_cast<int>(g.C - cv));
+}
+
+template <typename T>
+void bwd_input_row_s2_any(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                          int64_t ih) {
+  if (g.k == 3) return bwd_input_row_s2<T, 3>(S, g, gy, gx, n, ih);
+  if (g.k == 5) return bwd_input_row_s2<T, 5>(S, g, gy, gx, n, ih);
+  for (int64_t iw = 0; iw < S.W; ++iw)
+    for_blocks<T>(g.C, [&](auto L, int64_t cb, int len) {
+      bwd_input_px<T, decltype(L)::value>(S, g, gy, gx, n, ih, iw, cb, len);
+    });
 }
 
 // Row drivers: the fast paths for K = 3 and 5, the per-pixel loops for any other odd K.
@@ -307,14 +373,25 @@ std::vector<Group<T>> make_groups(const Checked& r, const T* wt, T* gw) {
   return gs;
 }
 
-at::Tensor dw_conv_cpu(const at::Tensor& x_in, at::TensorList weights, int64_t stride) {
+// A preallocated output must be channels_last-contiguous with the expected shape and dtype.
+void check_out(const at::Tensor& out, const at::Tensor& x, IntArrayRef sizes, const char* op,
+               const char* name) {
+  TORCH_CHECK(out.sizes() == sizes && out.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": ", name, " must be a channels_last-contiguous Tensor", sizes, ", got shape ",
+              out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+              out.scalar_type(), ", expected ", x.scalar_type());
+}
+
+void dw_conv_out_cpu(const at::Tensor& x_in, at::TensorList weights, int64_t stride,
+                     const at::Tensor& out) {
   auto r = check_inputs(x_in, weights, stride);
   auto x = channel_contiguous(x_in);
   auto wt = taps_major(weights, r);
   auto& S = r.S;
   S.xn = x.stride(0); S.xh = x.stride(2); S.xw = x.stride(3);
-  auto out = at::empty({S.N, S.C, S.Ho, S.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
+  check_out(out, x, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_out", "out");
+  if (out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_conv", [&] {
     const auto gs = make_groups<scalar_t>(r, wt.const_data_ptr<scalar_t>(), nullptr);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -324,11 +401,20 @@ at::Tensor dw_conv_cpu(const at::Tensor& x_in, at::TensorList weights, int64_t s
         for (const auto& g : gs) fwd_row<scalar_t>(S, g, xp, op, row / S.Ho, row % S.Ho);
     });
   });
+}
+
+at::Tensor dw_conv_cpu(const at::Tensor& x, at::TensorList weights, int64_t stride) {
+  auto r = check_inputs(x, weights, stride);
+  const auto& S = r.S;
+  auto out = at::empty({S.N, S.C, S.Ho, S.Wo},
+                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  dw_conv_out_cpu(x, weights, stride, out);
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList weights, int64_t stride) {
+std::vector<at::Tensor> dw_conv_backward_out_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                 at::TensorList weights, int64_t stride,
+                                                 const at::Tensor& gx) {
   auto r = check_inputs(x_in, weights, stride);
   auto& S = r.S;
   TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == S.N && grad_in.size(1) == S.C &&
@@ -348,7 +434,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
     wflip = taps_major(flipped, r);
   }
   S.xn = x.stride(0); S.xh = x.stride(2); S.xw = x.stride(3);
-  auto gx = at::empty({S.N, S.C, S.H, S.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  check_out(gx, x, {S.N, S.C, S.H, S.W}, "dw_conv_backward_out", "grad_x");
   const int64_t rows = S.N * S.Ho;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
@@ -371,11 +457,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
         const auto gs = make_groups<scalar_t>(r, wp, nullptr);
         at::parallel_for(0, S.N * S.H, 1, [&](int64_t b, int64_t e) {
           for (int64_t row = b; row < e; ++row)
-            for (int64_t iw = 0; iw < S.W; ++iw)
-              for (const auto& g : gs)
-                for_blocks<scalar_t>(g.C, [&](auto L, int64_t cb, int len) {
-                  bwd_input_px<scalar_t, decltype(L)::value>(S, g, gp, gxp, row / S.H, row % S.H, iw, cb, len);
-                });
+            for (const auto& g : gs)
+              bwd_input_row_s2_any<scalar_t>(S, g, gp, gxp, row / S.H, row % S.H);
         });
       }
       scalar_t* gwp = gw_parts.mutable_data_ptr<scalar_t>();
@@ -400,6 +483,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
                       .view(weights[i].sizes()));
     off += n;
   }
+  return gws;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, at::TensorList weights, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4, "dw_conv: x must be Tensor[N, C, H, W], got ", x.dim(), " dims");
+  auto gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto gws = dw_conv_backward_out_cpu(grad, x, weights, stride, gx);
   return {gx, gws};
 }
 
@@ -408,6 +499,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dw_conv_backward_cpu(
 TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("dw_conv", &dw_conv_cpu);
   m.impl("dw_conv_backward", &dw_conv_backward_cpu);
+  m.impl("dw_conv_out", &dw_conv_out_cpu);
+  m.impl("dw_conv_backward_out", &dw_conv_backward_out_cpu);
 }
 
 }  // namespace fbnet_fast
