@@ -30,6 +30,7 @@ except ImportError:  # run from a source checkout without installing
     import fbnet_fast
 from fbnet_fast import MixedBlock
 from fbnet_fast.space import SearchSpace
+from fbnet_fast.space import layer_shapes as space_layer_shapes
 
 CL = torch.channels_last
 
@@ -53,12 +54,7 @@ def layer_shapes(quick: bool = False) -> list:
     """Distinct FBNet layers: (C_in, C_out, stride, H)."""
     if quick:
         return [(16, 16, 1, 8), (16, 24, 2, 8)]
-    seen = []
-    for l in SearchSpace().layers():
-        key = (l.in_channels, l.out_channels, l.stride, l.in_size)
-        if key not in seen:
-            seen.append(key)
-    return seen
+    return space_layer_shapes(SearchSpace())
 
 
 # --- cases: name -> forward callable returning (output, grad for it) -----------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .space import CandidateSpec, parse_candidate
+from .space import CandidateSpec, parse_candidate, shape_changes
 
 __all__ = ["channel_shuffle", "CandidateBlock", "SkipBlock", "ConvBNReLU", "build_block"]
 
@@ -62,7 +62,7 @@ class CandidateBlock(nn.Module):
         mid = in_chs * exp_ratio
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
         self.kernel_size, self.exp_ratio, self.groups = kernel_size, exp_ratio, groups
-        self.has_skip = stride == 1 and in_chs == out_chs
+        self.has_skip = not shape_changes(in_chs, out_chs, stride)
         self.conv_pw = nn.Conv2d(in_chs, mid, 1, groups=groups, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.shuffle = ChannelShuffle(groups) if groups > 1 else nn.Identity()
@@ -90,7 +90,7 @@ class SkipBlock(nn.Module):
         super().__init__()
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
         self.conv = (ConvBNReLU(in_chs, out_chs, 1, stride)
-                     if stride != 1 or in_chs != out_chs else nn.Identity())
+                     if shape_changes(in_chs, out_chs, stride) else nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)

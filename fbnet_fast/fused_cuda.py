@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, fused_triton
+from .space import conv_out
 
 __all__ = ["mixed_block_forward", "why_unavailable", "CudaDepthwise", "load_cuda_ops"]
 
@@ -72,7 +73,7 @@ class CudaDepthwise:
         acc = scale.dtype
         pre = a.to(acc) * scale + shift
         hin = torch.relu(pre).to(a.dtype)
-        ho, wo = (h + stride - 1) // stride, (wd + stride - 1) // stride
+        ho, wo = conv_out(h, stride), conv_out(wd, stride)
         gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(
             self._image(dd, n, ho, wo), self._image(hin, n, h, wd), self._weights(w, runs),
             stride)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .blocks import CandidateBlock, SkipBlock, channel_shuffle
-from .space import CANDIDATES, CandidateSpec, check_candidates
+from .space import CANDIDATES, CandidateSpec, check_candidates, shape_changes
 
 __all__ = ["MixedBlock", "MixedLayout", "ConvSlot", "mixed_block_reference"]
 
@@ -71,9 +71,9 @@ class MixedLayout:
             o1 += mid * in_channels // spec.groups
             od += mid * spec.kernel * spec.kernel
             o2 += out_channels * mid // spec.groups
-        shape_changes = stride != 1 or in_channels != out_channels
+        changes = shape_changes(in_channels, out_channels, stride)
         return cls(in_channels, out_channels, stride, tuple(candidates), tuple(slots),
-                   skip_index, shape_changes, not shape_changes, mid_off, o1, od, o2)
+                   skip_index, changes, not changes, mid_off, o1, od, o2)
 
     # Views of one slot's weights in their conv shapes.
     def pw1(self, w: Tensor, s: ConvSlot) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ConvBNReLU, build_block
-from .space import Architecture, SearchSpace, parse_candidate, skip_is_conv
+from .space import Architecture, SearchSpace, conv_out, parse_candidate, shape_changes
 
 __all__ = ["FBNet", "ZOO", "create_model", "resolve_arch", "LayerCost", "count_costs"]
 
@@ -117,10 +117,9 @@ def _bn_params(c) -> int:
 def block_cost(name: str, c_in: int, c_out: int, stride: int, size: int) -> tuple:
     """(MACs, parameters incl. BN) of one candidate at one layer, counted as the paper does."""
     spec = parse_candidate(name)
-    h_out = (size + stride - 1) // stride
+    h_out = conv_out(size, stride)
     if spec.is_skip:
-        from .space import Layer
-        if not skip_is_conv(Layer(0, c_in, c_out, stride, size)):
+        if not shape_changes(c_in, c_out, stride):
             return 0, 0
         return _conv_macs(c_in, c_out, 1, h_out), c_in * c_out + _bn_params(c_out)
     mid, g, k = c_in * spec.expansion, spec.groups, spec.kernel
@@ -135,7 +134,7 @@ def count_costs(arch, num_classes: int = 1000) -> list:
     """Per-layer costs (stem, 22 blocks, head, classifier) of one architecture."""
     arch = resolve_arch(arch)
     space = arch.space
-    size = (space.resolution + space.effective_stem_stride - 1) // space.effective_stem_stride
+    size = conv_out(space.resolution, space.effective_stem_stride)
     stem = space.stem_out
     rows = [LayerCost("stem", "conv3x3", (stem, size, size),
                       _conv_macs(3, stem, 3, size), 3 * 9 * stem + _bn_params(stem))]

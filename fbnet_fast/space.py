@@ -95,10 +95,10 @@ class Layer:
 
     @property
     def out_size(self) -> int:
-        return _conv_out(self.in_size, self.stride)
+        return conv_out(self.in_size, self.stride)
 
 
-def _conv_out(size: int, stride: int) -> int:
+def conv_out(size: int, stride: int) -> int:
     # Every conv here pads K//2 with odd K (or is 1x1), so H_out = ceil(H / s).
     return (size + stride - 1) // stride
 
@@ -196,14 +196,14 @@ class SearchSpace:
 
     def layers(self) -> list:
         """The searchable layers with their shapes, in order."""
-        size = _conv_out(self.resolution, self.effective_stem_stride)
+        size = conv_out(self.resolution, self.effective_stem_stride)
         c_in = self.stem_out
         out = []
         for ch, st, stage in zip(self.stage_channels(), self.stage_strides(), self.stages):
             for r in range(stage.repeats):
                 s = st if r == 0 else 1
                 out.append(Layer(len(out), c_in, ch, s, size))
-                size = _conv_out(size, s)
+                size = conv_out(size, s)
                 c_in = ch
         return out
 
@@ -351,13 +351,13 @@ class Architecture:
             return json.dumps(self.to_dict())
 
 
+def shape_changes(in_channels: int, out_channels: int, stride: int) -> bool:
+    """Where a layer changes shape, skip is a 1x1 conv and the candidates add no residual."""
+    return stride != 1 or in_channels != out_channels
+
+
 def skip_is_conv(layer: Layer) -> bool:
-    """The skip candidate needs a 1x1 conv where the layer changes shape."""
-    return layer.stride != 1 or layer.in_channels != layer.out_channels
-
-
-def has_residual(layer: Layer) -> bool:
-    return not skip_is_conv(layer)
+    return shape_changes(layer.in_channels, layer.out_channels, layer.stride)
 
 
 def layer_shapes(space: SearchSpace) -> list:
@@ -383,8 +383,3 @@ def check_candidates(names: Sequence[str], in_channels: int, out_channels: int) 
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate candidates in {list(names)}")
     return specs
-
-
-def macs_conv(c_in: int, c_out: int, k: int, h_out: int, groups: int = 1) -> int:
-    return c_out * (c_in // groups) * k * k * h_out * h_out
-

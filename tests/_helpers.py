@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fbnet_fast.space import SearchSpace, layer_shapes, skip_is_conv, Layer
+from fbnet_fast.space import SearchSpace, layer_shapes, shape_changes
 
 # Distinct (C_in, C_out, stride) of the 224x224 FBNet space: 12 shapes covering all 22 layers.
 FBNET_SHAPES = sorted({(c_in, c_out, s) for c_in, c_out, s, _ in layer_shapes(SearchSpace())},
@@ -27,4 +27,4 @@ def randomize_bn(module: nn.Module, generator: torch.Generator | None = None) ->
 
 def shape_id(shape) -> str:
     c_in, c_out, s = shape
-    return f"{c_in}-{c_out}-s{s}" + ("-skipconv" if skip_is_conv(Layer(0, c_in, c_out, s, 8)) else "")
+    return f"{c_in}-{c_out}-s{s}" + ("-skipconv" if shape_changes(c_in, c_out, s) else "")
