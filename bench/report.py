@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -252,14 +254,37 @@ def section_supernet(args) -> dict:
             "ref_cl": supernet_case(args.supernet_batch, args.resolution, "reference")}
     res = ratios(steps(fwds), "fused", max(2, args.reps // 2))
     mem = {k: saved_bytes(f, _state(f.module)) for k, f in fwds.items()}
+    del fwds
+    rss = {k: peak_rss_mb(b, args.supernet_batch, args.resolution)
+           for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
     out = {"resolution": args.resolution, "batch": args.supernet_batch,
            "fused_s": res["fused"][0], "ref_cl_s": res["ref_cl"][0],
            "speedup_vs_ref_cl": res["ref_cl"][1],
-           "saved_MB_fused": mem["fused"] / 2**20, "saved_MB_ref_cl": mem["ref_cl"] / 2**20}
+           "saved_MB_fused": mem["fused"] / 2**20, "saved_MB_ref_cl": mem["ref_cl"] / 2**20,
+           "max_rss_MB_fused": rss["fused"], "max_rss_MB_ref_cl": rss["ref_cl"]}
     print(f"supernet {args.resolution}px batch {args.supernet_batch}: fused {out['fused_s']:.3f} s, "
           f"reference CL {out['ref_cl_s']:.3f} s (x{out['speedup_vs_ref_cl']:.2f}); saved MB "
-          f"{out['saved_MB_fused']:.1f} vs {out['saved_MB_ref_cl']:.1f}", flush=True)
+          f"{out['saved_MB_fused']:.1f} vs {out['saved_MB_ref_cl']:.1f}; max RSS MB "
+          f"{rss['fused']:.0f} vs {rss['ref_cl']:.0f}", flush=True)
     return out
+
+
+def peak_rss_mb(backend: str, n: int, res: int, steps_run: int = 2) -> float:
+    """Max RSS of a fresh process that runs ``steps_run`` SuperNet steps on one backend.
+
+    A process of its own: ru_maxrss never goes down, so both backends in this one would
+    report the larger."""
+    code = (f"import report; report._rss_child({backend!r}, {n}, {res}, {steps_run})")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
+    run = step(supernet_case(n, res, backend))
+    for _ in range(steps_run):
+        run()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
 def main(argv=None) -> dict:

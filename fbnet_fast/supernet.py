@@ -11,9 +11,10 @@ from .blocks import ConvBNReLU
 from .mixed_block import MixedBlock
 from .space import Architecture, SearchSpace
 
-__all__ = ["SuperNet", "GUMBEL_MODES"]
+__all__ = ["SuperNet", "GUMBEL_MODES", "MASK_KINDS"]
 
 GUMBEL_MODES = ("per-batch", "per-example")
+MASK_KINDS = ("soft", "hard")
 
 
 class SuperNet(nn.Module):
@@ -21,19 +22,27 @@ class SuperNet(nn.Module):
 
     In training mode ``net(x)`` samples Gumbel-softmax masks from ``theta`` at
     ``temperature`` (one per batch or one per example, ``gumbel``) and keeps them in
-    ``last_masks`` (Tensor[L, K] or Tensor[L, N, K]) for the latency term. In eval mode
+    ``last_masks`` (Tensor[L, K] or Tensor[L, N, K]) for the latency term. ``mask="hard"``
+    makes each mask one-hot in the forward pass while θ gets the soft mask's gradient
+    (straight-through, as in GDAS): the weights then learn single paths, which is what
+    the extracted architectures run, and with per-batch masks only the sampled block of
+    each layer runs. The paper's soft masks (the default) train a mixture. In eval mode
     it runs the argmax architecture (``eval_arch = "argmax"``) or the expected mixture
     under softmax(θ) (``eval_arch = "softmax"``). ``net(x, arch=...)`` runs one
     discrete architecture, executing only the chosen block of each layer.
     """
 
     def __init__(self, space: SearchSpace | None = None, num_classes: int = 1000,
-                 backend: str = "auto", temperature: float = 5.0, gumbel: str = "per-batch"):
+                 backend: str = "auto", temperature: float = 5.0, gumbel: str = "per-batch",
+                 mask: str = "soft"):
         super().__init__()
         self.space = space = space or SearchSpace()
         if gumbel not in GUMBEL_MODES:
             raise ValueError(f"gumbel must be one of {GUMBEL_MODES}, got {gumbel!r}")
+        if mask not in MASK_KINDS:
+            raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
         self.gumbel = gumbel
+        self.mask = mask
         self.temperature = float(temperature)
         self.eval_arch = "argmax"
         self.stem = ConvBNReLU(3, space.stem_out, 3, space.effective_stem_stride)
@@ -55,13 +64,19 @@ class SuperNet(nn.Module):
 
     # -- masks ---------------------------------------------------------------------
     def sample_masks(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """Gumbel-softmax masks: Tensor[L, K] (per batch) or Tensor[L, N, K] (per example)."""
+        """Gumbel-softmax masks: Tensor[L, K] (per batch) or Tensor[L, N, K] (per example).
+
+        Hard masks are exactly one-hot in value; their gradient is the soft mask's."""
         shape = self.theta.shape if self.gumbel == "per-batch" else (
             self.theta.shape[0], batch, self.theta.shape[1])
         e = torch.empty(shape, device=self.theta.device, dtype=self.theta.dtype)
         g = -e.exponential_(generator=generator).log()  # Gumbel(0, 1) noise
         logits = self.theta if self.gumbel == "per-batch" else self.theta.unsqueeze(1)
-        return F.softmax((logits + g) / self.temperature, dim=-1)
+        soft = F.softmax((logits + g) / self.temperature, dim=-1)
+        if self.mask == "soft":
+            return soft
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return hard + (soft - soft.detach())
 
     def probabilities(self) -> Tensor:
         return F.softmax(self.theta, dim=-1)
@@ -119,8 +134,14 @@ class SuperNet(nn.Module):
                 masks = (self.sample_masks(x.shape[0]) if self.training
                          else self.probabilities())
             self.last_masks = masks
-            for l, block in enumerate(self.blocks):
-                h = block(h, masks[l])
+            if self.mask == "hard" and masks.dim() == 2:
+                # one-hot per batch: only the sampled block runs (GDAS); multiplying by its
+                # mask entry (exactly 1) passes θ's straight-through gradient
+                for l, (block, i) in enumerate(zip(self.blocks, masks.argmax(-1).tolist())):
+                    h = block(h, i) * masks[l, i]
+            else:
+                for l, block in enumerate(self.blocks):
+                    h = block(h, masks[l])
         h = self.head(h)
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 

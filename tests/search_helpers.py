@@ -7,7 +7,7 @@ from fbnet_fast.search import build_space, make_config
 
 TINY = dict(preset="quick", resolution=16, width=1.0, head_channels=32,
             stages="8:1:1,16:2:2,16:1:2", batch_size=16, builtin_train=320, builtin_val=64,
-            epochs=3, warmup_epochs=1, samples=2, backend="reference", threads=1,
+            epochs=3, warmup_epochs=1, samples=2, finetune_steps=3, backend="reference", threads=1,
             theta_lr=0.1)
 
 

@@ -2,6 +2,7 @@
 two-process DDP, and clear errors for bad input. Tiny settings: 4 layers at 16x16."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ import torch
 
 from fbnet_fast.cli import main as cli_main
 from fbnet_fast.models import create_model
-from fbnet_fast.search import make_config, run_search
+from fbnet_fast.search import build_space, finetune, load_data, make_config, run_search
+from fbnet_fast.supernet import SuperNet
 
 sys.path.insert(0, os.path.dirname(__file__))
 from search_helpers import TINY, macs_table, tiny_config  # noqa: E402
@@ -86,6 +88,7 @@ def test_tiny_search_writes_every_artefact(full_run):
     for a in summary["archs"]:
         assert a["latency_ms"] > 0 and a["macs"] > 0 and a["params"] > 0
         assert 0 <= a["theta_acc"] <= 1
+    assert "fine-tuned for 3 steps" in summary["theta_acc_eval"]
     model = create_model(str(out / "archs" / "argmax.json"), num_classes=10)
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     # plots can be redrawn on demand
@@ -196,6 +199,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, lut):
     _one_line_error(capsys, base + ["--data", str(tmp_path / "empty")], "no images")
     _one_line_error(capsys, base + ["--gumbel", "sometimes"], "--gumbel must be one of")
     _one_line_error(capsys, base + ["--latency-loss", "log"], "--latency-loss must be one of")
+    _one_line_error(capsys, base + ["--mask", "fuzzy"], "--mask must be one of")
+    _one_line_error(capsys, base + ["--finetune-steps", "-1"], "--finetune-steps must be >= 0")
     _one_line_error(capsys, base + ["--epochs", "many"], "invalid int value")
     _one_line_error(capsys, base + ["--lut", str(tmp_path / "no.json")], "does not exist")
     # a table measured for another space does not cover this one: name the missing entry
@@ -203,6 +208,29 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, lut):
                     "has no entry")
     _one_line_error(capsys, ["report", str(tmp_path / "nothing")], "does not exist")
     _one_line_error(capsys, base + ["--resume"], "nothing to resume")
+
+
+def test_finetune_trains_the_extracted_architecture_only():
+    """Fine-tuned on 32 images, an extracted path fits them; the supernet is not touched."""
+    cfg = tiny_config("unused")
+    data = load_data(cfg)
+    data = dataclasses.replace(data, weight_idx=data.weight_idx[:32])
+    torch.manual_seed(0)
+    net = SuperNet(build_space(cfg), data.num_classes, backend="reference")
+    stem = net.stem[0].weight.detach().clone()
+    model = net.extract(["k3_e6"] * 4)
+    x, y = data.train[0][data.weight_idx], data.train[1][data.weight_idx]
+
+    def loss():
+        model.train()    # batch statistics on both sides: compare the weights
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    before = loss()
+    finetune(model, data, steps=80, lr=0.05, batch_size=16, seed=0, device="cpu",
+             channels_last=False)
+    assert before > 2.0 and loss() < 0.5 * before
+    assert torch.equal(net.stem[0].weight, stem)
 
 
 def test_python_api_errors(tmp_path, lut):

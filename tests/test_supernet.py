@@ -57,3 +57,48 @@ def test_bad_inputs():
         net(torch.randn(1, 3, 16, 16), arch=["skip"] * 2 + ["k9_e9"] + ["skip"] * 19)
     with pytest.raises(ValueError, match=r"Tensor\[N, 3, H, W\]"):
         net(torch.randn(1, 1, 16, 16))
+
+
+def test_hard_masks_are_one_hot_with_the_soft_gradient():
+    net = make_net(mask="hard")
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    c = torch.randn(22, 9)
+    hard = net.sample_masks(1, generator=torch.Generator().manual_seed(3))
+    assert set(hard.detach().unique().tolist()) == {0.0, 1.0}
+    assert (hard.detach().sum(-1) == 1).all()
+    (g_hard,) = torch.autograd.grad((c * hard).sum(), net.theta)
+    net.mask = "soft"
+    soft = net.sample_masks(1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(hard.detach().argmax(-1), soft.detach().argmax(-1))
+    (g_soft,) = torch.autograd.grad((c * soft).sum(), net.theta)
+    torch.testing.assert_close(g_hard, g_soft)
+
+
+def test_hard_per_batch_runs_only_the_sampled_blocks():
+    """Same output and weight gradients as the mixture under the one-hot mask; θ's gradient
+    comes through the sampled entries only (GDAS's estimator)."""
+    torch.manual_seed(0)
+    net = SuperNet(SPACE, num_classes=5, backend="reference", mask="hard").double()
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    masks = net.sample_masks(4, generator=torch.Generator().manual_seed(5))
+    y = net(x, masks=masks)
+    y.square().sum().backward()
+    # blocks that did not run have no gradient: the mixture gives them zeros
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in net.named_parameters()}
+    assert any(p.grad is None for p in net.parameters())
+    net.zero_grad(set_to_none=False)
+    # The mixture over every candidate, with θ's gradient kept for the sampled entries only.
+    masks = net.sample_masks(4, generator=torch.Generator().manual_seed(5))
+    onehot = masks.detach()
+    partial = onehot + (masks - masks.detach()) * onehot
+    net.mask = "soft"
+    net(x, masks=partial).square().sum().backward()
+    torch.testing.assert_close(y, net(x, masks=onehot))
+    for n, p in net.named_parameters():
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, grads[n], msg=n)
+    assert grads["theta"].abs().sum() > 0
