@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -270,10 +269,10 @@ def section_supernet(args) -> dict:
 
 
 def peak_rss_mb(backend: str, n: int, res: int, steps_run: int = 2) -> float:
-    """Max RSS of a fresh process that runs ``steps_run`` SuperNet steps on one backend.
+    """Peak RSS of a fresh process that runs ``steps_run`` SuperNet steps on one backend.
 
-    A process of its own: ru_maxrss never goes down, so both backends in this one would
-    report the larger."""
+    A process of its own, since a peak never goes down; read from VmHWM, which starts
+    afresh at exec (ru_maxrss would inherit the forking parent's peak)."""
     code = (f"import report; report._rss_child({backend!r}, {n}, {res}, {steps_run})")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
                           capture_output=True, text=True, check=True)
@@ -284,7 +283,9 @@ def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
     run = step(supernet_case(n, res, backend))
     for _ in range(steps_run):
         run()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(kib / 1024)
 
 
 def main(argv=None) -> dict:
