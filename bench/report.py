@@ -249,19 +249,18 @@ def section_mixed(args, rate) -> list:
 
 
 def section_supernet(args) -> dict:
-    fwds = {"fused": supernet_case(args.supernet_batch, args.resolution, "cpu"),
-            "ref_cl": supernet_case(args.supernet_batch, args.resolution, "reference")}
-    res = ratios(steps(fwds), "fused", max(2, args.reps // 2))
+    n, res = (2, 32) if args.quick else (args.supernet_batch, args.resolution)
+    fwds = {"fused": supernet_case(n, res, "cpu"), "ref_cl": supernet_case(n, res, "reference")}
+    times = ratios(steps(fwds), "fused", max(2, args.reps // 2))
     mem = {k: saved_bytes(f, _state(f.module)) for k, f in fwds.items()}
     del fwds
-    rss = {k: peak_rss_mb(b, args.supernet_batch, args.resolution)
-           for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
-    out = {"resolution": args.resolution, "batch": args.supernet_batch,
-           "fused_s": res["fused"][0], "ref_cl_s": res["ref_cl"][0],
-           "speedup_vs_ref_cl": res["ref_cl"][1],
+    rss = {k: peak_rss_mb(b, n, res) for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
+    out = {"resolution": res, "batch": n,
+           "fused_s": times["fused"][0], "ref_cl_s": times["ref_cl"][0],
+           "speedup_vs_ref_cl": times["ref_cl"][1],
            "saved_MB_fused": mem["fused"] / 2**20, "saved_MB_ref_cl": mem["ref_cl"] / 2**20,
            "max_rss_MB_fused": rss["fused"], "max_rss_MB_ref_cl": rss["ref_cl"]}
-    print(f"supernet {args.resolution}px batch {args.supernet_batch}: fused {out['fused_s']:.3f} s, "
+    print(f"supernet {res}px batch {n}: fused {out['fused_s']:.3f} s, "
           f"reference CL {out['ref_cl_s']:.3f} s (x{out['speedup_vs_ref_cl']:.2f}); saved MB "
           f"{out['saved_MB_fused']:.1f} vs {out['saved_MB_ref_cl']:.1f}; max RSS MB "
           f"{rss['fused']:.0f} vs {rss['ref_cl']:.0f}", flush=True)
