@@ -532,6 +532,10 @@ def finetune(model, data, steps: int, lr: float, batch_size: int, seed: int, dev
     Weights trained inside a supernet are co-adapted to the mixture of candidates; alone,
     a path scores near chance until it has been trained a little on its own. This is
     one-shot NAS's usual "inherit, then fine-tune briefly" evaluation, not a full training."""
+    if steps and len(data.weight_idx) < batch_size:
+        raise ValueError(f"fine-tuning needs at least one batch of {batch_size} weight-split "
+                         f"images, the split holds {len(data.weight_idx)}: use a smaller "
+                         "--batch-size or --finetune-steps 0")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     model.train()
     step, epoch = 0, 0

@@ -231,6 +231,9 @@ def test_finetune_trains_the_extracted_architecture_only():
              channels_last=False)
     assert before > 2.0 and loss() < 0.5 * before
     assert torch.equal(net.stem[0].weight, stem)
+    with pytest.raises(ValueError, match="at least one batch of 64"):
+        finetune(model, data, steps=1, lr=0.1, batch_size=64, seed=0, device="cpu",
+                 channels_last=False)
 
 
 def test_python_api_errors(tmp_path, lut):
