@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import pixel_channel_tile
 from .utils import acc_dtype, check_nhwc, num_warps_for, tile_blocks
 
 __all__ = ["SKIP_NONE", "SKIP_IDENTITY", "SKIP_CONV", "combine_forward", "combine_backward",
@@ -34,12 +35,8 @@ def _combine_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC = tl.float64 if IS_FP64 else tl.float32
-    pblocks = tl.cdiv(HW, BLOCK_P)
-    n = tl.program_id(0) // pblocks
-    p = (tl.program_id(0) % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    m2 = (p < HW)[:, None] & mask_c[None, :]
+    n, p, mask_p, c, mask_c = pixel_channel_tile(HW, C, BLOCK_P, BLOCK_C)
+    m2 = mask_p[:, None] & mask_c[None, :]
     rows = (n * HW + p).to(tl.int64)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for i in range(n_conv):
@@ -73,12 +70,8 @@ def _combine_bwd_kernel(
 ):
     # dm[n, i] += sum(dy * term_i); BN sums of g_i = m_i * dy: sum(g_i), sum(g_i * z_i).
     ACC = tl.float64 if IS_FP64 else tl.float32
-    pblocks = tl.cdiv(HW, BLOCK_P)
-    n = tl.program_id(0) // pblocks
-    p = (tl.program_id(0) % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    m2 = (p < HW)[:, None] & mask_c[None, :]
+    n, p, mask_p, c, mask_c = pixel_channel_tile(HW, C, BLOCK_P, BLOCK_C)
+    m2 = mask_p[:, None] & mask_c[None, :]
     rows = (n * HW + p).to(tl.int64)
     dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=m2, other=0.0).to(ACC)
     if HAS_RES or SKIP_MODE == 1:
@@ -121,12 +114,8 @@ def _combine_grad_inputs_kernel(
 ):
     # BN backward as one affine map per channel: dz = alpha*(m_i*dy) + beta*z + delta.
     ACC = tl.float64 if IS_FP64 else tl.float32
-    pblocks = tl.cdiv(HW, BLOCK_P)
-    n = tl.program_id(0) // pblocks
-    p = (tl.program_id(0) % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    m2 = (p < HW)[:, None] & mask_c[None, :]
+    n, p, mask_p, c, mask_c = pixel_channel_tile(HW, C, BLOCK_P, BLOCK_C)
+    m2 = mask_p[:, None] & mask_c[None, :]
     rows = (n * HW + p).to(tl.int64)
     dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=m2, other=0.0).to(ACC)
     for i in range(n_conv):

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import add_channel_stats, pixel_channel_tile
 from .utils import acc_dtype, check_nhwc, interpreting, num_warps_for, tile_blocks
 
 __all__ = ["DwRun", "conv_out_size", "depthwise_forward", "depthwise_grad_input",
@@ -46,14 +47,9 @@ def _dw_fwd_kernel(
 ):
     ACC = tl.float64 if IS_FP64 else tl.float32
     PAD: tl.constexpr = K // 2
-    pblocks = tl.cdiv(Ho * Wo, BLOCK_P)
-    n = tl.program_id(0) // pblocks
-    p = (tl.program_id(0) % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = p < Ho * Wo
+    n, p, mask_p, cc, mask_c = pixel_channel_tile(Ho * Wo, C, BLOCK_P, BLOCK_C)
     oh = p // Wo
     ow = p % Wo
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cc < C
     ch = c0 + cc
     if PROLOGUE:
         sc = tl.load(scale_ptr + ch, mask=mask_c, other=0.0)
@@ -76,9 +72,7 @@ def _dw_fwd_kernel(
     tl.store(y_ptr + orows[:, None] * ldc + ch[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=ymask)
     if STATS:
-        a = tl.where(ymask, acc, 0.0)
-        tl.atomic_add(sum_ptr + ch, tl.sum(a, axis=0), mask=mask_c)
-        tl.atomic_add(sumsq_ptr + ch, tl.sum(a * a, axis=0), mask=mask_c)
+        add_channel_stats(sum_ptr, sumsq_ptr, acc, ymask, ch, mask_c)
 
 
 @triton.jit
@@ -91,14 +85,9 @@ def _dw_grad_input_kernel(
     # dx[ih, iw] = sum over taps of dy[oh, ow] * w[tap] with ih = oh*S - PAD + kh
     ACC = tl.float64 if IS_FP64 else tl.float32
     PAD: tl.constexpr = K // 2
-    pblocks = tl.cdiv(H * W, BLOCK_P)
-    n = tl.program_id(0) // pblocks
-    p = (tl.program_id(0) % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = p < H * W
+    n, p, mask_p, cc, mask_c = pixel_channel_tile(H * W, C, BLOCK_P, BLOCK_C)
     ih = p // W
     iw = p % W
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cc < C
     ch = c0 + cc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import add_channel_stats
 from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, interpreting,
                     num_warps_for)
 
@@ -78,9 +79,7 @@ def _pointwise_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * ldy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=ymask)
     if STATS:
-        a = tl.where(ymask, acc, 0.0)
-        tl.atomic_add(sum_ptr + cols, tl.sum(a, axis=0), mask=mask_n)
-        tl.atomic_add(sumsq_ptr + cols, tl.sum(a * a, axis=0), mask=mask_n)
+        add_channel_stats(sum_ptr, sumsq_ptr, acc, ymask, cols, mask_n)
 
 
 @triton.jit
