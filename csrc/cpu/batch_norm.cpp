@@ -39,6 +39,17 @@ int64_t num_parts(int64_t M) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
 }
 
+// Channel c of the per-part partial sums acc[part][2][C], summed over the parts.
+inline std::pair<double, double> sum_parts(const std::vector<double>& acc, int64_t parts,
+                                           int64_t C, int64_t c) {
+  double s1 = 0, s2 = 0;
+  for (int64_t t = 0; t < parts; ++t) {
+    s1 += acc[t * 2 * C + c];
+    s2 += acc[t * 2 * C + C + c];
+  }
+  return {s1, s2};
+}
+
 // Per-channel mean and biased variance over the rows (shifted by row 0 against cancellation).
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
   auto x = rows_of(x_in, "channel_stats", "x");
@@ -69,11 +80,7 @@ _Pragma("omp simd")
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* vp = var.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t t = 0; t < parts; ++t) {
-        s1 += acc[t * 2 * C + c];
-        s2 += acc[t * 2 * C + C + c];
-      }
+      const auto [s1, s2] = sum_parts(acc, parts, C, c);
       const double m = s1 / M;
       mp[c] = scalar_t(double(xp[c]) + m);
       vp[c] = scalar_t(std::max(0.0, s2 / M - m * m));
@@ -206,11 +213,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
     T* dwp = dw.mutable_data_ptr<T>();
     T* dbp = db.mutable_data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t t = 0; t < parts; ++t) {
-        s1 += acc[t * 2 * C + c];
-        s2 += acc[t * 2 * C + C + c];
-      }
+      const auto [s1, s2] = sum_parts(acc, parts, C, c);
       const double r = rs.const_data_ptr<T>()[c];
       dbp[c] = T(s1);
       dwp[c] = T(s2 * r);

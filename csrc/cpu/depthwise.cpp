@@ -51,6 +51,14 @@ template <typename T> inline vec_t<T> vload(const T* p) {
 }
 template <typename T> inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof v); }
 
+// Taps [lo, hi) of a k-tap window that starts at input index i0 and stay inside [0, size).
+struct Taps {
+  int64_t lo, hi;
+};
+inline Taps taps_inside(int64_t i0, int64_t k, int64_t size) {
+  return {std::max<int64_t>(0, -i0), std::min<int64_t>(k, size - i0)};
+}
+
 // out[n, oh, ow, block] for one channel block of one group.
 template <typename T, int L>
 inline void fwd_px(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh,
@@ -58,12 +66,11 @@ inline void fwd_px(const Shape& S, const Group<T>& g, const T* x, T* out, int64_
   const int len = L > 0 ? L : len_rt;
   const int64_t p = g.k / 2;
   const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
-  const int64_t kh_lo = std::max<int64_t>(0, -ih0), kh_hi = std::min<int64_t>(g.k, S.H - ih0);
-  const int64_t kw_lo = std::max<int64_t>(0, -iw0), kw_hi = std::min<int64_t>(g.k, S.W - iw0);
+  const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
   const T* xb = x + n * S.xn + g.c0 + cb;
   T acc[kBlock<T>] = {};
-  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-    for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+  for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+    for (int64_t kw = tw.lo; kw < tw.hi; ++kw) {
       const T* xp = xb + (ih0 + kh) * S.xh + (iw0 + kw) * S.xw;
       const T* wp = g.w + (kh * g.k + kw) * g.C + cb;
 #pragma omp simd
@@ -111,15 +118,14 @@ inline void bwd_weight_px(const Shape& S, const Group<T>& g, const T* gy, const 
   const int len = L > 0 ? L : len_rt;
   const int64_t p = g.k / 2;
   const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
-  const int64_t kh_lo = std::max<int64_t>(0, -ih0), kh_hi = std::min<int64_t>(g.k, S.H - ih0);
-  const int64_t kw_lo = std::max<int64_t>(0, -iw0), kw_hi = std::min<int64_t>(g.k, S.W - iw0);
+  const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
   const T* gp = gy + ((n * S.Ho + oh) * S.Wo + ow) * S.C + g.c0 + cb;
   T gv[kBlock<T>];
 #pragma omp simd
   for (int c = 0; c < len; ++c) gv[c] = gp[c];
   const T* xb = x + n * S.xn + g.c0 + cb;
-  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-    for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+  for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+    for (int64_t kw = tw.lo; kw < tw.hi; ++kw) {
       const T* xp = xb + (ih0 + kh) * S.xh + (iw0 + kw) * S.xw;
       T* wp = g.gw + (kh * g.k + kw) * g.C + cb;
 #pragma omp simd
@@ -152,7 +158,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
   constexpr int P = K / 2, VL = kLanes<T>;
   using vt = vec_t<T>;
   const int64_t s = S.s, ih0 = oh * s - P;
-  const int64_t kh_lo = std::max<int64_t>(0, -ih0), kh_hi = std::min<int64_t>(K, S.H - ih0);
+  const Taps th = taps_inside(ih0, K, S.H);
   const auto [lo, hi] = interior(S.W, S.Wo, s, K);
   const int64_t cv = g.C / VL * VL;
   for (int64_t cb = 0; cb < cv; cb += VL) {
@@ -161,7 +167,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
     // One output pixel, taps outside the row skipped: the edges and the interior's remainder.
     auto one = [&](int64_t ow) {
       vt a = {};
-      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
         const T* xr = xb + (ih0 + kh) * S.xh;
         const T* wr = g.w + kh * K * g.C + cb;
 #pragma GCC unroll 8
@@ -176,7 +182,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
     for (; ow < lo; ++ow) one(ow);
     for (; ow + 4 <= hi; ow += 4) {
       vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
         const T* xr = xb + (ih0 + kh) * S.xh + (ow * s - P) * S.xw;
         const T* wr = g.w + kh * K * g.C + cb;
 #pragma GCC unroll 8
@@ -209,12 +215,12 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
   constexpr int P = K / 2, VL = kLanes<T>;
   using vt = vec_t<T>;
   const int64_t s = S.s, ih0 = oh * s - P;
-  const int64_t kh_lo = std::max<int64_t>(0, -ih0), kh_hi = std::min<int64_t>(K, S.H - ih0);
+  const Taps th = taps_inside(ih0, K, S.H);
   const auto [lo, hi] = interior(S.W, S.Wo, s, K);
   const int64_t cv = g.C / VL * VL;
   for (int64_t cb = 0; cb < cv; cb += VL) {
     const T* gb = gy + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
-    for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    for (int64_t kh = th.lo; kh < th.hi; ++kh) {
       const T* xr = x + n * S.xn + (ih0 + kh) * S.xh + g.c0 + cb;
       vt acc[K] = {};
       for (int64_t ow = 0; ow < S.Wo; ++ow) {
