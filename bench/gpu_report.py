@@ -134,7 +134,7 @@ def measure(step, device, reps, warmup=3):
 def _providers(device, compile_ok):
     """name -> (backend, memory_format, compile mode or None)."""
     import torch
-    from fbnet_fast import backends
+    from fbnet_fast.backends import registry as backends
     out = {"eager_nchw": ("reference", torch.contiguous_format, None),
            "eager_channels_last": ("reference", torch.channels_last, None)}
     if compile_ok:
@@ -191,7 +191,7 @@ def time_supernet(device, batches, reps, dtypes, compile_ok):
     import torch
     import torch.nn.functional as F
     from fbnet_fast import SearchSpace
-    from fbnet_fast.supernet import SuperNet
+    from fbnet_fast.nn.supernet import SuperNet
     rows = []
     for batch in batches:
         for dt in dtypes:
@@ -278,13 +278,13 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _import_path()
     import torch
-    from fbnet_fast.space import SearchSpace
+    from fbnet_fast.nn.space import SearchSpace
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_report: CUDA is not available; use --device cpu --quick for the smoke test",
               file=sys.stderr)
         return 2
-    from fbnet_fast import backends
+    from fbnet_fast.backends import registry as backends
     fused = [b for b in ("triton", "cuda") if backends.BACKENDS[b].why_unavailable(device) is None]
     if not fused:
         print("gpu_report: no fused backend can run here: "

@@ -1,7 +1,7 @@
 """Side-by-side CPU timings of the fused paths against PyTorch, as time ratios.
 
 Each ratio is the median over repetitions of (baseline time / ours time), the two timed
-back to back in every repetition (DESIGN.md §5), so a busy machine slows both alike. Also
+back to back in every repetition (docs/architecture.md, "Measuring"), so a busy machine slows both alike. Also
 reports bytes saved for backward (saved_tensors_hooks, deduplicated by storage, parameters
 and buffers left out) and the compute floor (FLOPs over a GEMM rate measured on the spot).
 
@@ -30,8 +30,8 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fbnet_fast
 from fbnet_fast import MixedBlock
-from fbnet_fast.space import SearchSpace
-from fbnet_fast.space import layer_shapes as space_layer_shapes
+from fbnet_fast.nn.space import SearchSpace
+from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
 
 CL = torch.channels_last
 
@@ -72,7 +72,7 @@ def steps(fwds: dict) -> dict:
     return {k: step(f) for k, f in fwds.items()}
 
 def dw_case(n: int, c: int, h: int, k: int, s: int) -> dict:
-    from fbnet_fast import ops
+    from fbnet_fast.backends import ops
     torch.manual_seed(0)
     w = torch.randn(c, 1, k, k, requires_grad=True)
     x_nchw = torch.randn(n, c, h, h, requires_grad=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fbnet_fast.space import SearchSpace, layer_shapes, shape_changes
+from fbnet_fast.nn.space import SearchSpace, layer_shapes, shape_changes
 
 # Distinct (C_in, C_out, stride) of the 224x224 FBNet space: 12 shapes covering all 22 layers.
 FBNET_SHAPES = sorted({(c_in, c_out, s) for c_in, c_out, s, _ in layer_shapes(SearchSpace())},

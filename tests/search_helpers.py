@@ -1,9 +1,10 @@
 """Shared by the search tests: a tiny configuration and a hand-made latency table."""
 from __future__ import annotations
 
-from fbnet_fast.latency import LatencyTable, parse_block_key, required_keys
-from fbnet_fast.models import block_cost
-from fbnet_fast.search import build_space, make_config
+from fbnet_fast.latency.keys import parse_block_key, required_keys
+from fbnet_fast.latency.table import LatencyTable
+from fbnet_fast.nn.models import block_cost
+from fbnet_fast.search.config import build_space, make_config
 
 TINY = dict(preset="quick", resolution=16, width=1.0, head_channels=32,
             stages="8:1:1,16:2:2,16:1:2", batch_size=16, builtin_train=320, builtin_val=64,

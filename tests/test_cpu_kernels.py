@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fbnet_fast import _C
+from fbnet_fast.backends import jit
 
-pytestmark = pytest.mark.skipif(not _C.load(), reason=f"C++ kernels unavailable: {_C.why_unavailable()}")
+pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
 
-if _C.load():
-    from fbnet_fast import ops
+if jit.load():
+    from fbnet_fast.backends import ops
 
 DT = torch.float64
 # (N, C, H, W): odd and even sizes, 1x1 and 7x7 maps, channel counts on and off the

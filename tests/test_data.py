@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fbnet_fast import data as D
+from fbnet_fast.search import data as D
 
 
 def _folder(root, classes=5, per_class=10, val_per_class=2, size=20):

@@ -3,12 +3,14 @@ import pytest
 import torch
 
 import fbnet_fast
-from fbnet_fast import MixedBlock, _C, backends
-from fbnet_fast.space import SearchSpace
+from fbnet_fast import MixedBlock
+from fbnet_fast.backends import jit
+from fbnet_fast.backends import registry as backends
+from fbnet_fast.nn.space import SearchSpace
 
 from _helpers import randomize_bn
 
-pytestmark = pytest.mark.skipif(not _C.load(), reason=f"C++ kernels unavailable: {_C.why_unavailable()}")
+pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
 
 DT = torch.float64
 # Every distinct (C_in, C_out, stride) of the FBNet space, run on small maps.
@@ -110,7 +112,7 @@ def test_backend_choice():
     assert backends.pick_name("auto", cpu) == "cpu"
     assert backends.pick_name("reference", cpu) == "reference"
     assert MixedBlock(8, 8, 1).backend == "auto"
-    assert backends.resolve("auto", cpu) is fbnet_fast.fused_cpu.mixed_block_forward
+    assert backends.resolve("auto", cpu) is fbnet_fast.backends.fused_cpu.mixed_block_forward
 
 
 def test_training_needs_more_than_one_value():
@@ -152,7 +154,7 @@ def test_opcheck():
             b.skip_bn_weight, b.skip_bn_bias,
             [getattr(b, f"{r}_running_{k}") for r in ("bn1", "bn2", "bn3", "skip_bn")
              for k in ("mean", "var")],
-            fbnet_fast.fused_cpu.layout_key(b.layout), True)
+            b.layout.key(), True)
     torch.library.opcheck(torch.ops.fbnet_fast.mixed_block_cpu.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -185,7 +187,7 @@ def test_workspace_reuse_is_safe():
     """Scratch buffers are reused across calls and grow with the shape: outputs and gradients
     of earlier calls must not change, in training, eval and inference mode alike."""
     ref, fused = make_pair(8, 16, 2, seed=4)
-    from fbnet_fast import fused_cpu
+    from fbnet_fast.backends import fused_cpu
     fused_cpu.clear_workspace()
     mask = torch.softmax(torch.randn(9, dtype=DT), -1)
     small = torch.randn(2, 8, 5, 5, dtype=DT)

@@ -19,7 +19,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from fbnet_fast import MixedBlock  # noqa: E402
-from fbnet_fast.space import SearchSpace  # noqa: E402
+from fbnet_fast.nn.space import SearchSpace  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float32 if CUDA else torch.float64
@@ -34,7 +34,7 @@ WIDE_SUBSET = ("k3_e1", "k5_e1_g2", "k5_e6", "skip")
 
 @pytest.fixture(scope="module", autouse=True)
 def _triton_usable():
-    from fbnet_fast.fused_triton import why_unavailable
+    from fbnet_fast.backends.fused_triton import why_unavailable
     why = why_unavailable(DEVICE)
     if why is not None:
         pytest.skip(why)
@@ -154,22 +154,22 @@ def test_bf16_autocast_close_to_fp32_reference():
 
 
 def test_unavailable_without_interpreter_says_why(monkeypatch):
-    from fbnet_fast.fused_triton import why_unavailable
+    from fbnet_fast.backends.fused_triton import why_unavailable
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET" in why_unavailable("cpu")
 
 
 def test_cuda_backend_depthwise_glue_with_the_cpu_ops():
     """fused_cuda's depthwise adapter, run through the same-schema C++ CPU ops."""
-    from fbnet_fast import _C
-    from fbnet_fast.fused_cuda import CudaDepthwise
-    from fbnet_fast.fused_triton import mixed_block_forward
+    from fbnet_fast.backends import jit
+    from fbnet_fast.backends.fused_cuda import CudaDepthwise
+    from fbnet_fast.backends.fused_triton import mixed_block_forward
     if CUDA:
-        from fbnet_fast.fused_cuda import why_unavailable
+        from fbnet_fast.backends.fused_cuda import why_unavailable
         if why_unavailable(DEVICE) is not None:
             pytest.skip(why_unavailable(DEVICE))
-    elif not _C.load():
-        pytest.skip(_C.why_unavailable())
+    elif not jit.load():
+        pytest.skip(jit.why_unavailable())
     fused, ref = make_pair(16, 24, 2, ("k3_e1", "k5_e1_g2", "k5_e3", "skip"))
     fused.num_batches_tracked.add_(1)   # MixedBlock.forward's job, bypassed here
     fused.forward = lambda x, w: mixed_block_forward(fused, x, w, depthwise=CudaDepthwise())

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fbnet_fast.latency import (SCHEMA, LatencyTable, block_key, head_key, layer_keys,
-                                order_violations, required_keys, stem_key)
-from fbnet_fast.latency_validate import mape, sample_architectures, spearman
-from fbnet_fast.space import Architecture, SearchSpace
+from fbnet_fast.latency.keys import block_key, head_key, layer_keys, required_keys, stem_key
+from fbnet_fast.latency.table import SCHEMA, LatencyTable, order_violations
+from fbnet_fast.latency.validate import mape, spearman
+from fbnet_fast.nn.architecture import Architecture, sample_architectures
+from fbnet_fast.nn.space import SearchSpace
 
 SMALL = SearchSpace(resolution=32, width=0.25)
 
@@ -241,7 +242,7 @@ def test_small_measured_table_is_positive_and_finite(method, tmp_path):
 
 
 def test_calibrated_measure_records_networks():
-    from fbnet_fast.latency_validate import validate, validate_many
+    from fbnet_fast.latency.validate import validate, validate_many
     table = LatencyTable.measure(SMALL, method="calibrated", reps=3, warmup=1, threads=1,
                                  retries=0, calib_samples=2, progress=False)
     cal = table.calibration

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fbnet_fast.loss import FBNetLoss
+from fbnet_fast.latency.loss import FBNetLoss
 from test_latency import SMALL, random_table
 
 L, K = SMALL.num_layers, SMALL.num_candidates

@@ -4,7 +4,7 @@ import torch
 
 import fbnet_fast
 from fbnet_fast import MixedBlock, build_block
-from fbnet_fast.space import CANDIDATES
+from fbnet_fast.nn.space import CANDIDATES
 
 from _helpers import FBNET_SHAPES, randomize_bn, shape_id
 
@@ -121,7 +121,7 @@ def test_custom_candidates_and_errors():
 
 
 def test_backend_choice():
-    from fbnet_fast import backends
+    from fbnet_fast.backends import registry as backends
     cpu = torch.device("cpu")
     assert backends.pick_name("reference", cpu) == "reference"
     with pytest.raises(RuntimeError, match="cuda"):

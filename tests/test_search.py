@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from fbnet_fast.cli import main as cli_main
-from fbnet_fast.models import create_model
-from fbnet_fast.search import build_space, finetune, load_data, make_config, run_search
-from fbnet_fast.supernet import SuperNet
+from fbnet_fast.nn.models import create_model
+from fbnet_fast.nn.supernet import SuperNet
+from fbnet_fast.search.config import build_space, make_config
+from fbnet_fast.search.loop import finetune, load_data, run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
 from search_helpers import TINY, macs_table, tiny_config  # noqa: E402
@@ -143,7 +144,7 @@ def test_strong_latency_term_lowers_expected_latency(tmp_path, lut):
     lat_off = off.metrics[-1]["expected_latency_ms"]
     lat_on = on.metrics[-1]["expected_latency_ms"]
     start = macs_table(tiny_config("x")).layer_matrix(
-        __import__("fbnet_fast.search", fromlist=["x"]).build_space(tiny_config("x"))
+        __import__("fbnet_fast.search.config", fromlist=["x"]).build_space(tiny_config("x"))
     ).mean(1).sum().item() + 0.1
     assert lat_on < lat_off
     assert lat_on < 0.8 * start        # clearly below the uniform-θ starting point
@@ -254,7 +255,7 @@ def test_python_api_errors(tmp_path, lut):
 
 
 def test_train_from_scratch_writes_result_and_resumes(full_run, tmp_path, capsys):
-    from fbnet_fast.train import TrainConfig, train
+    from fbnet_fast.search.train import TrainConfig, train
     arch = str(full_run[0] / "archs" / "argmax.json")
     out = tmp_path / "train"
     kw = dict(arch=arch, out=str(out), epochs=2, batch_size=16, builtin_train=128,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fbnet_fast import ZOO, Architecture, SearchSpace, count_costs, create_model
-from fbnet_fast.space import CANDIDATES, make_divisible, skip_is_conv
+from fbnet_fast.nn.space import CANDIDATES, make_divisible, skip_is_conv
 
 # (MACs in millions, rounded as the paper does; parameters incl. BN) counted as the paper
 # counts (convs and fc, 1000 classes). FBNet-C's parameters equal timm's fbnetc_100.

@@ -18,8 +18,8 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from fbnet_fast.mixed_block import MixedLayout  # noqa: E402
-from fbnet_fast.space import CANDIDATES  # noqa: E402
+from fbnet_fast.nn.layout import MixedLayout  # noqa: E402
+from fbnet_fast.nn.space import CANDIDATES  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float32 if CUDA else torch.float64  # the interpreter runs float64 exactly
@@ -28,7 +28,7 @@ TOL = dict(atol=1e-4, rtol=1e-4) if CUDA else dict(atol=1e-10, rtol=1e-10)
 
 @pytest.fixture(scope="module")
 def K():
-    from fbnet_fast.fused_triton import load_kernels, why_unavailable
+    from fbnet_fast.backends.fused_triton import load_kernels, why_unavailable
     why = why_unavailable(DEVICE)
     if why is not None:
         pytest.skip(why)
@@ -53,7 +53,7 @@ def close(a, b):
 
 def _second_pointwise_segments(K, c_in=16, c_out=24):
     """The real segments of every candidate's second 1x1 (grouped ones split per group)."""
-    from fbnet_fast.fused_triton import _plan
+    from fbnet_fast.backends.fused_triton import _plan
     layout = MixedLayout.build(c_in, c_out, 2, CANDIDATES)
     return _plan(layout, DEVICE).pw2_segments, layout
 
@@ -98,8 +98,8 @@ def test_pointwise_grads(K):
 def test_pointwise_dense_block_diagonal_first_conv(K):
     """The first 1x1 of all candidates as one dense GEMM equals the per-candidate convs
     followed by the channel shuffle."""
-    from fbnet_fast.blocks import channel_shuffle
-    from fbnet_fast.fused_triton import _plan
+    from fbnet_fast.nn.blocks import channel_shuffle
+    from fbnet_fast.backends.fused_triton import _plan
     L = MixedLayout.build(24, 24, 1, CANDIDATES)
     plan = _plan(L, DEVICE)
     n, h = 2, 3

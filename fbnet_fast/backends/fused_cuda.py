@@ -1,0 +1,87 @@
+"""The CUDA MixedBlock backend: the Triton backend's pipeline with the depthwise pass on
+the CUDA C++ ops (``fbnet_fast::dw_conv`` / ``dw_conv_backward``, csrc/cuda/depthwise.cu).
+
+The schemas come from the C++ extension (``backends/jit.py``, csrc/ops.cpp); the CUDA
+implementations are compiled here as a second library holding only
+``TORCH_LIBRARY_IMPL(fbnet_fast, CUDA, ...)``. The BN + ReLU before the depthwise and
+the statistics after it run as PyTorch ops, since the CUDA ops do not fuse them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fused_triton, jit
+from ..nn.space import conv_out
+
+__all__ = ["mixed_block_forward", "why_unavailable", "CudaDepthwise", "load_cuda_ops"]
+
+NAME = "fbnet_fast_cuda"
+
+
+def _build() -> None:
+    if not jit.load():                     # registers the schemas (TORCH_LIBRARY)
+        raise RuntimeError(jit.why_unavailable())
+    src = jit.source_dir()
+    sources = sorted(str(p) for p in (src / "cuda").glob("*.cu")) if src else []
+    if not sources:
+        raise RuntimeError("the CUDA sources (csrc/cuda/*.cu) are not shipped with this "
+                           "installation")
+    jit.compile_library(NAME, "CUDA kernels", sources, extra_cuda_cflags=["-O3"])
+
+
+CUDA_LIBRARY = jit.JitLibrary("CUDA kernels", _build)
+
+
+def load_cuda_ops() -> bool:
+    """Build (first use) and load the CUDA depthwise ops; True when registered."""
+    return CUDA_LIBRARY.load()
+
+
+def why_unavailable(device) -> str | None:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "the cuda backend needs a CUDA device"
+    why = fused_triton.why_unavailable(device)   # pointwise GEMMs and combine are Triton
+    if why is not None:
+        return why
+    return CUDA_LIBRARY.why_unavailable()
+
+
+class CudaDepthwise:
+    """Depthwise pass through the CUDA ops, same interface as ``TritonDepthwise``."""
+
+    @staticmethod
+    def _weights(w, runs):
+        return [w[r.w_offset:r.w_offset + r.channels * r.kernel ** 2]
+                .view(r.channels, r.kernel, r.kernel) for r in runs]
+
+    @staticmethod
+    def _image(rows, n, h, wd):   # NHWC rows -> channels_last Tensor[N, C, H, W] view
+        return rows.view(n, h, wd, -1).permute(0, 3, 1, 2)
+
+    def forward(self, a, w, n, h, wd, stride, runs, scale, shift, stats):
+        hin = torch.relu(a.to(scale.dtype) * scale + shift).to(a.dtype)
+        out = torch.ops.fbnet_fast.dw_conv.default(self._image(hin, n, h, wd),
+                                                    self._weights(w, runs), stride)
+        rows = out.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
+        if not stats:
+            return rows, None, None
+        r = rows.to(scale.dtype)
+        return rows, r.sum(0), (r * r).sum(0)
+
+    def backward(self, dd, a, w, n, h, wd, stride, runs, scale, shift):
+        acc = scale.dtype
+        pre = a.to(acc) * scale + shift
+        hin = torch.relu(pre).to(a.dtype)
+        ho, wo = conv_out(h, stride), conv_out(wd, stride)
+        gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(
+            self._image(dd, n, ho, wo), self._image(hin, n, h, wd), self._weights(w, runs),
+            stride)
+        g = torch.where(pre > 0, gx.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).to(acc), 0)
+        dw = torch.cat([t.reshape(-1) for t in gws]).to(acc)
+        return g.to(a.dtype), g.sum(0), (g * a.to(acc)).sum(0), dw
+
+
+def mixed_block_forward(block, x, weights):
+    """``fused_triton.mixed_block_forward`` with the CUDA depthwise ops."""
+    return fused_triton.mixed_block_forward(block, x, weights, depthwise=CudaDepthwise())

@@ -1,0 +1,112 @@
+"""Typed wrappers of the C++ custom ops, with fake (shape) kernels and autograd.
+
+Importing this module builds/loads the C++ kernels (``jit.py``); when that fails the
+wrappers raise with the reason and ``jit.why_unavailable()`` says why.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import jit
+
+__all__ = ["depthwise_conv2d", "dw_conv", "dw_conv_backward", "channel_stats", "scale_shift",
+           "bn_backward", "AVAILABLE"]
+
+AVAILABLE = jit.load()
+
+
+def _require() -> None:
+    if not AVAILABLE:
+        raise RuntimeError(jit.why_unavailable())
+
+
+def dw_conv(x: Tensor, weights: Sequence[Tensor], stride: int) -> Tensor:
+    """Depthwise conv, pad K//2, over channel groups with their own odd K.
+
+    x (Tensor[N, C, H, W], any memory format), weights (list of Tensor[C_g, K_g, K_g] or
+    [C_g, 1, K_g, K_g], sum C_g = C); returns channels_last Tensor[N, C, ceil(H/s), ceil(W/s)].
+    """
+    _require()
+    return torch.ops.fbnet_fast.dw_conv.default(x, list(weights), stride)
+
+
+def dw_conv_backward(grad: Tensor, x: Tensor, weights: Sequence[Tensor], stride: int):
+    """(grad_x channels_last, [grad_weight per group]) of ``dw_conv``."""
+    _require()
+    return torch.ops.fbnet_fast.dw_conv_backward.default(grad, x, list(weights), stride)
+
+
+def depthwise_conv2d(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=K//2, groups=C)`` for weight Tensor[C, 1, K, K]."""
+    return dw_conv(x, [weight], stride)
+
+
+def channel_stats(x: Tensor) -> tuple:
+    """(mean, biased variance) per column of x (Tensor[M, C], contiguous channels)."""
+    _require()
+    return torch.ops.fbnet_fast.channel_stats.default(x)
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    """``[relu](x * scale + shift)`` for x Tensor[M, C], scale and shift Tensor[C]; one pass."""
+    _require()
+    return torch.ops.fbnet_fast.scale_shift.default(x, scale, shift, relu)
+
+
+def bn_backward(grad: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                bias: Tensor, relu: bool, training: bool) -> tuple:
+    """(dz, dweight, dbias) of ``y = [relu](BN(z))`` for z, grad Tensor[M, C]; two passes."""
+    _require()
+    return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, weight, bias, relu,
+                                                    training)
+
+
+def _out_size(n: int, stride: int) -> int:
+    return (n - 1) // stride + 1
+
+
+if AVAILABLE:
+    @torch.library.register_fake("fbnet_fast::dw_conv")
+    def _(x, weights, stride):
+        torch._check(x.dim() == 4, lambda: f"dw_conv: x must be 4-d, got {x.dim()}")
+        torch._check(sum(w.shape[0] for w in weights) == x.shape[1],
+                     lambda: "dw_conv: the weights' channels must add up to x's channels")
+        n, c, h, w = x.shape
+        return x.new_empty((n, c, _out_size(h, stride), _out_size(w, stride))).contiguous(
+            memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fbnet_fast::dw_conv_backward")
+    def _(grad, x, weights, stride):
+        gx = torch.empty_like(x, memory_format=torch.channels_last)
+        return gx, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+    @torch.library.register_fake("fbnet_fast::channel_stats")
+    def _(x):
+        torch._check(x.dim() == 2, lambda: "channel_stats: x must be [M, C]")
+        return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+    @torch.library.register_fake("fbnet_fast::scale_shift")
+    def _(x, scale, shift, relu):
+        torch._check(x.dim() == 2, lambda: "scale_shift: x must be [M, C]")
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fbnet_fast::bn_backward")
+    def _(grad, z, mean, rstd, weight, bias, relu, training):
+        torch._check(z.dim() == 2 and grad.shape == z.shape, lambda: "bn_backward: [M, C] inputs")
+        return z.new_empty(z.shape), z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
+
+    def _setup_context(ctx, inputs, output):
+        x, weights, stride = inputs
+        ctx.save_for_backward(x, *weights)
+        ctx.stride = stride
+
+    def _backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(grad, x, weights, ctx.stride)
+        return gx, list(gws), None
+
+    torch.library.register_autograd("fbnet_fast::dw_conv", _backward,
+                                    setup_context=_setup_context)

@@ -1,0 +1,134 @@
+"""The one place that picks a MixedBlock implementation.
+
+Families: ``reference`` (plain PyTorch ops, every device), ``cpu`` (fused C++ ops),
+``triton`` (Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda``
+(CUDA C++ ops). Each module's ``backend`` argument wins, then ``set_backend``, then
+the ``FBNET_FAST_BACKEND`` environment variable, then ``auto``.
+
+A family asked for by name that cannot run here is an error; one picked by ``auto``
+that cannot run falls back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "resolve", "available", "check_name"]
+
+ENV_VAR = "FBNET_FAST_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple          # device types it can run on
+    module: str             # module holding ``mixed_block_forward`` and ``is_available``
+    attr: str = "mixed_block_forward"
+
+    def load(self) -> Callable:
+        return getattr(importlib.import_module(self.module, __package__), self.attr)
+
+    def why_unavailable(self, device: torch.device) -> str | None:
+        """None when usable on ``device``, else the reason."""
+        if device.type not in self.devices:
+            return f"backend {self.name!r} runs on {'/'.join(self.devices)}, not {device.type}"
+        try:
+            mod = importlib.import_module(self.module, __package__)
+        except Exception as e:  # a missing optional dependency or a failed build
+            return f"backend {self.name!r} could not be loaded: {e}"
+        check = getattr(mod, "why_unavailable", None)
+        return check(device) if check else None
+
+
+# Order matters for "auto": the first usable family on a device wins.
+BACKENDS = {
+    "reference": Backend("reference", ("cpu", "cuda", "meta"), ".reference"),
+}
+AUTO_ORDER = {"cpu": (), "cuda": ()}
+
+_global = None
+_resolved: dict = {}
+_warned: set = set()
+
+
+def register(backend: Backend, auto_on: tuple = ()) -> None:
+    """Add a family; ``auto_on`` lists the device types where ``auto`` prefers it."""
+    BACKENDS[backend.name] = backend
+    for dev in auto_on:
+        AUTO_ORDER[dev] = AUTO_ORDER.get(dev, ()) + (backend.name,)
+    _resolved.clear()
+
+
+def check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the family used by modules created with ``backend="auto"`` (None: back to auto)."""
+    global _global
+    _global = None if name is None else check_name(name)
+    _resolved.clear()
+
+
+def get_backend() -> str:
+    if _global is not None:
+        return _global
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return check_name(env)
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}: {e}") from None
+    return "auto"
+
+
+def available(device: torch.device | str = "cpu") -> list:
+    """The families usable on ``device`` right now."""
+    device = torch.device(device)
+    return [n for n, b in BACKENDS.items() if b.why_unavailable(device) is None]
+
+
+def pick_name(name: str, device: torch.device) -> str:
+    """The family a module with backend ``name`` uses for tensors on ``device``."""
+    if name == "auto":
+        name = get_backend()
+    if name != "auto":
+        why = BACKENDS[name].why_unavailable(device)
+        if why is not None:
+            raise RuntimeError(
+                f"{why}. Use backend='auto' or 'reference', or see fbnet_fast.backends.available()")
+        return name
+    for cand in AUTO_ORDER.get(device.type, ()):
+        why = BACKENDS[cand].why_unavailable(device)
+        if why is None:
+            return cand
+        if (cand, device.type) not in _warned:
+            _warned.add((cand, device.type))
+            warnings.warn(f"fbnet_fast: {why}; falling back to the reference backend",
+                          RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def resolve(name: str, device: torch.device) -> Callable:
+    """The forward function for a module's backend setting on ``device`` (cached)."""
+    key = (name, get_backend(), device.type)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = BACKENDS[pick_name(name, device)].load()
+        _resolved[key] = fn
+    return fn
+
+
+# The fused families. Each module defines ``mixed_block_forward(block, x, weights)`` and
+# ``why_unavailable(device) -> str | None``.
+register(Backend("cpu", ("cpu",), ".fused_cpu"), auto_on=("cpu",))
+register(Backend("triton", ("cuda", "cpu"), ".fused_triton"), auto_on=("cuda",))
+register(Backend("cuda", ("cuda",), ".fused_cuda"), auto_on=("cuda",))

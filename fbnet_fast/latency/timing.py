@@ -1,0 +1,93 @@
+"""How latencies are timed: the device, the thread count, and a timer between modules.
+
+A leaf of the latency package (it imports nothing from fbnet_fast): measuring tables
+(``measure.py``) and validating them (``validate.py``) both time with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["device_info", "threads_set", "resolve_device", "SegmentTimer", "progress_bar"]
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device),
+                "cuda": torch.version.cuda}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"type": device.type, "name": name, "cores": os.cpu_count()}
+
+
+@contextlib.contextmanager
+def threads_set(threads: int | None):
+    """Fix torch's intra-op thread count while measuring; restore it afterwards.
+
+    Also flushes denormals: random weights can shrink activations into the denormal
+    range, which slows CPUs far below what a trained network sees.
+    """
+    old = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def resolve_device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here; "
+                         "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+class SegmentTimer:
+    """Runs modules in sequence and returns each one's wall time in ms.
+
+    CPU: ``time.perf_counter`` between modules (CPU ops are synchronous). CUDA: one event
+    between modules, a single synchronisation at the end.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, modules, x) -> list:
+        if self.cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(modules) + 1)]
+            ev[0].record()
+            for m, e in zip(modules, ev[1:]):
+                x = m(x)
+                e.record()
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(ev, ev[1:])]
+        t = [time.perf_counter()]
+        for m in modules:
+            x = m(x)
+            t.append(time.perf_counter())
+        return [(b - a) * 1e3 for a, b in zip(t, t[1:])]
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    return tqdm(total=total, desc=desc, unit="step", disable=not show, leave=False)

@@ -1,0 +1,118 @@
+"""Validating a latency table against whole networks measured the same way.
+
+The additive model (sum of per-op latencies) is an approximation; ``validate`` samples
+random architectures, times each whole network (eval mode, same batch, threads and
+device as the table) and reports the mean absolute percentage error (MAPE) and the
+Spearman rank correlation of predicted against measured latency. The networks are timed
+interleaved (one run of each per round, in a shuffled order), so a burst of load on the
+machine hits all of them alike instead of biasing one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..nn.architecture import sample_architectures
+from ..nn.space import SearchSpace
+from .measure import measure_networks
+from .table import LatencyTable
+
+__all__ = ["spearman", "mape", "validate", "validate_many"]
+
+VALIDATE_SEED = 0
+
+
+def _ranks(a) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank."""
+    a = np.asarray(a, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):
+        tie = a == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation: Pearson correlation of the (tie-averaged) ranks."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("spearman needs two sequences of equal length >= 2")
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def mape(predicted, measured) -> float:
+    """Mean absolute percentage error, in percent of the measured values."""
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    return float(np.mean(np.abs(p - m) / m) * 100)
+
+
+def validate(table: LatencyTable, samples: int = 20, seed: int = VALIDATE_SEED,
+             space: SearchSpace | None = None, device: str | None = None,
+             batch: int | None = None, threads: int | None = None, reps: int = 20,
+             warmup: int = 3, num_classes: int | None = None, progress: bool = True) -> dict:
+    """Predicted vs measured latency of ``samples`` random architectures.
+
+    Settings default to those recorded in the table (device type, batch, threads); the
+    table's calibration networks are excluded. Returns ``{"mape": %, "spearman": rho,
+    "rows": [{"arch", "predicted_ms", "measured_ms", "spread", "error_pct"}], ...}``.
+    """
+    return validate_many([table], samples, seed, space, device, batch, threads, reps, warmup,
+                         num_classes, progress)[0]
+
+
+def validate_many(tables, samples: int = 20, seed: int = VALIDATE_SEED,
+                  space: SearchSpace | None = None, device: str | None = None,
+                  batch: int | None = None, threads: int | None = None, reps: int = 20,
+                  warmup: int = 3, num_classes: int | None = None,
+                  progress: bool = True) -> list:
+    """``validate`` for several tables against ONE measurement of the same networks.
+
+    The fair way to compare measuring methods on a noisy machine: every table is scored
+    against identical measured values. The tables must agree on the settings that change
+    latency (space, device, batch, threads, memory format); the calibration networks of
+    every table are excluded.
+    """
+    first = tables[0]
+    space = space or first.space
+    if space is None:
+        raise ValueError("the table records no search space; pass space=...")
+    nc = num_classes or first.num_classes or 1000
+    settings = [_settings(t) for t in tables]
+    for t, st in zip(tables[1:], settings[1:]):
+        if st != settings[0]:
+            raise ValueError(f"tables measured with different settings cannot share one "
+                             f"validation: {settings[0]} vs {st}")
+    for t in tables:
+        t.check(space, nc)
+    dev_type, t_batch, t_threads, fmt = settings[0]
+    dev, batch = device or dev_type, batch or t_batch
+    threads = threads or t_threads
+    exclude = [n for t in tables for n in (t.calibration or {}).get("networks", [])]
+    archs = sample_architectures(space, samples, seed, exclude=exclude)
+    meas = measure_networks(archs, device=dev, batch=batch, threads=threads, reps=reps,
+                            warmup=warmup, num_classes=nc, memory_format=fmt,
+                            progress=progress)
+    med = [m.median for m in meas]
+    out = []
+    for t in tables:
+        pred = [t.latency(a, nc) for a in archs]
+        rows = [{"arch": list(a.blocks), "predicted_ms": p, "measured_ms": m.median,
+                 "spread": m.spread, "error_pct": (p - m.median) / m.median * 100}
+                for a, p, m in zip(archs, pred, meas)]
+        out.append({"mape": mape(pred, med), "spearman": spearman(pred, med),
+                    "bias_pct": float(np.mean([r["error_pct"] for r in rows])),
+                    "samples": samples, "seed": seed, "device": dev, "batch": batch,
+                    "threads": threads, "reps": reps, "method": t.meta.get("method"),
+                    "rows": rows})
+    return out
+
+
+def _settings(t: LatencyTable) -> tuple:
+    d = t.meta.get("device")
+    dev = d.get("type", "cpu") if isinstance(d, dict) else "cpu"
+    return (dev, int(t.meta.get("batch") or 1), t.meta.get("threads"),
+            t.meta.get("memory_format", "contiguous"))
