@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from fbnet_fast.cli import main
+from fbnet_fast.latency.formats import SCHEMA
 from fbnet_fast.latency.keys import block_key, head_key, layer_keys, required_keys, stem_key
-from fbnet_fast.latency.table import SCHEMA, LatencyTable, order_violations
-from fbnet_fast.latency.validate import mape, spearman
+from fbnet_fast.latency.measure import measure, order_violations
+from fbnet_fast.latency.table import LatencyTable
+from fbnet_fast.latency.validate import mape, spearman, validate, validate_many
 from fbnet_fast.nn.architecture import Architecture, sample_architectures
 from fbnet_fast.nn.space import SearchSpace
 
 SMALL = SearchSpace(resolution=32, width=0.25)
+# The smallest space a real measurement needs: 4 layers, two of them sharing one shape (so
+# their entries pool samples), candidates that can break both orderings (e1 < e3, k3 < k5).
+TINY = SearchSpace(resolution=16, stem_channels=8, head_channels=32,
+                   stages=((8, 1, 1), (16, 3, 2)), candidates=("k3_e1", "k3_e3", "k5_e1", "skip"))
 
 
 def random_table(space=SMALL, seed=0, num_classes=1000) -> LatencyTable:
@@ -133,15 +140,19 @@ def test_csv_round_trip_and_units(tmp_path):
 
 def test_missing_entry_is_named(tmp_path):
     table = random_table()
-    gone = layer_keys(SMALL)[5][6]
+    gone = layer_keys(SMALL)[6][6]
     del table.entries[gone]
     assert not table.covers(SMALL)
+    # the message names every layer of that shape: 7, 8 and 9 of this space
+    assert gone == "k5_e3:i8:o8:s1:h4"
+    assert [l.index + 1 for l in SMALL.layers() if (l.in_channels, l.out_channels, l.stride,
+                                                    l.in_size) == (8, 8, 1, 4)] == [7, 8, 9]
     for call in (lambda: table.check(), lambda: table.layer_matrix(),
                  lambda: table.expected(torch.rand(22, 9)),
                  lambda: table.latency(Architecture(["k5_e3"] * 22, SMALL))):
-        with pytest.raises(ValueError, match=f"no entry '{gone}'") as e:
+        with pytest.raises(ValueError, match=rf"no entry '{gone}' \(needed by searchable "
+                                             r"layer\(s\) 7, 8, 9\); measure it"):
             call()
-    assert "layer(s) 6" in str(e.value) or "layer(s)" in str(e.value)
     # a table for another resolution does not cover this space
     with pytest.raises(ValueError, match="no entry 'stem:i3:o8:s2:h64'"):
         random_table().check(SMALL.replace(resolution=64))
@@ -225,37 +236,54 @@ def test_sample_architectures_seeded_distinct_and_excluding():
 @pytest.mark.parametrize("method", ["naive", "context"])
 def test_small_measured_table_is_positive_and_finite(method, tmp_path):
     threads = torch.get_num_threads()
-    table = LatencyTable.measure(SMALL, method=method, reps=3, warmup=1, threads=1,
-                                 retries=1, progress=False)
+    table = measure(TINY, method=method, reps=3, warmup=1, threads=1, retries=1,
+                    num_classes=10, progress=False)
     assert torch.get_num_threads() == threads      # restored
-    assert table.covers(SMALL) and set(table.entries) == set(required_keys(SMALL))
+    assert table.covers(TINY) and set(table.entries) == set(required_keys(TINY, 10))
+    # samples per entry: reps (naive); in context, reps times the runs per round: once per
+    # layer of that shape for a block, every one of the K = 4 passes for stem and head.
+    # Doubled if re-measured for breaking an ordering (samples pooled).
+    runs = {k: sum(row.count(k) for row in layer_keys(TINY)) or 4 for k in table.entries}
     for k, e in table.entries.items():
         assert math.isfinite(e.median) and e.median > 0, k
-        assert e.count >= 3 and e.spread >= 0
+        n = 3 * (runs[k] if method == "context" else 1)
+        assert e.count in (n, 2 * n) and e.spread >= 0, k
     m = table.meta
     assert (m["method"], m["batch"], m["threads"], m["dtype"]) == (method, 1, 1, "float32")
+    assert (m["reps"], m["warmup"]) == (3, 1)
     assert m["torch"] == torch.__version__ and m["device"]["type"] == "cpu"
-    if method == "context":       # every pass is a whole network: 9 per round, 3 + re-measured
-        assert m["pass_ratio"]["passes"] >= 27 and m["pass_ratio"]["median"] > 0
+    if method == "context":
+        # every pass is a whole network: K = 4 per round, 3 rounds, again per re-measurement
+        again = sum(w.startswith("re-measured") for w in table.warnings)
+        assert m["pass_ratio"]["passes"] == 4 * 3 * (1 + again)
+        assert m["pass_ratio"]["median"] > 0
     table.save(tmp_path / "m.json")
     assert LatencyTable.load(tmp_path / "m.json").entries == table.entries
 
 
 def test_calibrated_measure_records_networks():
-    from fbnet_fast.latency.validate import validate, validate_many
-    table = LatencyTable.measure(SMALL, method="calibrated", reps=3, warmup=1, threads=1,
-                                 retries=0, calib_samples=2, progress=False)
+    table = measure(TINY, method="calibrated", reps=3, warmup=1, threads=1, retries=0,
+                    calib_samples=2, num_classes=10, progress=False)
     cal = table.calibration
     assert cal["scale"] > 0 and len(cal["networks"]) == 2
     ratios = sorted(m / p for m, p in zip(cal["measured_ms"], cal["predicted_ms"]))
     assert cal["scale"] == pytest.approx(sum(ratios) / 2)       # median of two
     assert cal["runs"] == [3, 3]                                # once per timed round
     rep = validate(table, samples=3, reps=3, warmup=1, progress=False)
-    assert len(rep["rows"]) == 3 and rep["mape"] >= 0 and -1 <= rep["spearman"] <= 1
+    assert len(rep["rows"]) == 3
     held_out = {tuple(n) for n in cal["networks"]}
     assert not held_out & {tuple(r["arch"]) for r in rep["rows"]}
     for r in rep["rows"]:
-        assert r["predicted_ms"] == pytest.approx(table.latency(Architecture(r["arch"], SMALL)))
+        assert r["predicted_ms"] == pytest.approx(table.latency(Architecture(r["arch"], TINY)))
+    # the scores are those of the report's own rows, re-scored by hand
+    pred = np.array([r["predicted_ms"] for r in rep["rows"]])
+    meas = np.array([r["measured_ms"] for r in rep["rows"]])
+    err = (pred - meas) / meas * 100
+    assert [r["error_pct"] for r in rep["rows"]] == pytest.approx(err)
+    assert rep["mape"] == pytest.approx(np.abs(err).mean())
+    assert rep["bias_pct"] == pytest.approx(err.mean())
+    rp, rm = np.argsort(np.argsort(pred)), np.argsort(np.argsort(meas))   # timings never tie
+    assert rep["spearman"] == pytest.approx(np.corrcoef(rp, rm)[0, 1])
     # several tables scored against one measurement of the same networks
     other = LatencyTable.from_dict(table.to_dict())
     other.calibration = None
@@ -269,7 +297,6 @@ def test_calibrated_measure_records_networks():
 # --- CLI ------------------------------------------------------------------------------
 
 def test_cli_template_import_show(tmp_path, capsys):
-    from fbnet_fast.cli import main
     tpl = tmp_path / "ops.csv"
     assert main(["lut", "template", "--resolution", "32", "--width", "0.25", "--unit", "us",
                  "--out", str(tpl)]) == 0

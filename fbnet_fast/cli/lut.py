@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..latency.keys import head_key, layer_keys, required_keys, stem_key
+from ..latency.measure import measure
 from ..latency.table import LatencyTable
 from ..latency.validate import validate_many
 from ..nn.space import SearchSpace
@@ -85,7 +86,7 @@ def register(sub) -> None:
 
 def run_measure(args) -> int:
     space = _space(args, SearchSpace())
-    table = LatencyTable.measure(
+    table = measure(
         space, device=args.device, batch=args.batch, threads=args.threads, method=args.method,
         reps=args.reps, warmup=args.warmup, num_classes=args.num_classes or 1000,
         memory_format=args.memory_format, calib_samples=args.calib_samples, seed=args.seed,

@@ -1,9 +1,10 @@
 """Latency lookup tables: op keys, the table and its file formats, measuring a table on
 this machine, validating it against whole networks, and the FBNet loss that reads it."""
+from .formats import Entry
 from .keys import OpKey, block_key, head_key, layer_keys, parse_key, required_keys, stem_key
 from .loss import FBNetLoss, LossParts
 from .measure import calibrate, measure, measure_networks
-from .table import Entry, LatencyTable
+from .table import LatencyTable
 from .validate import validate, validate_many
 
 __all__ = ["OpKey", "block_key", "head_key", "layer_keys", "parse_key", "required_keys",

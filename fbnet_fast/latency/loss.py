@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .table import UNITS, LatencyTable
+from .formats import UNITS
+from .table import LatencyTable
 
 __all__ = ["FBNetLoss", "LossParts", "LOSS_MODES"]
 

@@ -35,15 +35,18 @@ from torch import nn
 from ..nn.architecture import sample_architectures
 from ..nn.blocks import ConvBNReLU, build_block
 from ..nn.models import create_model
-from ..nn.space import SearchSpace
-from .keys import head_key, layer_keys, parse_key, required_keys, stem_key
-from .table import Entry, LatencyTable, order_violations
+from ..nn.space import SearchSpace, parse_candidate
+from .formats import Entry
+from .keys import head_key, layer_keys, parse_block_key, parse_key, required_keys, stem_key
+from .table import LatencyTable
 from .timing import SegmentTimer, device_info, progress_bar, resolve_device, threads_set
 
-__all__ = ["measure", "calibrate", "measure_networks", "stats", "METHODS", "HeadPoolFC"]
+__all__ = ["measure", "calibrate", "measure_networks", "stats", "order_violations",
+           "METHODS", "HeadPoolFC"]
 
 METHODS = ("naive", "context", "calibrated")
 DEFAULT_METHOD = "calibrated"
+CALIB_SEED = 1_000_003   # seeds the calibration networks (validate excludes them)
 
 
 def stats(samples) -> Entry:
@@ -256,6 +259,32 @@ def _fit_scale(table, archs, meas, seed, how) -> None:
     }
 
 
+# --- noise control ----------------------------------------------------------------
+
+def order_violations(values: dict, tol: float = 0.03) -> list:
+    """Pairs that break obvious orderings at one layer shape, as ``(fast, slow, ratio)``.
+
+    Expected: for equal kernel and groups, e1 <= e3 <= e6; for equal expansion and groups,
+    k3 <= k5. A pair is reported when the op expected to be slower is faster by more
+    than ``tol`` (relative), i.e. ``values[slow] < (1 - tol) * values[fast]``.
+    """
+    by_shape = {}
+    for key, v in values.items():
+        p = parse_block_key(key)
+        if p and p[0] != "skip":
+            spec = parse_candidate(p[0])
+            by_shape.setdefault(p[1:], {})[(spec.kernel, spec.expansion, spec.groups)] = key
+    out = []
+    for shape, ops in by_shape.items():
+        for (k, e, g), key in ops.items():
+            bigger = [(k, e2, g) for e2 in sorted({o[1] for o in ops}) if e2 > e][:1]
+            bigger += [(k2, e, g) for k2 in sorted({o[0] for o in ops}) if k2 > k][:1]
+            for b in bigger:
+                if b in ops and values[ops[b]] < (1 - tol) * values[key]:
+                    out.append((key, ops[b], values[ops[b]] / values[key]))
+    return out
+
+
 def _noise_control(runner, samples, rel_tol, abs_tol_ms, retries, order_tol, progress) -> list:
     """Re-measure wide entries (keep the narrowest set) and order violations (pool)."""
     notes = []
@@ -267,7 +296,7 @@ def _noise_control(runner, samples, rel_tol, abs_tol_ms, retries, order_tol, pro
                   f"re-measure {len(wide)} wide", progress) as bar:
             fresh = runner.run(wide, bar)
         for k in wide:
-            if _spread(fresh[k]) < _spread(samples[k]):
+            if stats(fresh[k]).spread < stats(samples[k]).spread:
                 samples[k] = fresh[k]
         notes.append(f"re-measured {len(wide)} entries with spread > {rel_tol:.0%} "
                      f"(attempt {attempt + 1})")
@@ -281,11 +310,6 @@ def _noise_control(runner, samples, rel_tol, abs_tol_ms, retries, order_tol, pro
             samples[k] = list(samples[k]) + list(fresh[k])
         notes.append(f"re-measured {len(bad)} entries breaking an ordering (samples pooled)")
     return notes
-
-
-def _spread(s) -> float:
-    q1, med, q3 = np.percentile(np.asarray(s), [25, 50, 75])
-    return (q3 - q1) / med if med > 0 else 0.0
 
 
 def _flag(entries, samples, rel_tol, abs_tol_ms, order_tol) -> list:
@@ -335,9 +359,6 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
 
 
 # --- calibration --------------------------------------------------------------------
-
-CALIB_SEED = 1_000_003
-
 
 def calibrate(table: LatencyTable, space: SearchSpace | None = None, samples: int = 8,
               seed: int = CALIB_SEED, device="cpu", batch: int = 1, threads: int | None = None,
