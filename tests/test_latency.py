@@ -11,9 +11,9 @@ import torch
 from fbnet_fast.cli import main
 from fbnet_fast.latency.formats import SCHEMA
 from fbnet_fast.latency.keys import block_key, head_key, layer_keys, required_keys, stem_key
-from fbnet_fast.latency.measure import measure, order_violations
+from fbnet_fast.latency.measuring import measure, order_violations
 from fbnet_fast.latency.table import LatencyTable
-from fbnet_fast.latency.validate import mape, spearman, validate, validate_many
+from fbnet_fast.latency.validation import mape, spearman, validate, validate_many
 from fbnet_fast.nn.architecture import Architecture, sample_architectures
 from fbnet_fast.nn.space import SearchSpace
 

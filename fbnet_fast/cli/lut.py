@@ -5,9 +5,9 @@ import json
 import sys
 
 from ..latency.keys import head_key, layer_keys, required_keys, stem_key
-from ..latency.measure import measure
+from ..latency.measuring import measure
 from ..latency.table import LatencyTable
-from ..latency.validate import validate_many
+from ..latency.validation import validate_many
 from ..nn.space import SearchSpace
 
 

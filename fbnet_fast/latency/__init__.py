@@ -3,9 +3,9 @@ this machine, validating it against whole networks, and the FBNet loss that read
 from .formats import Entry
 from .keys import OpKey, block_key, head_key, layer_keys, parse_key, required_keys, stem_key
 from .loss import FBNetLoss, LossParts
-from .measure import calibrate, measure, measure_networks
+from .measuring import calibrate, measure, measure_networks
 from .table import LatencyTable
-from .validate import validate, validate_many
+from .validation import validate, validate_many
 
 __all__ = ["OpKey", "block_key", "head_key", "layer_keys", "parse_key", "required_keys",
            "stem_key", "FBNetLoss", "LossParts", "calibrate", "measure", "measure_networks",

@@ -5,8 +5,8 @@ different layers share one entry) to a latency in milliseconds.
 
 The expected latency of the supernet is linear in the masks, ``sum_l sum_i m_li LUT[l, i]``
 plus the fixed stem and head, so it is differentiable in theta (``expected``).
-The file formats live in ``formats.py``, measuring in ``measure.py``, validation in
-``validate.py``.
+The file formats live in ``formats.py``, measuring in ``measuring.py``, validation in
+``validation.py``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How latencies are timed: the device, the thread count, and a timer between modules.
 
 A leaf of the latency package (it imports nothing from fbnet_fast): measuring tables
-(``measure.py``) and validating them (``validate.py``) both time with it.
+(``measuring.py``) and validating them (``validation.py``) both time with it.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..nn.architecture import sample_architectures
 from ..nn.space import SearchSpace
-from .measure import measure_networks
+from .measuring import measure_networks
 from .table import LatencyTable
 
 __all__ = ["spearman", "mape", "validate", "validate_many"]
