@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +17,9 @@ from fbnet_fast.cli import main as cli_main
 from fbnet_fast.nn.models import create_model
 from fbnet_fast.nn.supernet import SuperNet
 from fbnet_fast.search.config import build_space, make_config
-from fbnet_fast.search.loop import finetune, load_data, run_search
+from fbnet_fast.search.data import load_data
+from fbnet_fast.search.evaluate import finetune
+from fbnet_fast.search.loop import run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
 from search_helpers import TINY, macs_table, tiny_config  # noqa: E402
@@ -110,42 +111,57 @@ def test_resume_from_epoch_1_is_bit_identical(full_run, tmp_path, lut):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
 
 
+# ``fbnet-fast search ARGS`` that SIGKILLs itself as it draws the second weight batch of
+# epoch 2: one step of epoch 2 is done, its checkpoint is not.
+KILL_IN_EPOCH_2 = """
+import os, signal, sys
+from fbnet_fast.cli import main
+from fbnet_fast.search import data
+
+draw = data.batches
+
+def batches(data_, indices, batch_size, seed, epoch, stream, **kw):
+    for i, batch in enumerate(draw(data_, indices, batch_size, seed, epoch, stream, **kw)):
+        if (epoch, stream, i) == (1, 0, 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+data.batches = batches
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_mid_epoch_then_resume_finishes_identically(full_run, tmp_path, lut):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "fbnet_fast", "search", "--out", str(out), "--lut", lut,
-            "--quiet"] + _cli_args({k: v for k, v in TINY.items()})
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    time.sleep(0.5)                      # into epoch 2 (an epoch takes seconds)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] in (1, 2)
+    args = ["search", "--out", str(out), "--lut", lut, "--quiet"] + _cli_args(TINY)
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_EPOCH_2] + args, cwd=ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0]
     assert not os.path.exists(out / "summary.json")
-    r = subprocess.run(args + ["--resume"], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "fbnet_fast"] + args + ["--resume"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     _assert_same_state(_state(out), _state(full_run[0]))
     assert "archs" in r.stdout and os.path.exists(out / "summary.json")
 
 
 def test_strong_latency_term_lowers_expected_latency(tmp_path, lut):
-    kw = dict(lut=lut, epochs=3, warmup_epochs=0)
-    off = run_search(tiny_config(tmp_path / "off", latency_loss="none", **kw), quiet=True)
+    # Two search epochs, read from the metrics: stop_after leaves out the end of the search
+    # (architectures, summary, plots); max_batches shortens the weight phase only (the θ
+    # split fills 3 batches).
+    kw = dict(lut=lut, epochs=3, warmup_epochs=0, max_batches=4)
+    off = run_search(tiny_config(tmp_path / "off", latency_loss="none", **kw), quiet=True,
+                     stop_after=2)
     on = run_search(tiny_config(tmp_path / "on", latency_loss="add", lam=50.0, **kw),
-                    quiet=True)
+                    quiet=True, stop_after=2)
     lat_off = off.metrics[-1]["expected_latency_ms"]
     lat_on = on.metrics[-1]["expected_latency_ms"]
-    start = macs_table(tiny_config("x")).layer_matrix(
-        __import__("fbnet_fast.search.config", fromlist=["x"]).build_space(tiny_config("x"))
-    ).mean(1).sum().item() + 0.1
+    cfg = tiny_config("x")
+    start = macs_table(cfg).layer_matrix(build_space(cfg)).mean(1).sum().item() + 0.1
     assert lat_on < lat_off
     assert lat_on < 0.8 * start        # clearly below the uniform-θ starting point
 
@@ -167,7 +183,7 @@ def _ddp_worker(rank, world, port, cfg_kw, out_dir):
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, lut):
     import torch.multiprocessing as mp
     cfg_kw = {**TINY, "out": str(tmp_path / "run"), "lut": lut, "epochs": 2,
-              "warmup_epochs": 1, "samples": 1, "device": "cpu"}
+              "warmup_epochs": 1, "samples": 1, "finetune_steps": 0, "device": "cpu"}
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg_kw, str(tmp_path)), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert not torch.equal(s0["theta"], torch.zeros_like(s0["theta"]))
@@ -214,7 +230,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, lut):
 def test_finetune_trains_the_extracted_architecture_only():
     """Fine-tuned on 32 images, an extracted path fits them; the supernet is not touched."""
     cfg = tiny_config("unused")
-    data = load_data(cfg)
+    data = load_data(cfg, cfg.resolution)
     data = dataclasses.replace(data, weight_idx=data.weight_idx[:32])
     torch.manual_seed(0)
     net = SuperNet(build_space(cfg), data.num_classes, backend="reference")
@@ -237,7 +253,7 @@ def test_finetune_trains_the_extracted_architecture_only():
                  channels_last=False)
 
 
-def test_python_api_errors(tmp_path, lut):
+def test_python_api_errors(tmp_path, lut, capsys):
     with pytest.raises(ValueError, match="gumbel"):
         make_config(gumbel="per-pixel")
     with pytest.raises(ValueError, match="warmup"):
@@ -248,10 +264,12 @@ def test_python_api_errors(tmp_path, lut):
         run_search(tiny_config(tmp_path / "a", data=str(tmp_path / "none")))
     with pytest.raises(ValueError, match="has no entry"):
         run_search(tiny_config(tmp_path / "b", lut=lut, resolution=24))
-    done = tiny_config(tmp_path / "c", lut=lut, epochs=1, warmup_epochs=1)
-    run_search(done, quiet=True)
+    one_step = dict(lut=lut, epochs=2, warmup_epochs=1, max_batches=1)
+    run_search(tiny_config(tmp_path / "c", **one_step), quiet=True, stop_after=1)
     with pytest.raises(ValueError, match="already holds a search"):
-        run_search(tiny_config(tmp_path / "c", lut=lut, epochs=1, warmup_epochs=1))
+        run_search(tiny_config(tmp_path / "c", **one_step))
+    _one_line_error(capsys, ["search", "--out", str(tmp_path / "c"), "--resume", "--epochs",
+                             "5"], "--epochs 5 differs from the run's 2")
 
 
 def test_train_from_scratch_writes_result_and_resumes(full_run, tmp_path, capsys):

@@ -59,6 +59,10 @@ def test_space_layers_and_small_variant():
     custom = SearchSpace(stages=[(16, 1, 1), (32, 2, 2)], candidates=["k3_e1", "skip"],
                          resolution=64)
     assert custom.num_layers == 3 and custom.num_candidates == 2
+    # The paper's nine candidates, in the order of θ's columns and the latency tables.
+    assert CANDIDATES == ("k3_e1", "k3_e1_g2", "k3_e3", "k3_e6", "k5_e1", "k5_e1_g2", "k5_e3",
+                          "k5_e6", "skip")
+    assert SearchSpace().candidates == CANDIDATES
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -105,8 +109,8 @@ def test_bad_architecture_files(tmp_path):
         create_model(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="unknown architecture 'fbnet_z'"):
         create_model("fbnet_z")
-    # A grouped candidate where the channels do not divide.
+    # A grouped candidate where the channels do not divide; ungrouped, the same space builds.
     space = SearchSpace(channels=(15, 15, 24, 32, 64, 112, 184, 352))
     with pytest.raises(ValueError, match="layer 1: .*divisible by 2"):
         Architecture(["k3_e1_g2"] + ["k3_e1"] * 21, space)
-    assert len(CANDIDATES) == 9
+    assert Architecture(["k3_e1"] * 22, space).space == space

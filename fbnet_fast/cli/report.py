@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..search.loop import format_archs
 from ..search.plots import make_plots
+from ..search.rundir import RunDir
+from ..search.summary import format_archs
 from . import one_line_errors
 
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     paths = make_plots(args.run_dir)
-    summary = os.path.join(args.run_dir, "summary.json")
+    summary = RunDir(args.run_dir).summary
     if os.path.exists(summary):
         with open(summary) as f:
             print(format_archs(json.load(f)))

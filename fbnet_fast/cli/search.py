@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..search.config import SearchConfig, make_config
-from ..search.loop import resume_config, run_search
+from ..search.config import SearchConfig, flag_name, make_config
+from ..search.loop import run_search
+from ..search.rundir import RunDir
 from . import one_line_errors
 
 
@@ -20,7 +21,7 @@ def register(sub) -> None:
                                     f" (paper: {f.default})")}
         if md.get("choices"):
             kw["metavar"] = "|".join(md["choices"])
-        p.add_argument(f"--{f.name.replace('_', '-')}", **kw)
+        p.add_argument(f"--{flag_name(f.name)}", **kw)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,8 +33,8 @@ def run(args) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)}
     if not values["out"]:
         raise ValueError("--out RUN_DIR is required")
-    if args.resume:
-        cfg = resume_config(values.pop("out"), **values)
+    if args.resume:   # the saved settings win; --preset only fills in defaults
+        cfg = SearchConfig(**RunDir(values["out"]).saved_config(values, free=("preset",)))
     else:
         cfg = make_config(values.pop("preset"), **values)
     run_search(cfg, resume=args.resume, quiet=args.quiet)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
+from ..search.config import flag_name
+from ..search.rundir import RunDir
 from ..search.train import TrainConfig, train
 from . import one_line_errors
 
@@ -17,7 +17,7 @@ def register(sub) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "arch":
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+        p.add_argument(f"--{flag_name(f.name)}", dest=f.name, default=None,
                        type=f.metadata["type"], help=f"{f.metadata['help']} (default: "
                                                       f"{f.default})")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint")
@@ -29,15 +29,7 @@ def register(sub) -> None:
 def run(args) -> int:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
           if getattr(args, f.name, None) is not None}
-    if args.resume:
-        path = os.path.join(kw.get("out", TrainConfig.out), "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: {path!r} does not exist; nothing to resume")
-        with open(path) as f:
-            saved = json.load(f)
-        for k, v in kw.items():
-            if k not in ("out", "arch") and saved.get(k) != v:
-                raise ValueError(f"--resume continues the saved config: --{k.replace('_', '-')}"
-                                 f" {v!r} differs from the run's {saved.get(k)!r}; drop it")
+    if args.resume:   # the saved settings win; ARCH is always given, so only flags count
+        RunDir(kw.get("out", TrainConfig.out), "training run").saved_config(kw, free=("arch",))
     train(TrainConfig(**kw), resume=args.resume, quiet=args.quiet)
     return 0

@@ -1,6 +1,7 @@
-"""The search and everything around it: its settings, data, the loop with its run
-directory, the evaluation of the final architectures, plots, distributed runs, and
-training a found architecture from scratch."""
+"""The search and everything around it: its settings (config), data, the run directory
+with checkpoint and resume (rundir), the loop, the evaluation of the final architectures
+(evaluate), the end of a search (summary), plots, distributed runs, and training a found
+architecture from scratch (train)."""
 from .config import PRESETS, SearchConfig, build_space, make_config
 from .loop import SearchResult, run_search
 from .train import TrainConfig, train

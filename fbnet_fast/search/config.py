@@ -23,19 +23,19 @@ class SearchConfig:
 
     out: str = config_field("runs/search", "run directory", str)
     preset: str = config_field("paper", "settings preset (explicit flags override it)", str,
-                     ("paper", "quick"))
-    data: str | None = config_field(None, "ImageNet-layout folder (train/, val/); default: built-in set",
-                          str)
+                               ("paper", "quick"))
+    data: str | None = config_field(None, "ImageNet-layout folder (train/, val/); default: "
+                                    "built-in set", str)
     classes: int | None = config_field(None, "use this many classes, chosen from --seed", int)
     epochs: int = config_field(90, "total epochs, warm-up included", int)
     warmup_epochs: int = config_field(10, "first epochs train the weights only", int)
     width: float = config_field(1.0, "channel width multiplier", float)
     resolution: int = config_field(224, "input resolution", int)
     head_channels: int = config_field(1984, "head 1x1 conv channels", int)
-    small_input: str = config_field("auto", "32x32-style macro (stem and stage 2 stride 1); auto: "
-                                  "resolution <= 64", str, ("auto", "on", "off"))
+    small_input: str = config_field("auto", "32x32-style macro (stem and stage 2 stride 1); "
+                                    "auto: resolution <= 64", str, ("auto", "on", "off"))
     stages: str | None = config_field(None, "macro table override 'C:N:S,C:N:S,...' (channels, "
-                                  "repeats, stride per stage)", str)
+                                      "repeats, stride per stage)", str)
     batch_size: int = config_field(192, "batch size per process", int)
     max_batches: int | None = config_field(None, "cap on batches per phase and epoch", int)
     w_lr: float = config_field(0.1, "weights: SGD learning rate (cosine over all epochs)", float)
@@ -44,38 +44,43 @@ class SearchConfig:
     theta_lr: float = config_field(0.01, "θ: Adam learning rate", float)
     theta_wd: float = config_field(5e-4, "θ: Adam weight decay", float)
     tau: float = config_field(5.0, "initial Gumbel-softmax temperature", float)
-    tau_decay: float = config_field(0.045, "temperature *= exp(-tau_decay) per search epoch", float)
+    tau_decay: float = config_field(0.045, "temperature *= exp(-tau_decay) per search epoch",
+                                    float)
     gumbel: str = config_field("per-batch", "one Gumbel mask per batch or per example", str,
-                     ("per-batch", "per-example"))
-    mask: str = config_field("soft", "soft: Gumbel-softmax weights (paper); hard: one-hot forward, "
-                           "soft gradient (straight-through), so single paths train", str,
-                   ("soft", "hard"))
-    lut: str | None = config_field(None, "latency table to use (default: measure one on the spot)", str)
-    lut_method: str = config_field("calibrated", "how to measure the table when --lut is not given",
-                         str, ("naive", "context", "calibrated"))
+                               ("per-batch", "per-example"))
+    mask: str = config_field("soft", "soft: Gumbel-softmax weights (paper); hard: one-hot "
+                             "forward, soft gradient (straight-through), so single paths train",
+                             str, ("soft", "hard"))
+    lut: str | None = config_field(None, "latency table to use (default: measure one on the "
+                                   "spot)", str)
+    lut_method: str = config_field("calibrated", "how to measure the table when --lut is not "
+                                   "given", str, ("naive", "context", "calibrated"))
     lut_reps: int | None = config_field(None, "timed rounds per op when measuring", int)
     lut_device: str = config_field("cpu", "device the latency table is measured on", str)
-    lut_threads: int | None = config_field(None, "threads while measuring (default: current)", int)
+    lut_threads: int | None = config_field(None, "threads while measuring (default: current)",
+                                           int)
     latency_loss: str = config_field("mult", "latency term: mult (paper), add, none", str,
-                           ("mult", "add", "none"))
+                                     ("mult", "add", "none"))
     alpha: float = config_field(0.2, "mult: CE * alpha * (log LAT_us)^beta", float)
     beta: float = config_field(0.6, "mult: exponent of log LAT", float)
     lam: float = config_field(0.01, "add: CE + lam * LAT_ms", float)
     samples: int = config_field(6, "architectures sampled from softmax(θ) at the end", int)
-    finetune_steps: int = config_field(0, "steps each final architecture is fine-tuned from the "
-                                "supernet's weights before its θ-split accuracy is counted",
-                             int)
+    finetune_steps: int = config_field(0, "steps each final architecture is fine-tuned from "
+                                       "the supernet's weights before its θ-split accuracy is "
+                                       "counted", int)
     finetune_lr: float = config_field(0.1, "learning rate of that fine-tuning", float)
-    builtin_train: int = config_field(5000, "built-in set: training images (before the 80/20 split)",
-                            int)
+    builtin_train: int = config_field(5000, "built-in set: training images (before the 80/20 "
+                                      "split)", int)
     builtin_val: int = config_field(1000, "built-in set: validation images", int)
     workers: int = config_field(4, "data loader workers (image folders only)", int)
     device: str = config_field("auto", "auto, cpu or cuda", str)
-    backend: str = config_field("auto", "MixedBlock backend (auto, reference, cpu, triton, cuda)", str)
-    channels_last: str = config_field("auto", "channels_last memory format (auto: on for CPU)", str,
-                            ("auto", "on", "off"))
+    backend: str = config_field("auto", "MixedBlock backend (auto, reference, cpu, triton, "
+                                "cuda)", str)
+    channels_last: str = config_field("auto", "channels_last memory format (auto: on for CPU)",
+                                      str, ("auto", "on", "off"))
     threads: int | None = config_field(None, "torch intra-op threads (default: torch's)", int)
-    seed: int = config_field(0, "seed for data order, splits, class subset, init and Gumbel noise", int)
+    seed: int = config_field(0, "seed for data order, splits, class subset, init and Gumbel "
+                             "noise", int)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["SearchData", "make_builtin", "builtin_data", "folder_data", "split_indices",
-           "choose_classes", "batches", "num_batches", "BUILTIN_SHAPES", "BUILTIN_TEXTURES",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["SearchData", "load_data", "make_builtin", "builtin_data", "folder_data",
+           "split_indices", "choose_classes", "batches", "num_batches", "BUILTIN_SHAPES",
+           "BUILTIN_TEXTURES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +56,17 @@ class SearchData:
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, tuple)
+
+
+def load_data(cfg, resolution: int) -> SearchData:
+    """The data of a run: the image folders ``cfg.data``, else the built-in set.
+
+    ``cfg`` is a ``SearchConfig`` or a ``TrainConfig`` (its ``data``, ``classes``, ``seed``
+    and ``builtin_*`` settings); training takes ``resolution`` from its architecture."""
+    if cfg.data:
+        return folder_data(cfg.data, cfg.classes, cfg.seed, resolution)
+    return builtin_data(cfg.seed, cfg.builtin_train, cfg.builtin_val, resolution,
+                        classes=cfg.classes)
 
 
 # --- the built-in data set -------------------------------------------------------------

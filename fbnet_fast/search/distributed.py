@@ -1,9 +1,8 @@
-"""Process groups, cross-rank reductions, RNG state and atomic checkpoints.
+"""Process groups, cross-rank reductions, device picking and seeding.
 
 Search and training run as one process or under ``torchrun`` (one process per GPU, or
-several CPU processes with gloo). Everything that must agree across ranks or survive a
-restart lives here: ``Dist`` (rank, world, reductions), RNG capture/restore, and
-``atomic_save`` (a kill mid-write leaves the previous checkpoint intact).
+several CPU processes with gloo). ``Dist`` is this process's place in the job (rank,
+world, reductions); what survives a restart (RNG state, checkpoints) is in rundir.py.
 """
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "pick_device", "rng_state", "set_rng_state", "atomic_save",
-           "seed_all"]
+__all__ = ["Dist", "setup", "pick_device", "seed_all"]
 
 
 @dataclass
@@ -102,39 +100,3 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG stream this process draws from (torch CPU and CUDA, numpy, python)."""
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-         "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, fsync, then ``os.replace``: never a torn file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -13,6 +13,8 @@ import json
 import math
 import os
 
+from .rundir import RunDir
+
 __all__ = ["make_plots", "load_run"]
 
 
@@ -20,27 +22,25 @@ def load_run(run_dir: str) -> dict:
     """config, metrics (list), theta (list of (epoch, [[...]])), candidates, summary."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
-    mpath = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(mpath):
+    rd = RunDir(run_dir)
+    if not os.path.exists(rd.metrics):
         raise FileNotFoundError(f"{run_dir!r} has no metrics.jsonl: not a search run "
                                 "directory, or no epoch has finished yet")
-    with open(mpath) as f:
+    with open(rd.metrics) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     thetas, candidates = [], None
-    for p in sorted(glob.glob(os.path.join(run_dir, "theta", "epoch_*.json"))):
+    for p in sorted(glob.glob(os.path.join(rd.theta, "epoch_*.json"))):
         with open(p) as f:
             t = json.load(f)
         thetas.append((t["epoch"], t["theta"]))
         candidates = t["candidates"]
     summary = None
-    spath = os.path.join(run_dir, "summary.json")
-    if os.path.exists(spath):
-        with open(spath) as f:
+    if os.path.exists(rd.summary):
+        with open(rd.summary) as f:
             summary = json.load(f)
     config = {}
-    cpath = os.path.join(run_dir, "config.json")
-    if os.path.exists(cpath):
-        with open(cpath) as f:
+    if os.path.exists(rd.config):
+        with open(rd.config) as f:
             config = json.load(f)
     return {"config": config, "metrics": metrics, "theta": thetas, "candidates": candidates,
             "summary": summary}
@@ -60,7 +60,7 @@ def make_plots(run_dir: str) -> list:
     import matplotlib.pyplot as plt
 
     run = load_run(run_dir)
-    out = os.path.join(run_dir, "plots")
+    out = RunDir(run_dir).plots
     os.makedirs(out, exist_ok=True)
     written = []
 

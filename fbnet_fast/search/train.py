@@ -2,13 +2,13 @@
 
 ``train(TrainConfig(arch=..., out=...))``: SGD with momentum, cosine schedule, label
 smoothing; the whole training split (no 80/20 here), validation after every epoch.
-Checkpoints, exact resume and ``torchrun`` DDP work as in the search (see loop.py).
+The run directory, checkpoints, exact resume and ``torchrun`` DDP work as in the search
+(rundir.py, distributed.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from ..nn.architecture import resolve_arch
 from ..nn.models import create_model
 from . import data as data_mod
-from .config import config_field, cosine_lr
-from .distributed import (Dist, atomic_save, atomic_write_text, rng_state, seed_all,
-                          set_rng_state, setup)
+from .config import config_field, cosine_lr, flag_name
+from .distributed import Dist, seed_all, setup
+from .rundir import RunDir, atomic_write_text
 
 __all__ = ["TrainConfig", "train"]
 
@@ -55,24 +55,13 @@ class TrainConfig:
             raise ValueError("an architecture is required (zoo name, JSON file or string)")
         for name in ("batch_size", "builtin_train", "builtin_val"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"--{flag_name(name)} must be >= 1")
         for name in ("epochs", "max_batches", "classes", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+                raise ValueError(f"--{flag_name(name)} must be >= 1, got {v}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("--label-smoothing must be in [0, 1)")
-
-
-def _load(cfg: TrainConfig, resolution: int):
-    if cfg.data:
-        d = data_mod.folder_data(cfg.data, cfg.classes, cfg.seed, resolution)
-        if d.val is None:
-            raise FileNotFoundError(f"{cfg.data!r} has no val/ folder to report top-1 on")
-    else:
-        d = data_mod.builtin_data(cfg.seed, cfg.builtin_train, cfg.builtin_val, resolution,
-                                  classes=cfg.classes)
-    return d
 
 
 @torch.no_grad()
@@ -104,24 +93,17 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
 def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    mpath = os.path.join(cfg.out, "metrics.jsonl")
-    if resume:
-        if not os.path.exists(ckpt):
-            raise FileNotFoundError(f"--resume: {ckpt!r} does not exist; nothing to resume")
-        with open(os.path.join(cfg.out, "config.json")) as f:
-            cfg = TrainConfig(**{**json.load(f), "out": cfg.out})
-    elif os.path.exists(ckpt):
-        raise ValueError(f"{cfg.out!r} already holds a training run; pass --resume or "
-                         "choose another --out")
+    rd = RunDir(cfg.out, "training run")
+    cfg = rd.start(cfg, resume)
     arch = resolve_arch(cfg.arch)
-    data = _load(cfg, arch.space.resolution)
+    data = data_mod.load_data(cfg, arch.space.resolution)
+    if data.val is None:
+        raise FileNotFoundError(f"{cfg.data!r} has no val/ folder to report top-1 on")
     epochs = cfg.epochs or (90 if cfg.data else 10)
     if d.main:
-        os.makedirs(cfg.out, exist_ok=True)
-        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                          os.path.join(cfg.out, "config.json"))
-        arch.save(os.path.join(cfg.out, "arch.json"))
+        if not resume:
+            rd.write_config(dataclasses.asdict(cfg))
+        arch.save(rd.path("arch.json"))
     seed_all(cfg.seed)
     model = create_model(arch, data.num_classes).to(d.device)
     cl = d.device.type == "cpu"
@@ -132,20 +114,14 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
     ddp = DDP(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.active else model
     seed_all(cfg.seed + 1 + d.rank)
-    start, metrics = 0, []
+    start = 0
     if resume:
-        ck = torch.load(ckpt, map_location=d.device, weights_only=False)
-        if ck["world"] != d.world:
-            raise ValueError(f"the checkpoint was written by {ck['world']} process(es), this "
-                             f"run has {d.world}")
+        ck = rd.load_checkpoint(d)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        set_rng_state(ck["rng"][d.rank])
         start = ck["epoch"]
-        with open(mpath) as f:
-            metrics = [m for m in map(json.loads, filter(str.strip, f)) if m["epoch"] < start]
+    metrics = rd.restart_metrics(start, d)
     if d.main:
-        atomic_write_text("".join(json.dumps(m) + "\n" for m in metrics), mpath)
         print(f"train {arch.name or cfg.arch}: {data.num_classes} classes ({data.name}), "
               f"{epochs} epochs, {d.world} process(es) on {d.device}"
               + (f", resuming at epoch {start + 1}" if start else ""), flush=True)
@@ -191,21 +167,16 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
              "train_acc": round(float(stats[1] / stats[2]), 6), "val_top1": round(top1, 6),
              "seconds": round(time.perf_counter() - t0, 2), "world": d.world}
         metrics.append(m)
-        rngs = d.gather_object(rng_state())
+        rd.end_epoch(d, m, {"epoch": epoch + 1, "model": model.state_dict(),
+                            "opt": opt.state_dict()})
         if d.main:
-            with open(mpath, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            atomic_save({"epoch": epoch + 1, "model": model.state_dict(),
-                         "opt": opt.state_dict(), "rng": rngs, "world": d.world}, ckpt)
             print(f"epoch {epoch + 1}/{epochs} | train loss {m['train_loss']:.3f} acc "
                   f"{m['train_acc']:.3f} | val top-1 {top1:.4f} | {m['seconds']:.1f} s",
                   flush=True)
-        d.barrier()
     result = {"arch": arch.name or cfg.arch, "top1": top1, "epochs": epochs,
               "num_classes": data.num_classes, "chance": 1.0 / data.num_classes}
     if d.main:
-        atomic_write_text(json.dumps(result, indent=2) + "\n",
-                          os.path.join(cfg.out, "result.json"))
+        atomic_write_text(json.dumps(result, indent=2) + "\n", rd.path("result.json"))
         print(f"val top-1 {top1:.4f} (chance {result['chance']:.3f}) -> "
-              f"{os.path.join(cfg.out, 'result.json')}")
+              f"{rd.path('result.json')}")
     return result
