@@ -16,26 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ..nn.space import conv_out   # the one output-size rule (kernels/ is fbnet_fast.kernels)
 from .tiles import add_channel_stats, pixel_channel_tile
 from .utils import acc_dtype, check_nhwc, interpreting, num_warps_for, tile_blocks
 
-__all__ = ["DwRun", "conv_out_size", "depthwise_forward", "depthwise_grad_input",
+__all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
 
 
 @dataclass(frozen=True)
 class DwRun:
     """Channels [channel_start, +channels) use kernel ``kernel``; their weights are the
-    row-major [channels, kernel*kernel] block at ``w_offset`` of the flat weight."""
+    row-major [channels, kernel*kernel] block at ``w_offset`` of the flat weight. The
+    kernels read only these fields: the fused plan's ``DwRun`` is passed as it is."""
 
     channel_start: int
     channels: int
     kernel: int
     w_offset: int
-
-
-def conv_out_size(size: int, stride: int) -> int:
-    return (size + stride - 1) // stride
 
 
 @triton.jit
@@ -179,7 +177,7 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
     if stride not in (1, 2):
         raise ValueError(f"depthwise: stride must be 1 or 2, got {stride}")
     _check("x", x, n * h * wd, runs)
-    ho, wo = conv_out_size(h, stride), conv_out_size(wd, stride)
+    ho, wo = conv_out(h, stride), conv_out(wd, stride)
     acc = acc_dtype(x.dtype)
     y = torch.empty(n * ho * wo, x.shape[1], dtype=x.dtype, device=x.device)
     s1 = torch.zeros(x.shape[1] if stats else 1, dtype=acc, device=x.device)
@@ -199,7 +197,7 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
 def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shift=None):
     """dx (Tensor[N*H*W, C]). With ``a`` (the pre-BN input) and its scale/shift, dx is
     masked by the forward ReLU and (dx, sum(dx), sum(dx * a)) is returned, else (dx,)."""
-    ho, wo = conv_out_size(h, stride), conv_out_size(wd, stride)
+    ho, wo = conv_out(h, stride), conv_out(wd, stride)
     _check("dy", dy, n * ho * wo, runs)
     acc = acc_dtype(dy.dtype)
     epi = a is not None
@@ -221,7 +219,7 @@ def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shif
 
 def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, shift=None):
     """Flat dW (accumulator dtype) = sum over pixels of dy * shifted prologue(x)."""
-    ho, wo = conv_out_size(h, stride), conv_out_size(wd, stride)
+    ho, wo = conv_out(h, stride), conv_out(wd, stride)
     _check("dy", dy, n * ho * wo, runs)
     _check("x", x, n * h * wd, runs)
     acc = acc_dtype(x.dtype)

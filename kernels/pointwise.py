@@ -28,7 +28,8 @@ __all__ = ["Segment", "pointwise_forward", "pointwise_grad_input", "pointwise_gr
 @dataclass(frozen=True)
 class Segment:
     """Output columns [out_start, +out_len) read input columns [in_start, +in_len) through
-    the row-major weight block at ``w_offset`` (out_len x in_len elements)."""
+    the row-major weight block at ``w_offset`` (out_len x in_len elements). The kernels
+    read only these fields: the fused plan's ``Segment`` is passed as it is."""
 
     out_start: int
     out_len: int

@@ -18,6 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from fbnet_fast.backends.plan import Segment, plan_for  # noqa: E402
 from fbnet_fast.nn.layout import MixedLayout  # noqa: E402
 from fbnet_fast.nn.space import CANDIDATES  # noqa: E402
 
@@ -53,9 +54,8 @@ def close(a, b):
 
 def _second_pointwise_segments(K, c_in=16, c_out=24):
     """The real segments of every candidate's second 1x1 (grouped ones split per group)."""
-    from fbnet_fast.backends.fused_triton import _plan
     layout = MixedLayout.build(c_in, c_out, 2, CANDIDATES)
-    return _plan(layout, DEVICE).pw2_segments, layout
+    return plan_for(layout).pw2_groups, layout
 
 
 def _segmented_reference(x, w, segments, out_channels):
@@ -99,15 +99,13 @@ def test_pointwise_dense_block_diagonal_first_conv(K):
     """The first 1x1 of all candidates as one dense GEMM equals the per-candidate convs
     followed by the channel shuffle."""
     from fbnet_fast.nn.blocks import channel_shuffle
-    from fbnet_fast.backends.fused_triton import _plan
     L = MixedLayout.build(24, 24, 1, CANDIDATES)
-    plan = _plan(L, DEVICE)
     n, h = 2, 3
     x, w = randn(n, 24, h, h), randn(L.pw1_numel)
-    dense = torch.zeros(L.total_mid * 24, dtype=DTYPE, device=DEVICE)
-    dense[plan.pw1_index] = w
+    dense = plan_for(L).dense_pw1(w)
     rows = x.permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
-    y, _, _ = K.pointwise.pointwise_forward(rows, dense, plan.pw1_segments, L.total_mid)
+    y, _, _ = K.pointwise.pointwise_forward(rows, dense, (Segment(0, L.total_mid, 0, 24, 0),),
+                                            L.total_mid)
     ref = torch.cat([channel_shuffle(F.conv2d(x, L.pw1(w, s), groups=s.spec.groups),
                                      s.spec.groups) for s in L.slots], 1)
     close(y, ref.permute(0, 2, 3, 1).reshape(-1, L.total_mid))

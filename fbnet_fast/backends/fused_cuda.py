@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import fused_triton, jit
-from ..nn.space import conv_out
+from .plan import BNCoef, Geometry, dw_weights, relu_grad_sums
 
 __all__ = ["mixed_block_forward", "why_unavailable", "CudaDepthwise", "load_cuda_ops"]
 
@@ -47,39 +47,30 @@ def why_unavailable(device) -> str | None:
     return CUDA_LIBRARY.why_unavailable()
 
 
-class CudaDepthwise:
-    """Depthwise pass through the CUDA ops, same interface as ``TritonDepthwise``."""
+class CudaDepthwise(fused_triton.DepthwiseStep):
+    """The depthwise step on the CUDA ops; BN1 + ReLU and the sums in PyTorch."""
 
-    @staticmethod
-    def _weights(w, runs):
-        return [w[r.w_offset:r.w_offset + r.channels * r.kernel ** 2]
-                .view(r.channels, r.kernel, r.kernel) for r in runs]
-
-    @staticmethod
-    def _image(rows, n, h, wd):   # NHWC rows -> channels_last Tensor[N, C, H, W] view
-        return rows.view(n, h, wd, -1).permute(0, 3, 1, 2)
-
-    def forward(self, a, w, n, h, wd, stride, runs, scale, shift, stats):
-        hin = torch.relu(a.to(scale.dtype) * scale + shift).to(a.dtype)
-        out = torch.ops.fbnet_fast.dw_conv.default(self._image(hin, n, h, wd),
-                                                    self._weights(w, runs), stride)
+    def forward(self, a, w, geo: Geometry, bn1: BNCoef, stats: bool):
+        hin = torch.relu(a.to(bn1.scale.dtype) * bn1.scale + bn1.shift).to(a.dtype)
+        out = torch.ops.fbnet_fast.dw_conv.default(geo.image_in(hin),
+                                                    dw_weights(w, geo.runs), geo.stride)
         rows = out.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
         if not stats:
             return rows, None, None
-        r = rows.to(scale.dtype)
+        r = rows.to(bn1.scale.dtype)
         return rows, r.sum(0), (r * r).sum(0)
 
-    def backward(self, dd, a, w, n, h, wd, stride, runs, scale, shift):
-        acc = scale.dtype
-        pre = a.to(acc) * scale + shift
+    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef):
+        acc = bn1.scale.dtype
+        a_acc = a.to(acc)
+        pre = a_acc * bn1.scale + bn1.shift
         hin = torch.relu(pre).to(a.dtype)
-        ho, wo = conv_out(h, stride), conv_out(wd, stride)
         gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(
-            self._image(dd, n, ho, wo), self._image(hin, n, h, wd), self._weights(w, runs),
-            stride)
-        g = torch.where(pre > 0, gx.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).to(acc), 0)
+            geo.image_out(dd), geo.image_in(hin), dw_weights(w, geo.runs), geo.stride)
+        g, sum_g, sum_ga = relu_grad_sums(
+            gx.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).to(acc), pre, a_acc)
         dw = torch.cat([t.reshape(-1) for t in gws]).to(acc)
-        return g.to(a.dtype), g.sum(0), (g * a.to(acc)).sum(0), dw
+        return g.to(a.dtype), sum_g, sum_ga, dw
 
 
 def mixed_block_forward(block, x, weights):

@@ -15,15 +15,17 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from ..nn.layout import BN_EPS, BN_MOMENTUM, MixedLayout
+from .plan import (BNCoef, FusedPlan, Geometry, Segment, apply_bn_grad, batch_stats, bn_coef,
+                   bn_grad, plan_for, relu_grad_sums, update_running)
 
-__all__ = ["mixed_block_forward", "why_unavailable", "load_kernels", "TritonDepthwise"]
+__all__ = ["mixed_block_forward", "why_unavailable", "load_kernels", "DepthwiseStep",
+           "TritonDepthwise"]
 
 _KERNELS = "fbnet_fast.kernels"
 
@@ -94,115 +96,41 @@ def load_kernels():
     return mod
 
 
-# --- static plan: where every candidate's channels and weights go ---------------------
+# --- the depthwise step: a declared interface (Triton here, CUDA ops in fused_cuda) ------
 
-@dataclass(frozen=True)
-class Plan:
-    """Per (layout, device): kernel segments and the index maps of the role parameters."""
+class DepthwiseStep(Protocol):
+    """The pipeline's depthwise pass with BN1 + ReLU before it, on NHWC rows.
 
-    pw1_segments: tuple      # one dense [total_mid, C_in] segment
-    pw1_index: Tensor        # flat pw1_weight element -> position in the dense matrix
-    perm: Tensor             # shuffled channel j <- unshuffled channel perm[j] (BN1 order)
-    dw_runs: tuple           # one run per stretch of equal kernel size
-    pw2_segments: tuple      # one per (candidate, group)
-    skip_segments: tuple
-    mask_cols: Tensor        # mask columns: conv candidates, then skip
+    ``a`` (Tensor[N*H*W, T], compute dtype) is BN1's input (the first 1x1's output), ``w``
+    the flat dw_weight in the compute dtype, ``geo`` the shapes and the plan's depthwise
+    runs, ``bn1`` BN1's per-channel scale and shift (accumulator dtype)."""
 
+    def forward(self, a: Tensor, w: Tensor, geo: Geometry, bn1: BNCoef,
+                stats: bool) -> tuple:
+        """(d, sum, sumsq): d = depthwise(relu(a * scale + shift)) (Tensor[N*H'*W', T], a's
+        dtype) and, with ``stats``, its per-channel sum and sum of squares in the
+        accumulator dtype (BN2's batch statistics); None, None without."""
+        ...
 
-@lru_cache(maxsize=256)
-def _plan(layout: MixedLayout, device: str) -> Plan:
-    K = load_kernels()
-    seg, run = K.pointwise.Segment, K.depthwise.DwRun
-    C, Co, T = layout.in_channels, layout.out_channels, layout.total_mid
-    index = torch.empty(layout.pw1_numel, dtype=torch.long)
-    perm = torch.empty(T, dtype=torch.long)
-    runs, pw2 = [], []
-    for s in layout.slots:
-        G, mid = s.spec.groups, s.mid
-        mid_g, cin_g, out_g = mid // G, C // G, Co // G
-        r = torch.arange(mid)
-        g, j = r // mid_g, r % mid_g
-        dense_row = s.mid_offset + j * G + g             # where the shuffle puts row r
-        dense = dense_row[:, None] * C + (g * cin_g)[:, None] + torch.arange(cin_g)[None, :]
-        index[s.pw1_offset:s.pw1_offset + mid * cin_g] = dense.flatten()
-        perm[dense_row] = s.mid_offset + r
-        if runs and runs[-1].kernel == s.spec.kernel:
-            last = runs[-1]
-            runs[-1] = run(last.channel_start, last.channels + mid, last.kernel, last.w_offset)
-        else:
-            runs.append(run(s.mid_offset, mid, s.spec.kernel, s.dw_offset))
-        for gi in range(G):
-            pw2.append(seg(s.out_offset + gi * out_g, out_g, s.mid_offset + gi * mid_g, mid_g,
-                           s.pw2_offset + gi * out_g * mid_g))
-    cols = [s.index for s in layout.slots] + ([layout.skip_index] if layout.skip_index >= 0 else [])
-    return Plan((seg(0, T, 0, C, 0),), index.to(device), perm.to(device), tuple(runs),
-                tuple(pw2), (seg(0, Co, 0, C, 0),), torch.tensor(cols, device=device))
+    def backward(self, dd: Tensor, a: Tensor, w: Tensor, geo: Geometry, bn1: BNCoef) -> tuple:
+        """(g, sum(g), sum(g * a), dw) from dd = dL/dd (Tensor[N*H'*W', T]): g (a's shape and
+        dtype) = dL/d(a * scale + shift) through the ReLU, its per-channel sums (accumulator
+        dtype) as ``bn_grad`` takes them, and dw the flat weight gradient (accumulator dtype)."""
+        ...
 
 
-# --- BatchNorm as per-channel affine maps ---------------------------------------------
+class TritonDepthwise(DepthwiseStep):
+    """The depthwise step on the Triton kernels (BN1 + ReLU and the sums fused in)."""
 
-@dataclass
-class BNState:
-    """One BN's batch (training) or running (eval) statistics, as used by the kernels."""
+    def forward(self, a, w, geo: Geometry, bn1: BNCoef, stats: bool):
+        return load_kernels().depthwise.depthwise_forward(
+            a, w, geo.n, geo.h, geo.w, geo.stride, geo.runs, bn1.scale, bn1.shift, stats)
 
-    mean: Tensor
-    invstd: Tensor
-    scale: Tensor   # gamma * invstd
-    shift: Tensor   # beta - mean * scale
-    count: int
-
-
-def _bn_state(mean, var, gamma, beta, count) -> BNState:
-    invstd = torch.rsqrt(var + BN_EPS)
-    scale = gamma * invstd
-    return BNState(mean, invstd, scale, beta - mean * scale, count)
-
-
-def _batch_stats(s1: Tensor, s2: Tensor, count: int):
-    mean = s1 / count
-    return mean, (s2 / count - mean * mean).clamp_min(0)
-
-
-def _bn_backward(bn: BNState, gamma: Tensor, sum_g: Tensor, sum_gx: Tensor, training: bool):
-    """dx = alpha*g + beta*x + delta from sum(g), sum(g*x); also dgamma, dbeta."""
-    dgamma = (sum_gx - bn.mean * sum_g) * bn.invstd
-    alpha = gamma * bn.invstd
-    if not training:
-        zero = torch.zeros_like(alpha)
-        return alpha, zero, zero, dgamma, sum_g
-    mean_gxhat = dgamma / bn.count
-    beta = -alpha * bn.invstd * mean_gxhat
-    delta = -alpha * sum_g / bn.count - beta * bn.mean
-    return alpha, beta, delta, dgamma, sum_g
-
-
-@torch.no_grad()
-def _update_running(block, prefix: str, mean: Tensor, var: Tensor, count: int, index=None):
-    rm = getattr(block, f"{prefix}_running_mean")
-    rv = getattr(block, f"{prefix}_running_var")
-    unbiased = var * (count / (count - 1))
-    if index is None:
-        rm.mul_(1 - BN_MOMENTUM).add_(mean.to(rm.dtype), alpha=BN_MOMENTUM)
-        rv.mul_(1 - BN_MOMENTUM).add_(unbiased.to(rv.dtype), alpha=BN_MOMENTUM)
-    else:
-        rm[index] = rm[index] * (1 - BN_MOMENTUM) + BN_MOMENTUM * mean.to(rm.dtype)
-        rv[index] = rv[index] * (1 - BN_MOMENTUM) + BN_MOMENTUM * unbiased.to(rv.dtype)
-
-
-# --- depthwise implementations (Triton here; fused_cuda swaps in its CUDA ops) ---------
-
-class TritonDepthwise:
-    """The depthwise pass through the Triton kernels (prologue and epilogue fused)."""
-
-    def forward(self, a, w, n, h, wd, stride, runs, scale, shift, stats):
-        return load_kernels().depthwise.depthwise_forward(a, w, n, h, wd, stride, runs,
-                                                          scale, shift, stats)
-
-    def backward(self, dd, a, w, n, h, wd, stride, runs, scale, shift):
-        """(g, sum(g), sum(g*a), dw): g = dL/d(BN output) under the ReLU mask."""
+    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef):
         K = load_kernels().depthwise
-        dw = K.depthwise_grad_weight(dd, a, n, h, wd, stride, runs, w.numel(), scale, shift)
-        g, s1, s2 = K.depthwise_grad_input(dd, w, n, h, wd, stride, runs, a, scale, shift)
+        shape = (geo.n, geo.h, geo.w, geo.stride, geo.runs)
+        dw = K.depthwise_grad_weight(dd, a, *shape, w.numel(), bn1.scale, bn1.shift)
+        g, s1, s2 = K.depthwise_grad_input(dd, w, *shape, a, bn1.scale, bn1.shift)
         return g, s1, s2, dw
 
 
@@ -220,6 +148,35 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _dense_gemm(out_channels: int, in_channels: int) -> tuple:
+    """The segments of one dense [out, in] weight: the first 1x1 (shuffle folded in), the skip."""
+    return (Segment(0, out_channels, 0, in_channels, 0),)
+
+
+def _bn_prefixes(block) -> tuple:
+    return ("bn1", "bn2", "bn3") + (("skip_bn",) if block.skip_weight is not None else ())
+
+
+def _affine(block, plan: FusedPlan, acc: torch.dtype) -> dict:
+    """Each BN's (gamma, beta) in the accumulator dtype; BN1's in expanded-column order."""
+    out = {}
+    for prefix in _bn_prefixes(block):
+        g, b = (getattr(block, f"{prefix}_{k}").to(acc) for k in ("weight", "bias"))
+        out[prefix] = (plan.shuffle(g), plan.shuffle(b)) if prefix == "bn1" else (g, b)
+    return out
+
+
+def _running_states(block, plan: FusedPlan, affine: dict) -> dict:
+    """Eval mode: each BN from its running statistics."""
+    out = {}
+    for prefix, (g, b) in affine.items():
+        rm, rv = (getattr(block, f"{prefix}_running_{k}").to(g.dtype) for k in ("mean", "var"))
+        if prefix == "bn1":
+            rm, rv = plan.shuffle(rm), plan.shuffle(rv)
+        out[prefix] = bn_coef(rm, rv, g, b)
+    return out
+
+
 @dataclass
 class _Pass:
     X: Tensor
@@ -228,72 +185,42 @@ class _Pass:
     A: Tensor
     D: Tensor
     Z: Tensor
-    S: Tensor | None
+    S: Optional[Tensor]
 
 
-class _Shapes:
-    def __init__(self, block, x: Tensor):
-        self.n, _, self.h, self.w = x.shape
-        s = block.stride
-        self.ho, self.wo = (self.h + s - 1) // s, (self.w + s - 1) // s
-        self.m, self.mo = self.n * self.h * self.w, self.n * self.ho * self.wo
-
-
-def _run_pass(block, plan: Plan, dw_impl, x, params, cdt, sh: _Shapes, bns, training_stats):
-    """Compute A, D, Z (and S). With ``training_stats`` the BN states are derived from the
-    epilogues' sums and appended to ``bns``; otherwise ``bns`` holds them already."""
+def _run_pass(block, plan: FusedPlan, dw_impl: DepthwiseStep, x, params, cdt, geo: Geometry,
+              affine: dict, bns: dict, training_stats: bool) -> _Pass:
+    """Compute A, D, Z (and S). With ``training_stats`` the BNs come from the epilogues'
+    sums and are stored in ``bns``; otherwise ``bns`` holds them already."""
     K = load_kernels()
     L = block.layout
     pw1, dww, pw2, skw = (p.to(cdt) if p is not None else None for p in params)
+
+    def bn(prefix, s1, s2, count):
+        if training_stats:
+            bns[prefix] = bn_coef(*batch_stats(s1, s2, count), *affine[prefix])
+        return bns[prefix]
+
     X = _rows(x).to(cdt)
-    W1 = torch.zeros(L.total_mid * L.in_channels, dtype=cdt, device=x.device)
-    W1[plan.pw1_index] = pw1
-    A, s1, s2 = K.pointwise.pointwise_forward(X, W1, plan.pw1_segments, L.total_mid,
-                                              stats=training_stats)
-    g1 = block.bn1_weight[plan.perm]
-    b1 = block.bn1_bias[plan.perm]
-    if training_stats:
-        bns["bn1"] = _bn_state(*_batch_stats(s1, s2, sh.m), g1.to(s1.dtype), b1.to(s1.dtype), sh.m)
-    bn1 = bns["bn1"]
-    D, s1, s2 = dw_impl.forward(A, dww, sh.n, sh.h, sh.w, block.stride, plan.dw_runs,
-                                bn1.scale, bn1.shift, training_stats)
-    if training_stats:
-        bns["bn2"] = _bn_state(*_batch_stats(s1, s2, sh.mo), block.bn2_weight.to(s1.dtype),
-                               block.bn2_bias.to(s1.dtype), sh.mo)
-    bn2 = bns["bn2"]
-    Z, s1, s2 = K.pointwise.pointwise_forward(D, pw2, plan.pw2_segments,
-                                              len(L.slots) * L.out_channels,
+    W1 = plan.dense_pw1(pw1)
+    A, s1, s2 = K.pointwise.pointwise_forward(
+        X, W1, _dense_gemm(L.total_mid, L.in_channels), L.total_mid, stats=training_stats)
+    bn1 = bn("bn1", s1, s2, geo.rows_in)
+    D, s1, s2 = dw_impl.forward(A, dww, geo, bn1, training_stats)
+    bn2 = bn("bn2", s1, s2, geo.rows_out)
+    Z, s1, s2 = K.pointwise.pointwise_forward(D, pw2, plan.pw2_groups, plan.n_conv * L.out_channels,
                                               bn2.scale, bn2.shift, training_stats)
-    if training_stats:
-        bns["bn3"] = _bn_state(*_batch_stats(s1, s2, sh.mo), block.bn3_weight.to(s1.dtype),
-                               block.bn3_bias.to(s1.dtype), sh.mo)
+    bn("bn3", s1, s2, geo.rows_out)
     Xs, S = X, None
     if block.stride != 1:
-        Xs = X.view(sh.n, sh.h, sh.w, -1)[:, ::block.stride, ::block.stride].reshape(sh.mo, -1)
-        Xs = Xs.contiguous()
+        Xs = X.view(geo.n, geo.h, geo.w, -1)[:, ::block.stride, ::block.stride]
+        Xs = Xs.reshape(geo.rows_out, -1).contiguous()
     if skw is not None:
-        S, s1, s2 = K.pointwise.pointwise_forward(Xs, skw, plan.skip_segments, L.out_channels,
-                                                  stats=training_stats)
-        if training_stats:
-            bns["skip"] = _bn_state(*_batch_stats(s1, s2, sh.mo),
-                                    block.skip_bn_weight.to(s1.dtype),
-                                    block.skip_bn_bias.to(s1.dtype), sh.mo)
+        S, s1, s2 = K.pointwise.pointwise_forward(
+            Xs, skw, _dense_gemm(L.out_channels, L.in_channels), L.out_channels,
+            stats=training_stats)
+        bn("skip_bn", s1, s2, geo.rows_out)
     return _Pass(X, Xs, W1, A, D, Z, S)
-
-
-def _eval_states(block, plan: Plan, acc: torch.dtype, sh: _Shapes) -> dict:
-    def st(prefix, idx=None, count=1):
-        rm = getattr(block, f"{prefix}_running_mean").to(acc)
-        rv = getattr(block, f"{prefix}_running_var").to(acc)
-        g = getattr(block, f"{prefix}_weight").to(acc)
-        b = getattr(block, f"{prefix}_bias").to(acc)
-        if idx is not None:
-            rm, rv, g, b = rm[idx], rv[idx], g[idx], b[idx]
-        return _bn_state(rm, rv, g, b, count)
-    out = {"bn1": st("bn1", plan.perm), "bn2": st("bn2"), "bn3": st("bn3")}
-    if block.skip_weight is not None:
-        out["skip"] = st("skip_bn")
-    return out
 
 
 def _skip_mode(block):
@@ -304,8 +231,14 @@ def _skip_mode(block):
     return K.SKIP_CONV if L.skip_is_conv else K.SKIP_IDENTITY
 
 
-def _to_format(rows: Tensor, n, h, w, like: Tensor) -> Tensor:
-    out = rows.view(n, h, w, -1).permute(0, 3, 1, 2)
+def _mask(plan: FusedPlan, weights: Tensor, acc: torch.dtype) -> Tensor:
+    """The mask columns the combine reads (conv candidates, then skip) as Tensor[1 or N, k]."""
+    cols = plan.on(weights.device).mask_cols
+    return weights[..., cols].reshape(-1, len(plan.mask_cols)).to(acc).contiguous()
+
+
+def _to_format(out: Tensor, like: Tensor) -> Tensor:
+    """An NHWC image view in ``like``'s memory format."""
     channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
     return out if channels_last else out.contiguous()
 
@@ -315,35 +248,38 @@ class _MixedBlockFunction(torch.autograd.Function):
     def forward(ctx, block, dw_impl, x, weights, pw1, dww, pw2, skw,
                 g1, b1, g2, b2, g3, b3, gs, bs):
         L = block.layout
-        plan = _plan(L, str(x.device))
-        sh = _Shapes(block, x)
+        plan = plan_for(L)
+        geo = plan.geometry(x.shape)
         cdt = _compute_dtype(x)
         acc = load_kernels().utils.acc_dtype(cdt)
         training = block.training
-        if training and sh.mo <= 1:
+        if training and geo.rows_out <= 1:
             raise ValueError("MixedBlock in training mode needs more than one value per "
                              f"channel for BatchNorm, got input {tuple(x.shape)}")
-        bns = {} if training else _eval_states(block, plan, acc, sh)
-        p = _run_pass(block, plan, dw_impl, x, (pw1, dww, pw2, skw), cdt, sh, bns, training)
+        affine = _affine(block, plan, acc)
+        bns = {} if training else _running_states(block, plan, affine)
+        p = _run_pass(block, plan, dw_impl, x, (pw1, dww, pw2, skw), cdt, geo, affine, bns,
+                      training)
         if training:
-            b = bns["bn1"]
-            _update_running(block, "bn1", b.mean, 1 / b.invstd ** 2 - BN_EPS, sh.m, plan.perm)
-            for name, prefix in (("bn2", "bn2"), ("bn3", "bn3"), ("skip", "skip_bn")):
-                if name in bns:
-                    b = bns[name]
-                    _update_running(block, prefix, b.mean, 1 / b.invstd ** 2 - BN_EPS, b.count)
-        mask = weights[..., plan.mask_cols].reshape(-1, len(plan.mask_cols)).to(acc).contiguous()
+            for prefix, bn in bns.items():
+                mean, var, count = bn.mean, bn.var, geo.rows_out
+                if prefix == "bn1":   # back to stored order
+                    mean, var, count = plan.unshuffle(mean), plan.unshuffle(var), geo.rows_in
+                update_running(getattr(block, f"{prefix}_running_mean"),
+                               getattr(block, f"{prefix}_running_var"), mean, var, count)
         mode = _skip_mode(block)
+        bnS = bns.get("skip_bn")
         y = load_kernels().combine.combine_forward(
-            p.Z, bns["bn3"].scale, bns["bn3"].shift, mask, sh.n, sh.ho * sh.wo, L.out_channels,
-            res=p.X if L.residual else None,
+            p.Z, bns["bn3"].scale, bns["bn3"].shift, _mask(plan, weights, acc), geo.n,
+            geo.ho * geo.wo, L.out_channels, res=p.X if L.residual else None,
             skip=p.X if mode == 1 else p.S, skip_mode=mode,
-            skip_scale=bns["skip"].scale if p.S is not None else None,
-            skip_shift=bns["skip"].shift if p.S is not None else None)
-        ctx.block, ctx.dw_impl, ctx.bns, ctx.training, ctx.cdt = block, dw_impl, bns, training, cdt
+            skip_scale=bnS.scale if p.S is not None else None,
+            skip_shift=bnS.shift if p.S is not None else None)
+        ctx.block, ctx.dw_impl, ctx.training, ctx.cdt = block, dw_impl, training, cdt
+        ctx.affine, ctx.bns = affine, bns
         ctx.per_example = weights.dim() == 2
         ctx.save_for_backward(x, weights, pw1, dww, pw2, skw)
-        return _to_format(y, sh.n, sh.ho, sh.wo, x)
+        return _to_format(geo.image_out(y), x)
 
     @staticmethod
     def backward(ctx, dy):
@@ -353,98 +289,92 @@ class _MixedBlockFunction(torch.autograd.Function):
 
 def _backward(ctx, dy, x, weights, pw1, dww, pw2, skw):
     K = load_kernels()
-    block, bns, training, cdt = ctx.block, ctx.bns, ctx.training, ctx.cdt
+    block, affine, bns, training, cdt = ctx.block, ctx.affine, ctx.bns, ctx.training, ctx.cdt
     L = block.layout
-    plan = _plan(L, str(x.device))
-    sh = _Shapes(block, x)
-    p = _run_pass(block, plan, ctx.dw_impl, x, (pw1, dww, pw2, skw), cdt, sh, bns, False)
+    plan = plan_for(L)
+    geo = plan.geometry(x.shape)
+    p = _run_pass(block, plan, ctx.dw_impl, x, (pw1, dww, pw2, skw), cdt, geo, affine, bns,
+                  False)
     acc = bns["bn3"].scale.dtype
-    mask = weights[..., plan.mask_cols].reshape(-1, len(plan.mask_cols)).to(acc).contiguous()
+    mask = _mask(plan, weights, acc)
     mode = _skip_mode(block)
-    hw = sh.ho * sh.wo
+    hw = geo.ho * geo.wo
     dY = _rows(dy).to(cdt)
-    bn3, bnS = bns["bn3"], bns.get("skip")
+    bn3, bnS = bns["bn3"], bns.get("skip_bn")
     dm, sg, sgz, sgs, sgss = K.combine.combine_backward(
-        dY, p.Z, bn3.scale, bn3.shift, mask, sh.n, hw, L.out_channels,
+        dY, p.Z, bn3.scale, bn3.shift, mask, geo.n, hw, L.out_channels,
         res=p.X if L.residual else None, skip=p.X if mode == 1 else p.S, skip_mode=mode,
         skip_scale=bnS.scale if p.S is not None else None,
         skip_shift=bnS.shift if p.S is not None else None)
-    a3, be3, d3, dg3, db3 = _bn_backward(bn3, bn3.scale / bn3.invstd, sg, sgz, training)
-    skip_coeffs, dgs = None, None
+    c3 = bn_grad(bn3, affine["bn3"][0], sg, sgz, geo.rows_out, training)
+    cS = None
     if p.S is not None:
-        aS, beS, dS_, dgs, dbs = _bn_backward(bnS, bnS.scale / bnS.invstd, sgs, sgss, training)
-        skip_coeffs = (aS, beS, dS_)
+        cS = bn_grad(bnS, affine["skip_bn"][0], sgs, sgss, geo.rows_out, training)
     dZ, dS = K.combine.combine_grad_inputs(
-        dY, p.Z, mask, a3, be3, d3, sh.n, hw, L.out_channels, skip=p.S,
+        dY, p.Z, mask, c3.alpha, c3.beta, c3.delta, geo.n, hw, L.out_channels, skip=p.S,
         skip_scale=bnS.scale if p.S is not None else None,
-        skip_shift=bnS.shift if p.S is not None else None, skip_coeffs=skip_coeffs)
-    # second pointwise
+        skip_shift=bnS.shift if p.S is not None else None,
+        skip_coeffs=cS[:3] if cS is not None else None)
+    # second pointwise, BN2 + ReLU
     bn2 = bns["bn2"]
-    pw2c = pw2.to(cdt)
-    dpw2 = K.pointwise.pointwise_grad_weight(dZ, p.D, plan.pw2_segments, pw2.numel(),
+    dpw2 = K.pointwise.pointwise_grad_weight(dZ, p.D, plan.pw2_groups, pw2.numel(),
                                              bn2.scale, bn2.shift)
-    dH2 = K.pointwise.pointwise_grad_input(dZ, pw2c, plan.pw2_segments, L.total_mid,
+    dH2 = K.pointwise.pointwise_grad_input(dZ, pw2.to(cdt), plan.pw2_groups, L.total_mid,
                                            out_dtype=acc)
     Dacc = p.D.to(acc)
-    g2 = torch.where(Dacc * bn2.scale + bn2.shift > 0, dH2, 0)
-    a2, be2, d2, dg2, db2 = _bn_backward(bn2, bn2.scale / bn2.invstd, g2.sum(0),
-                                         (g2 * Dacc).sum(0), training)
-    dD = (g2 * a2 + Dacc * be2 + d2).to(cdt)
+    g2, sg2, sg2d = relu_grad_sums(dH2, Dacc * bn2.scale + bn2.shift, Dacc)
+    c2 = bn_grad(bn2, affine["bn2"][0], sg2, sg2d, geo.rows_out, training)
+    dD = apply_bn_grad(c2, g2, Dacc).to(cdt)
     del g2, dH2, Dacc
-    # depthwise
+    # depthwise, BN1 + ReLU
     bn1 = bns["bn1"]
-    g1, sg1, sg1a, ddw = ctx.dw_impl.backward(dD, p.A, dww.to(cdt), sh.n, sh.h, sh.w,
-                                              block.stride, plan.dw_runs, bn1.scale, bn1.shift)
-    a1, be1, d1, dg1, db1 = _bn_backward(bn1, bn1.scale / bn1.invstd, sg1, sg1a, training)
-    dA = (g1.to(acc) * a1 + p.A.to(acc) * be1 + d1).to(cdt)
+    g1, sg1, sg1a, ddw = ctx.dw_impl.backward(dD, p.A, dww.to(cdt), geo, bn1)
+    c1 = bn_grad(bn1, affine["bn1"][0], sg1, sg1a, geo.rows_in, training)
+    dA = apply_bn_grad(c1, g1.to(acc), p.A.to(acc)).to(cdt)
     del g1, dD
     # first pointwise (+ skip conv, residual, identity skip)
-    dW1 = K.pointwise.pointwise_grad_weight(dA, p.X, plan.pw1_segments, p.W1.numel())
-    dpw1 = dW1[plan.pw1_index]
-    dX = K.pointwise.pointwise_grad_input(dA, p.W1, plan.pw1_segments, L.in_channels,
-                                          out_dtype=acc)
+    pw1_gemm = _dense_gemm(L.total_mid, L.in_channels)
+    dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, p.X, pw1_gemm, p.W1.numel()))
+    dX = K.pointwise.pointwise_grad_input(dA, p.W1, pw1_gemm, L.in_channels, out_dtype=acc)
     dskw = None
     if p.S is not None:
-        dskw = K.pointwise.pointwise_grad_weight(dS, p.Xs, plan.skip_segments, skw.numel())
-        dXs = K.pointwise.pointwise_grad_input(dS, skw.to(cdt), plan.skip_segments,
-                                               L.in_channels, out_dtype=acc)
-        view = dX.view(sh.n, sh.h, sh.w, -1)[:, ::block.stride, ::block.stride]
-        view += dXs.view(sh.n, sh.ho, sh.wo, -1)
+        skip_gemm = _dense_gemm(L.out_channels, L.in_channels)
+        dskw = K.pointwise.pointwise_grad_weight(dS, p.Xs, skip_gemm, skw.numel())
+        dXs = K.pointwise.pointwise_grad_input(dS, skw.to(cdt), skip_gemm, L.in_channels,
+                                               out_dtype=acc)
+        view = dX.view(geo.n, geo.h, geo.w, -1)[:, ::block.stride, ::block.stride]
+        view += dXs.view(geo.n, geo.ho, geo.wo, -1)
     ex = mask.shape[0]
     if L.residual or mode == 1:
-        dYa = dY.to(acc).view(sh.n, hw, -1)
+        dYa = dY.to(acc).view(geo.n, hw, -1)
         coef = torch.zeros(ex, dtype=acc, device=x.device)
         if L.residual:
-            coef = coef + mask[:, :len(L.slots)].sum(1)
+            coef = coef + mask[:, :plan.n_conv].sum(1)
         if mode == 1:
             coef = coef + mask[:, -1]
-        dX += (dYa * coef.view(-1, 1, 1)).view(sh.mo, -1)
+        dX += (dYa * coef.view(-1, 1, 1)).view(geo.rows_out, -1)
     dmask = torch.zeros_like(weights)
     dm = dm if ctx.per_example else dm.sum(0)
-    dmask[..., plan.mask_cols] = dm.to(weights.dtype)
-    # BN1 parameters are stored unshuffled: undo the permutation
-    dg1u, db1u = torch.empty_like(dg1), torch.empty_like(db1)
-    dg1u[plan.perm], db1u[plan.perm] = dg1, db1
+    dmask[..., plan.on(x.device).mask_cols] = dm.to(weights.dtype)
     f = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
     has_skip_bn = p.S is not None
-    return (_to_format(dX, sh.n, sh.h, sh.w, x).to(x.dtype), dmask,
+    return (_to_format(geo.image_in(dX), x).to(x.dtype), dmask,
             f(dpw1, pw1), f(ddw, dww), f(dpw2, pw2), f(dskw, skw) if skw is not None else None,
-            f(dg1u, block.bn1_weight), f(db1u, block.bn1_bias),
-            f(dg2, block.bn2_weight), f(db2, block.bn2_bias),
-            f(dg3, block.bn3_weight), f(db3, block.bn3_bias),
-            f(dgs, block.skip_bn_weight) if has_skip_bn else None,
-            f(dbs, block.skip_bn_bias) if has_skip_bn else None)
+            f(plan.unshuffle(c1.dgamma), block.bn1_weight),
+            f(plan.unshuffle(c1.dbeta), block.bn1_bias),
+            f(c2.dgamma, block.bn2_weight), f(c2.dbeta, block.bn2_bias),
+            f(c3.dgamma, block.bn3_weight), f(c3.dbeta, block.bn3_bias),
+            f(cS.dgamma, block.skip_bn_weight) if has_skip_bn else None,
+            f(cS.dbeta, block.skip_bn_bias) if has_skip_bn else None)
 
 
-def mixed_block_forward(block, x: Tensor, weights: Tensor, depthwise=None) -> Tensor:
+def mixed_block_forward(block, x: Tensor, weights: Tensor,
+                        depthwise: Optional[DepthwiseStep] = None) -> Tensor:
     """y = sum_i w_i * block_i(x) with the fused kernels (see the module docstring).
 
     x (Tensor[N, C_in, H, W], NCHW or channels_last), weights (Tensor[K] or Tensor[N, K]);
     returns Tensor[N, C_out, H', W'] in x's memory format. ``depthwise`` replaces the
-    depthwise implementation (the CUDA backend passes its own)."""
-    if block.layout.slots == ():
-        raise ValueError("the triton backend needs at least one conv candidate; "
-                         "use the reference backend for a skip-only layer")
+    depthwise step (the CUDA backend passes its own)."""
     skip_bn = block.skip_weight is not None
     return _MixedBlockFunction.apply(
         block, depthwise or TritonDepthwise(), x, weights, block.pw1_weight, block.dw_weight,

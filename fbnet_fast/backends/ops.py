@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import jit
+from ..nn.space import conv_out
 
 __all__ = ["depthwise_conv2d", "dw_conv", "dw_conv_backward", "channel_stats", "scale_shift",
            "bn_backward", "AVAILABLE"]
@@ -64,10 +65,6 @@ def bn_backward(grad: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, weight: Ten
                                                     training)
 
 
-def _out_size(n: int, stride: int) -> int:
-    return (n - 1) // stride + 1
-
-
 if AVAILABLE:
     @torch.library.register_fake("fbnet_fast::dw_conv")
     def _(x, weights, stride):
@@ -75,7 +72,7 @@ if AVAILABLE:
         torch._check(sum(w.shape[0] for w in weights) == x.shape[1],
                      lambda: "dw_conv: the weights' channels must add up to x's channels")
         n, c, h, w = x.shape
-        return x.new_empty((n, c, _out_size(h, stride), _out_size(w, stride))).contiguous(
+        return x.new_empty((n, c, conv_out(h, stride), conv_out(w, stride))).contiguous(
             memory_format=torch.channels_last)
 
     @torch.library.register_fake("fbnet_fast::dw_conv_backward")

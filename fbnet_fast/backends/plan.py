@@ -1,0 +1,302 @@
+"""The fused plan: what every fused backend derives from a layer's ``MixedLayout``, and the
+BatchNorm math they share (docs/architecture.md, "The fused plan").
+
+The fused pipeline runs all conv candidates over the concatenated expanded channels,
+as NHWC rows. Column r of the expanded tensor is channel r *after* the channel shuffle,
+which makes the shuffle a row order of the dense first 1x1 (grouped candidates are
+block-diagonal in it) and lets the depthwise, BN2 and the second 1x1 read their
+parameters in stored order; only BN1's parameters and statistics are permuted
+(``shuffle`` / ``unshuffle``). A plan is built once per layout (``plan_for``); its index
+tensors are moved to a device on first use there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..nn.layout import BN_EPS, BN_MOMENTUM, MixedLayout
+from ..nn.space import conv_out
+
+__all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
+           "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "relu_grad_sums",
+           "apply_bn_grad", "update_running"]
+
+
+class Segment(NamedTuple):
+    """Output columns [out_start, +out_len) = input columns [in_start, +in_len) @ W^T, with W
+    the row-major [out_len, in_len] block at ``w_offset`` of a flat weight (the fields of
+    the Triton kernels' ``pointwise.Segment``, which take this as it is)."""
+
+    out_start: int
+    out_len: int
+    in_start: int
+    in_len: int
+    w_offset: int
+
+
+class DwRun(NamedTuple):
+    """Expanded channels [channel_start, +channels) share kernel size ``kernel``; their
+    depthwise weights are the [channels, kernel*kernel] block at ``w_offset`` of dw_weight
+    (the fields of the Triton kernels' ``depthwise.DwRun``)."""
+
+    channel_start: int
+    channels: int
+    kernel: int
+    w_offset: int
+
+
+def dw_weights(dw: Tensor, runs) -> list:
+    """The flat dw_weight as one Tensor[channels, K, K] view per depthwise run (the C++ and
+    CUDA ops' weight list)."""
+    return [dw[r.w_offset:r.w_offset + r.channels * r.kernel ** 2]
+            .view(r.channels, r.kernel, r.kernel) for r in runs]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One call's shapes: N images of H x W in, ``stride``, and the plan's depthwise runs
+    (which only the depthwise step reads)."""
+
+    n: int
+    h: int
+    w: int
+    stride: int
+    runs: tuple = ()
+
+    @property
+    def ho(self) -> int:
+        return conv_out(self.h, self.stride)
+
+    @property
+    def wo(self) -> int:
+        return conv_out(self.w, self.stride)
+
+    @property
+    def rows_in(self) -> int:
+        """N*H*W: the rows of x and of the expanded tensor before the depthwise (BN1's count)."""
+        return self.n * self.h * self.w
+
+    @property
+    def rows_out(self) -> int:
+        """N*H'*W': the rows after the depthwise (the count of BN2, BN3 and the skip BN)."""
+        return self.n * self.ho * self.wo
+
+    # NHWC rows as the channels_last Tensor[N, C, H, W] views the C++/CUDA ops take.
+    def image_in(self, rows: Tensor) -> Tensor:
+        return rows.view(self.n, self.h, self.w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+    def image_out(self, rows: Tensor) -> Tensor:
+        return rows.view(self.n, self.ho, self.wo, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+class DeviceIndex(NamedTuple):
+    """The plan's index tensors on one device (see ``FusedPlan``)."""
+
+    perm: Optional[Tensor]
+    pw1_index: Optional[Tensor]
+    pw2_index: Optional[Tensor]
+    mask_cols: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class FusedPlan:
+    """Where every candidate's channels and weights go in the fused pipeline.
+
+    The index tensors are None when no candidate is grouped: then the flat weights are
+    already dense and no channel moves.
+    """
+
+    layout: MixedLayout
+    perm: Optional[Tensor]       # expanded column r <- BN1 (stored-order) channel perm[r]
+    pw1_index: Optional[Tensor]  # pw1_weight element -> position in the dense [T, C_in]
+    pw2_groups: tuple            # Segment per (candidate, group): Z columns <- expanded ones
+    pw2_index: Optional[Tensor]  # pw2_weight element -> position in per-candidate dense
+                                 # [C_out, mid] blocks (candidate at C_out * mid_offset)
+    dw_runs: tuple               # DwRun per stretch of candidates with equal kernel size
+    mask_cols: tuple             # candidate (mask) columns: conv candidates, then skip
+    stat_sizes: tuple            # channels of bn1, bn2, bn3, skip_bn in packed statistics
+    _on: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_conv(self) -> int:
+        return len(self.layout.slots)
+
+    def geometry(self, x_shape) -> Geometry:
+        """The shapes of a call on x (Tensor[N, C_in, H, W])."""
+        n, _, h, w = x_shape
+        return Geometry(n, h, w, self.layout.stride, self.dw_runs)
+
+    def on(self, device) -> DeviceIndex:
+        """The index tensors on ``device``, moved there once."""
+        key = str(device)
+        idx = self._on.get(key)
+        if idx is None:
+            cols = torch.tensor(self.mask_cols, dtype=torch.long)
+            idx = DeviceIndex(*(None if t is None else t.to(device)
+                                for t in (self.perm, self.pw1_index, self.pw2_index, cols)))
+            self._on[key] = idx
+        return idx
+
+    # -- moving data between stored and fused order --------------------------------------
+    def shuffle(self, t: Tensor) -> Tensor:
+        """BN1 values in stored order -> expanded-column order."""
+        return _gather(t, self.on(t.device).perm)
+
+    def unshuffle(self, t: Tensor) -> Tensor:
+        """Inverse of ``shuffle`` (BN1 statistics and gradients back to stored order)."""
+        return _scatter(t, self.on(t.device).perm, t.shape)
+
+    def dense_pw1(self, w: Tensor) -> Tensor:
+        """pw1_weight as the flat dense [T, C_in] matrix of the first GEMM."""
+        L = self.layout
+        return _scatter(w, self.on(w.device).pw1_index, (L.total_mid * L.in_channels,))
+
+    def packed_pw1(self, dense: Tensor) -> Tensor:
+        """The gradient of the dense first GEMM's weight, back in pw1_weight's order."""
+        return _gather(dense, self.on(dense.device).pw1_index)
+
+    def dense_pw2(self, w: Tensor) -> Tensor:
+        """pw2_weight as per-candidate dense [C_out, mid] blocks (grouped: block-diagonal)."""
+        L = self.layout
+        return _scatter(w, self.on(w.device).pw2_index, (L.out_channels * L.total_mid,))
+
+    def packed_pw2(self, dense: Tensor) -> Tensor:
+        return _gather(dense, self.on(dense.device).pw2_index)
+
+
+def _gather(t: Tensor, index: Optional[Tensor]) -> Tensor:
+    return t if index is None else t[index]
+
+
+def _scatter(t: Tensor, index: Optional[Tensor], shape: tuple) -> Tensor:
+    """A zero tensor of ``shape`` with t's rows at ``index`` (t itself without an index)."""
+    return t if index is None else t.new_zeros(shape).index_put_((index,), t)
+
+
+def _build(L: MixedLayout) -> FusedPlan:
+    if not L.slots:
+        raise ValueError("the fused backends need at least one conv candidate; use the "
+                         "reference backend for a skip-only layer")
+    C, O, T = L.in_channels, L.out_channels, L.total_mid
+    grouped = any(s.spec.groups > 1 for s in L.slots)
+    perm = torch.empty(T, dtype=torch.long)
+    pw1_index = torch.empty(L.pw1_numel, dtype=torch.long)
+    pw2_index = torch.empty(L.pw2_numel, dtype=torch.long)
+    runs, groups = [], []
+    for s in L.slots:
+        G, mid = s.spec.groups, s.mid
+        mid_g, cin_g, out_g = mid // G, C // G, O // G
+        # pw1 output channel o (group o // mid_g) lands in expanded column ``col``:
+        # channel_shuffle moves channel g * mid_g + j to j * G + g.
+        o = torch.arange(mid)
+        col = s.mid_offset + (o % mid_g) * G + o // mid_g
+        perm[col] = s.mid_offset + o
+        start = col * C + (o // mid_g) * cin_g
+        pw1_index[s.pw1_offset:s.pw1_offset + mid * cin_g] = (
+            start[:, None] + torch.arange(cin_g)).flatten()
+        if runs and runs[-1].kernel == s.spec.kernel:
+            runs[-1] = runs[-1]._replace(channels=runs[-1].channels + mid)
+        else:
+            runs.append(DwRun(s.mid_offset, mid, s.spec.kernel, s.dw_offset))
+        for g in range(G):
+            seg = Segment(s.out_offset + g * out_g, out_g, s.mid_offset + g * mid_g, mid_g,
+                          s.pw2_offset + g * out_g * mid_g)
+            groups.append(seg)
+            rows = torch.arange(g * out_g, (g + 1) * out_g)
+            start = O * s.mid_offset + rows * mid + g * mid_g
+            pw2_index[seg.w_offset:seg.w_offset + out_g * mid_g] = (
+                start[:, None] + torch.arange(mid_g)).flatten()
+    skip = L.skip_index >= 0
+    cols = tuple(s.index for s in L.slots) + ((L.skip_index,) if skip else ())
+    n_skip = O if skip and L.skip_is_conv else 0
+    if not grouped:
+        perm = pw1_index = pw2_index = None
+    return FusedPlan(L, perm, pw1_index, tuple(groups), pw2_index, tuple(runs), cols,
+                     (T, T, len(L.slots) * O, n_skip))
+
+
+@lru_cache(maxsize=256)
+def _plan_of_key(key: str) -> FusedPlan:
+    return _build(MixedLayout.from_key(key))
+
+
+def plan_for(layout: MixedLayout | str) -> FusedPlan:
+    """The cached plan of a layout, or of its ``key()`` (the CPU op's string argument)."""
+    return _plan_of_key(layout if isinstance(layout, str) else layout.key())
+
+
+# --- BatchNorm as per-channel affine maps --------------------------------------------------
+
+class BNCoef(NamedTuple):
+    """A BN as used: its statistics (batch ones in training, running ones in eval) and the
+    per-channel map ``y = x * scale + shift``."""
+
+    mean: Tensor
+    var: Tensor      # biased
+    rstd: Tensor     # 1 / sqrt(var + eps)
+    scale: Tensor    # gamma * rstd
+    shift: Tensor    # beta - mean * scale
+
+
+def bn_coef(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor) -> BNCoef:
+    rstd = torch.rsqrt(var + BN_EPS)
+    scale = gamma * rstd
+    return BNCoef(mean, var, rstd, scale, beta - mean * scale)
+
+
+def batch_stats(s1: Tensor, s2: Tensor, count: int) -> tuple:
+    """(mean, biased variance) from per-channel sums of x and x**2 over ``count`` rows
+    (clamped at 0: the difference can round below it)."""
+    mean = s1 / count
+    return mean, (s2 / count - mean * mean).clamp_min(0)
+
+
+class BNGrad(NamedTuple):
+    """BN backward as ``dz = alpha * g + beta * z + delta`` per channel, with the gradients
+    of gamma and beta; in eval mode beta and delta are zero."""
+
+    alpha: Tensor
+    beta: Tensor
+    delta: Tensor
+    dgamma: Tensor
+    dbeta: Tensor
+
+
+def bn_grad(bn: BNCoef, gamma: Tensor, sum_g: Tensor, sum_gz: Tensor, count: int,
+            training: bool) -> BNGrad:
+    """From sum(g) and sum(g * z) per channel (g = dL/d(BN output), z = BN input) over
+    ``count`` rows; the batch statistics' own gradient is folded into beta and delta."""
+    dgamma = (sum_gz - bn.mean * sum_g) * bn.rstd
+    alpha = gamma * bn.rstd
+    if not training:
+        zero = torch.zeros_like(alpha)
+        return BNGrad(alpha, zero, zero, dgamma, sum_g)
+    beta = -alpha * bn.rstd * dgamma / count
+    delta = -alpha * sum_g / count - beta * bn.mean
+    return BNGrad(alpha, beta, delta, dgamma, sum_g)
+
+
+def relu_grad_sums(grad: Tensor, pre: Tensor, z: Tensor) -> tuple:
+    """(g, sum(g), sum(g * z)) for ``bn_grad``: g = grad through a ReLU whose input ``pre``
+    is the BN output of z (rows x channels)."""
+    g = torch.where(pre > 0, grad, 0)
+    return g, g.sum(0), (g * z).sum(0)
+
+
+def apply_bn_grad(c: BNGrad, g: Tensor, z: Tensor) -> Tensor:
+    """dL/dz = alpha * g + beta * z + delta (rows x channels)."""
+    return g * c.alpha + z * c.beta + c.delta
+
+
+@torch.no_grad()
+def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                   count: int) -> None:
+    """The running-statistics update of ``F.batch_norm`` from a batch's mean and biased
+    variance over ``count`` values per channel (the running variance is unbiased)."""
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1 - BN_MOMENTUM).add_(mean.to(running_mean.dtype), alpha=BN_MOMENTUM)
+    running_var.mul_(1 - BN_MOMENTUM).add_(unbiased.to(running_var.dtype), alpha=BN_MOMENTUM)
