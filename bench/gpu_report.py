@@ -42,40 +42,24 @@ def parse_args(argv=None):
 # --- correctness -------------------------------------------------------------------------
 
 def check_correctness(device, backends, shapes, dtype):
-    """Max abs error of output / input grad / mask grad / parameter grads vs the reference."""
+    """Max error of output / input grad / mask grad / parameter grads / buffers vs the
+    reference (fbnet_fast.testing's pair and step), relative to max(1, |reference|)."""
     import torch
-    from fbnet_fast import MixedBlock
+    from fbnet_fast.testing import make_pair, run_pair
+
+    def err(pairs):
+        return max((a.double() - b.double()).abs().max().item() / max(1.0, b.abs().max().item())
+                   for a, b in pairs)
+
     results = []
     for (c_in, c_out, stride, size), cands in shapes:
         for backend in backends:
-            torch.manual_seed(0)
-            ours = MixedBlock(c_in, c_out, stride, cands, backend=backend).to(device, dtype)
-            with torch.no_grad():
-                for n, p in ours.named_parameters():
-                    if "bn" in n:
-                        p.uniform_(0.5, 1.5) if n.endswith("weight") else p.normal_(0, 0.5)
-            ref = MixedBlock(c_in, c_out, stride, cands, backend="reference").to(device, dtype)
-            ref.load_state_dict(ours.state_dict())
-            x = torch.randn(2, c_in, size, size, device=device, dtype=dtype)
-            w = torch.rand(2, ours.num_candidates, device=device, dtype=dtype)
-            errs = {}
-            grads = []
-            for m in (ours, ref):
-                xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-                y = m(xr, wr)
-                y.backward(torch.ones_like(y) * 0.5 + torch.linspace(0, 1, y.numel(), device=device,
-                                                                     dtype=dtype).view_as(y))
-                grads.append((y.detach(), xr.grad, wr.grad,
-                              [p.grad for p in m.parameters()],
-                              [b.clone() for b in m.buffers()]))
-            (ya, xa, wa, pa, ba), (yb, xb, wb, pb, bb) = grads
-            scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731
-            errs["y"] = (ya - yb).abs().max().item() / scale(yb)
-            errs["grad_x"] = (xa - xb).abs().max().item() / scale(xb)
-            errs["grad_mask"] = (wa - wb).abs().max().item() / scale(wb)
-            errs["grad_params"] = max((a - b).abs().max().item() / scale(b) for a, b in zip(pa, pb))
-            errs["buffers"] = max((a.double() - b.double()).abs().max().item()
-                                  for a, b in zip(ba, bb))
+            ours, ref = make_pair(backend, c_in, c_out, stride, cands, dtype=dtype, device=device)
+            run = run_pair(ours, ref, size=size, per_example=True)
+            errs = {"y": err([run.output]), "grad_x": err([run.grad_x]),
+                    "grad_mask": err([run.grad_mask]),
+                    "grad_params": err(run.grad_params.values()),
+                    "buffers": err(run.buffers.values())}
             tol = 1e-9 if dtype == torch.float64 else 2e-3
             results.append({"shape": [c_in, c_out, stride, size], "backend": backend,
                             "dtype": str(dtype).replace("torch.", ""), "errors": errs,
@@ -278,7 +262,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _import_path()
     import torch
-    from fbnet_fast.nn.space import SearchSpace
+    from fbnet_fast.nn.space import SearchSpace, layer_shapes as space_layer_shapes
+    from fbnet_fast.testing import LAYER_SHAPES
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_report: CUDA is not available; use --device cpu --quick for the smoke test",
@@ -291,16 +276,14 @@ def main(argv=None) -> int:
               + "; ".join(str(backends.BACKENDS[b].why_unavailable(device))
                           for b in ("triton", "cuda")), file=sys.stderr)
         return 2
-    layer_shapes = sorted({(l.in_channels, l.out_channels, l.stride, l.in_size)
-                           for l in SearchSpace().layers()})
+    layer_shapes = sorted(space_layer_shapes(SearchSpace()))
     if args.quick or device.type == "cpu":
         check_shapes = [((16, 24, 2, 5), ("k3_e1", "k5_e1_g2", "skip")),
                         ((16, 16, 1, 4), ("k3_e3", "k5_e1", "skip"))]
     else:
-        check_shapes = [((c, o, s, 8), None) for c, o, s, _ in layer_shapes]
+        check_shapes = [((c, o, s, 8), None) for c, o, s in LAYER_SHAPES]
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    with torch.backends.cudnn.flags(allow_tf32=False):
-        checks = check_correctness(device, fused, check_shapes, dtype)
+    checks = check_correctness(device, fused, check_shapes, dtype)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               platform.processor() or platform.machine(),
               "torch": torch.__version__, "correctness": checks, "timings": []}

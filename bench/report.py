@@ -32,6 +32,7 @@ except ImportError:  # run from a source checkout without installing
 from fbnet_fast import MixedBlock
 from fbnet_fast.nn.space import SearchSpace
 from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
+from fbnet_fast.testing import make_pair
 
 CL = torch.channels_last
 
@@ -94,16 +95,10 @@ def dw_macs(n, c, h, k, s) -> int:
     return n * c * ho * ho * k * k
 
 
-def _block(c_in, c_out, s, backend):
-    torch.manual_seed(0)
-    return MixedBlock(c_in, c_out, s, backend=backend)
-
-
 def mixed_case(n: int, c_in: int, c_out: int, s: int, h: int) -> dict:
     """Forwards of one MixedBlock in training mode (per-batch mask), fused and reference."""
-    fused = _block(c_in, c_out, s, "cpu")
-    ref = _block(c_in, c_out, s, "reference")
-    ref.load_state_dict(fused.state_dict())
+    fused, ref = make_pair("cpu", c_in, c_out, s, dtype=torch.float32)
+    torch.manual_seed(0)
     mask = torch.softmax(torch.randn(fused.num_candidates), 0).requires_grad_()
     x = torch.randn(n, c_in, h, h)
     x_cl = x.contiguous(memory_format=CL)

@@ -5,19 +5,19 @@ import torch
 import fbnet_fast
 from fbnet_fast import MixedBlock, build_block
 from fbnet_fast.nn.space import CANDIDATES
-
-from _helpers import FBNET_SHAPES, randomize_bn, shape_id
+from fbnet_fast.testing import LAYER_SHAPES, randomize, shape_id
 
 DT = torch.float64
 
 
-def make_pair(c_in, c_out, stride, seed=0):
-    """Independent reference blocks with random weights, and a MixedBlock loaded from them."""
+def independent_blocks(c_in, c_out, stride, seed=0):
+    """Independent reference blocks with random weights, and a MixedBlock loaded from them
+    (``fbnet_fast.testing.make_pair`` pairs two MixedBlocks instead)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     blocks = [build_block(n, c_in, c_out, stride).to(DT) for n in CANDIDATES]
     for b in blocks:
-        randomize_bn(b, g)
+        randomize(b, g)
     mixed = MixedBlock(c_in, c_out, stride, backend="reference").to(DT)
     for i, b in enumerate(blocks):
         mixed.load_block(i, b)
@@ -36,10 +36,10 @@ def grads_as_mixed(blocks, c_in, c_out, stride):
 
 
 @pytest.mark.parametrize("per_example", [False, True], ids=["per-batch", "per-example"])
-@pytest.mark.parametrize("shape", FBNET_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=shape_id)
 def test_matches_weighted_sum_of_blocks(shape, per_example):
     c_in, c_out, stride = shape
-    blocks, mixed = make_pair(c_in, c_out, stride, seed=c_in + c_out)
+    blocks, mixed = independent_blocks(c_in, c_out, stride, seed=c_in + c_out)
     n, k = 3, len(CANDIDATES)
     x = torch.randn(n, c_in, 7, 7, dtype=DT)
     w = torch.softmax(torch.randn((n, k) if per_example else (k,), dtype=DT), -1)
@@ -62,10 +62,10 @@ def test_matches_weighted_sum_of_blocks(shape, per_example):
         torch.testing.assert_close(p.grad, expected[name], msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("shape", FBNET_SHAPES[:4], ids=shape_id)
+@pytest.mark.parametrize("shape", LAYER_SHAPES[:4], ids=shape_id)
 def test_running_stats_after_a_training_step(shape):
     c_in, c_out, stride = shape
-    blocks, mixed = make_pair(c_in, c_out, stride, seed=1)
+    blocks, mixed = independent_blocks(c_in, c_out, stride, seed=1)
     x = torch.randn(4, c_in, 6, 6, dtype=DT)
     w = torch.softmax(torch.randn(len(CANDIDATES), dtype=DT), -1)
     mixed(x, w)
@@ -84,7 +84,7 @@ def test_running_stats_after_a_training_step(shape):
 @pytest.mark.parametrize("shape", [(24, 24, 1), (32, 64, 2)], ids=shape_id)
 def test_one_hot_and_block_export(shape, train):
     c_in, c_out, stride = shape
-    _, mixed = make_pair(c_in, c_out, stride, seed=2)
+    _, mixed = independent_blocks(c_in, c_out, stride, seed=2)
     mixed.train(train)
     x = torch.randn(2, c_in, 5, 5, dtype=DT)
     for i in range(len(CANDIDATES)):
