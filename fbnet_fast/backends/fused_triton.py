@@ -37,7 +37,7 @@ def _interpret_requested() -> bool:
 def _triton_interpreted() -> bool:
     """Whether Triton's own library functions were decorated for the interpreter: this is
     fixed when ``triton`` is first imported, so TRITON_INTERPRET=1 must be set before."""
-    try:
+    try:  # deferred: importing triton fixes its mode, and the package runs without it
         import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
         return isinstance(tl.standard.zeros, InterpretedFunction)
@@ -49,7 +49,7 @@ def why_unavailable(device) -> str | None:
     """None when this backend can run on ``device``, else the reason."""
     device = torch.device(device)
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (deferred: optional, and importing it fixes its mode)
     except Exception as e:  # not installed, or a broken install
         return f"triton is not importable ({e})"
     if device.type == "cuda":

@@ -76,7 +76,7 @@ def compile_library(name: str, what: str, sources: list, key: str = "", **load_k
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import warns about CUDA, irrelevant to a CPU build
-    try:
+    try:  # deferred: slow to import, and only a build needs it
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
