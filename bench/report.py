@@ -1,9 +1,10 @@
 """Side-by-side CPU timings of the fused paths against PyTorch, as time ratios.
 
 Each ratio is the median over repetitions of (baseline time / ours time), the two timed
-back to back in every repetition (docs/architecture.md, "Measuring"), so a busy machine slows both alike. Also
-reports bytes saved for backward (saved_tensors_hooks, deduplicated by storage, parameters
-and buffers left out) and the compute floor (FLOPs over a GEMM rate measured on the spot).
+back to back in every repetition (docs/architecture.md, "Measuring"), so a busy machine
+slows both alike. Also reports bytes saved for backward (saved_tensors_hooks, deduplicated
+by storage, parameters and buffers left out) and the compute floor (FLOPs over a GEMM rate
+measured on the spot).
 
     python bench/report.py                       # all sections, a few minutes
     python bench/report.py --only dw --reps 5 --json out.json
@@ -30,7 +31,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fbnet_fast
 from fbnet_fast import MixedBlock
-from fbnet_fast.nn.space import SearchSpace
+from fbnet_fast.nn.space import SearchSpace, conv_out
 from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
 from fbnet_fast.testing import make_pair
 
@@ -78,7 +79,7 @@ def dw_case(n: int, c: int, h: int, k: int, s: int) -> dict:
     w = torch.randn(c, 1, k, k, requires_grad=True)
     x_nchw = torch.randn(n, c, h, h, requires_grad=True)
     x_cl = x_nchw.detach().contiguous(memory_format=CL).requires_grad_()
-    ho = (h - 1) // s + 1
+    ho = conv_out(h, s)
     dy_nchw = torch.randn(n, c, ho, ho)
     dy_cl = dy_nchw.contiguous(memory_format=CL)
 
@@ -91,7 +92,7 @@ def dw_case(n: int, c: int, h: int, k: int, s: int) -> dict:
 
 
 def dw_macs(n, c, h, k, s) -> int:
-    ho = (h - 1) // s + 1
+    ho = conv_out(h, s)
     return n * c * ho * ho * k * k
 
 
@@ -102,7 +103,7 @@ def mixed_case(n: int, c_in: int, c_out: int, s: int, h: int) -> dict:
     mask = torch.softmax(torch.randn(fused.num_candidates), 0).requires_grad_()
     x = torch.randn(n, c_in, h, h)
     x_cl = x.contiguous(memory_format=CL)
-    ho = (h - 1) // s + 1
+    ho = conv_out(h, s)
     dy = torch.randn(n, c_out, ho, ho)
     dy_cl = dy.contiguous(memory_format=CL)
 
@@ -121,7 +122,7 @@ def mixed_case(n: int, c_in: int, c_out: int, s: int, h: int) -> dict:
 def mixed_flops(n, c_in, c_out, s, h) -> float:
     """FLOPs of one training step of the reference block: 3x the forward MACs, x2."""
     block = MixedBlock(c_in, c_out, s, backend="reference")
-    ho = (h - 1) // s + 1
+    ho = conv_out(h, s)
     macs = 0
     for sl in block.layout.slots:
         g, k = sl.spec.groups, sl.spec.kernel
