@@ -105,3 +105,24 @@ def test_folder_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(FileNotFoundError, match="train/"):
         D.folder_data(tmp_path / "flat")
+
+
+def test_undecodable_image_is_named_or_skipped(tmp_path):
+    root = _folder(tmp_path / "data", classes=2, per_class=4, val_per_class=1)
+    bad = root / "train" / "class_0" / "img_1.png"
+    bad.write_bytes(b"not an image")
+    d = D.folder_data(root, resolution=16)
+    with pytest.raises(D.BadImageError, match=f"cannot decode image {bad} .*--skip-bad-images"):
+        list(D.batches(d.train, torch.arange(8), 4, seed=0, epoch=0, stream=0, workers=1))
+    d = D.folder_data(root, resolution=16, skip_bad_images=True)
+    got = list(D.batches(d.train, torch.arange(8), 4, seed=0, epoch=0, stream=0, workers=0))
+    assert sorted(len(y) for _, y in got) == [3, 4]
+    assert d.train.skipped == [str(bad)] and D.skipped_images(d) == 1
+
+
+def test_batches_from_a_start_step_continue_the_same_order():
+    x, y = torch.arange(40.0).view(40, 1), torch.arange(40)
+    full = [b for _, b in D.batches((x, y), torch.arange(40), 8, seed=0, epoch=2, stream=0)]
+    tail = [b for _, b in D.batches((x, y), torch.arange(40), 8, seed=0, epoch=2, stream=0,
+                                    start=2)]
+    assert len(tail) == 3 and [t.tolist() for t in tail] == [f.tolist() for f in full[2:]]

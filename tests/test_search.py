@@ -1,5 +1,5 @@
-"""The search end to end: artefacts, exact resume (also after SIGKILL), latency awareness,
-two-process DDP, and clear errors for bad input. Tiny settings: 4 layers at 16x16."""
+"""The search end to end: artefacts, exact resume (also after SIGKILL and SIGTERM), latency
+awareness, two-process DDP, and clear errors for bad input. Tiny settings: 4 layers at 16x16."""
 from __future__ import annotations
 
 import dataclasses
@@ -111,42 +111,89 @@ def test_resume_from_epoch_1_is_bit_identical(full_run, tmp_path, lut):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
 
 
-# ``fbnet-fast search ARGS`` that SIGKILLs itself as it draws the second weight batch of
-# epoch 2: one step of epoch 2 is done, its checkpoint is not.
-KILL_IN_EPOCH_2 = """
+# ``fbnet-fast search ARGS`` that sends itself a signal (argv[1]) as it draws batch I of
+# stream S (0: weights, 1: θ) in epoch E (argv[2] = "E,S,I", 0-based).
+SIGNAL_AT = """
 import os, signal, sys
 from fbnet_fast.cli import main
 from fbnet_fast.search import data
 
+sig, at = getattr(signal, sys.argv[1]), tuple(map(int, sys.argv[2].split(",")))
 draw = data.batches
 
 def batches(data_, indices, batch_size, seed, epoch, stream, **kw):
-    for i, batch in enumerate(draw(data_, indices, batch_size, seed, epoch, stream, **kw)):
-        if (epoch, stream, i) == (1, 0, 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+    batches = draw(data_, indices, batch_size, seed, epoch, stream, **kw)
+    for i, batch in enumerate(batches, kw.get("start", 0)):
+        if (epoch, stream, i) == at:
+            os.kill(os.getpid(), sig)
         yield batch
 
 data.batches = batches
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 
-def test_sigkill_mid_epoch_then_resume_finishes_identically(full_run, tmp_path, lut):
-    out = tmp_path / "run"
+def _signalled_run(out, lut, sig: str, at: str):
     args = ["search", "--out", str(out), "--lut", lut, "--quiet"] + _cli_args(TINY)
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_EPOCH_2] + args, cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT, sig, at] + args, cwd=ROOT,
+                       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, timeout=300)
+    return args, r
+
+
+def _rows(out) -> list:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_identically(full_run, tmp_path, lut):
+    # killed as it draws the second weight batch of epoch 2: one step of epoch 2 is done,
+    # its checkpoint is not
+    out = tmp_path / "run"
+    args, killed = _signalled_run(out, lut, "SIGKILL", "1,0,1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0]
+    assert [r["epoch"] for r in _rows(out)] == [0]
     assert not os.path.exists(out / "summary.json")
     r = subprocess.run([sys.executable, "-m", "fbnet_fast"] + args + ["--resume"], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     _assert_same_state(_state(out), _state(full_run[0]))
     assert "archs" in r.stdout and os.path.exists(out / "summary.json")
+
+
+def test_sigterm_mid_epoch_checkpoints_then_resume_finishes_identically(
+        full_run, tmp_path, lut, capsys, monkeypatch):
+    # SIGTERM (to this process, in-process) as the second θ batch of epoch 2 is drawn: the
+    # run writes a checkpoint that resumes at that step and exits with 75; --resume auto
+    # finishes the same search
+    from fbnet_fast.search import data
+    draw = data.batches
+
+    def batches(data_, indices, batch_size, seed, epoch, stream, **kw):
+        for i, batch in enumerate(draw(data_, indices, batch_size, seed, epoch, stream, **kw),
+                                  kw.get("start", 0)):
+            if (epoch, stream, i) == (1, 1, 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(data, "batches", batches)
+    out = tmp_path / "run"
+    args = ["search", "--out", str(out), "--lut", lut, "--quiet"] + _cli_args(TINY)
+    assert cli_main(args) == 75
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fbnet-fast search: stopped: SIGTERM: a checkpoint after 1 of 3 θ steps of epoch 2 is "
+        "written; rerun the same command with --resume (or --resume auto) to continue"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL      # handler put back
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["position"]["phase"], ck["position"]["step"]) == (1, 1, 1)
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=False)["epoch"] == 1
+    assert [r["epoch"] for r in _rows(out)] == [0]
+    monkeypatch.setattr(data, "batches", draw)
+    assert cli_main(args + ["--resume", "auto"]) == 0
+    _assert_same_state(_state(out), _state(full_run[0]))
+    timing = ("seconds", "images_per_s")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in _rows(out)] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in _rows(full_run[0])]
 
 
 def test_strong_latency_term_lowers_expected_latency(tmp_path, lut):

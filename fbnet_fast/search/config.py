@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..nn.space import SearchSpace, Stage
 
-__all__ = ["SearchConfig", "PRESETS", "make_config", "config_field", "build_space",
+__all__ = ["SearchConfig", "FaultSettings", "PRESETS", "make_config", "config_field", "build_space",
            "parse_stages", "temperature_at", "cosine_lr", "flag_name"]
 
 
@@ -18,7 +18,30 @@ def config_field(default, help: str, type=None, choices=None):
 
 
 @dataclass
-class SearchConfig:
+class FaultSettings:
+    """What a run does on a fault (faults.py); shared by search and training."""
+
+    nonfinite: str = config_field("stop", "on a non-finite loss or gradient: stop (one line, "
+                                  "exit 3) or skip the step", str, ("stop", "skip"))
+    nonfinite_skips: int = config_field(10, "skip: stop after this many skipped steps in a row",
+                                        int)
+    checkpoint_every: float = config_field(30.0, "also write a mid-epoch checkpoint every this "
+                                           "many minutes (0: only after each epoch)", float)
+    skip_bad_images: bool = config_field(False, "skip image files that cannot be decoded "
+                                         "(counted in the run's summary) instead of stopping",
+                                         bool)
+
+    def validate_faults(self) -> None:
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"--nonfinite must be one of stop, skip, got {self.nonfinite!r}")
+        if self.nonfinite_skips < 1:
+            raise ValueError(f"--nonfinite-skips must be >= 1, got {self.nonfinite_skips}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass
+class SearchConfig(FaultSettings):
     """Every setting of a search; saved as ``config.json``. Defaults: the paper's schedule."""
 
     out: str = config_field("runs/search", "run directory", str)
@@ -106,6 +129,7 @@ class SearchConfig:
                 raise ValueError(f"--{flag_name(name)} must be >= 1, got {v}")
         if self.stages is not None:
             parse_stages(self.stages)
+        self.validate_faults()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

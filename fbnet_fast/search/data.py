@@ -10,21 +10,28 @@ The built-in set ("shapes-textures", ``make_builtin``) needs no download: 32x32 
 images whose class is a (coarse shape, fine texture) pair, so a network needs both a
 large receptive field (ring vs disk vs square ...) and fine local filters (stripes vs
 checkerboard) to tell all classes apart. See ``make_builtin`` and docs/search.md.
+
+An image file that cannot be decoded never raises inside a loader worker: the folder
+returns a ``BadImage`` in its place, and the batch it lands in stops the run with one line
+naming the file, or, with ``skip_bad_images``, is drawn without it (the file is counted in
+the dataset's ``skipped`` list and named in a warning).
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, default_collate
 
 __all__ = ["SearchData", "load_data", "make_builtin", "builtin_data", "folder_data",
            "split_indices", "choose_classes", "batches", "num_batches", "BUILTIN_SHAPES",
-           "BUILTIN_TEXTURES", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "BUILTIN_TEXTURES", "IMAGENET_MEAN", "IMAGENET_STD", "BadImage", "BadImageError",
+           "skipped_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +71,8 @@ def load_data(cfg, resolution: int) -> SearchData:
     ``cfg`` is a ``SearchConfig`` or a ``TrainConfig`` (its ``data``, ``classes``, ``seed``
     and ``builtin_*`` settings); training takes ``resolution`` from its architecture."""
     if cfg.data:
-        return folder_data(cfg.data, cfg.classes, cfg.seed, resolution)
+        return folder_data(cfg.data, cfg.classes, cfg.seed, resolution,
+                           skip_bad_images=cfg.skip_bad_images)
     return builtin_data(cfg.seed, cfg.builtin_train, cfg.builtin_val, resolution,
                         classes=cfg.classes)
 
@@ -211,12 +219,13 @@ def _class_dirs(root: str) -> list:
 
 
 def folder_data(path: str, classes: int | None = None, seed: int = 0, resolution: int = 224,
-                theta_fraction: float = 0.2) -> SearchData:
+                theta_fraction: float = 0.2, skip_bad_images: bool = False) -> SearchData:
     """``path/train/<class>/*`` and ``path/val/<class>/*`` as torchvision ``ImageFolder``s.
 
     Train: RandomResizedCrop(R) + horizontal flip + normalise; val: resize to R/0.875 +
     center crop R + normalise. ``classes`` keeps a seeded subset; val must have a folder
     for each kept class (a missing val/ folder is allowed: then val is None).
+    ``skip_bad_images``: draw batches without the files that cannot be decoded.
     """
     from torchvision import datasets, transforms  # deferred: optional, and slow to import
     path = os.fspath(path)
@@ -239,31 +248,78 @@ def folder_data(path: str, classes: int | None = None, seed: int = 0, resolution
     t_val = transforms.Compose([
         transforms.Resize(int(round(resolution / 0.875))), transforms.CenterCrop(resolution),
         transforms.ToTensor(), norm])
-    train = _subset_folder(datasets.ImageFolder, train_dir, mapping, t_train)
+    train = _subset_folder(datasets.ImageFolder, train_dir, mapping, t_train, skip_bad_images)
     val = None
     if os.path.isdir(val_dir):
         missing = [c for c in keep if not os.path.isdir(os.path.join(val_dir, c))]
         if missing:
             raise ValueError(f"{val_dir!r} has no folder for class(es) {missing[:5]}; val/ "
                              "needs the same class folders as train/")
-        val = _subset_folder(datasets.ImageFolder, val_dir, mapping, t_val)
+        val = _subset_folder(datasets.ImageFolder, val_dir, mapping, t_val, skip_bad_images)
     w, t = split_indices(train.targets, theta_fraction, seed)
     return SearchData(train, val, w, t, keep, path)
 
 
-def _subset_folder(cls, root, mapping, transform):
-    """An ImageFolder that only walks the kept class folders."""
+@dataclass
+class BadImage:
+    """Stands in for a sample whose file could not be decoded (see ``_checked``)."""
+
+    path: str
+    reason: str
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded, without --skip-bad-images."""
+
+
+def _subset_folder(cls, root, mapping, transform, skip_bad: bool = False):
+    """An ImageFolder that only walks the kept class folders and returns a ``BadImage``
+    for a file it cannot decode."""
 
     class _Subset(cls):
         def find_classes(self, directory):
             return list(mapping), dict(mapping)
+
+        def __getitem__(self, i):
+            try:
+                return super().__getitem__(i)
+            except Exception as e:  # PIL's UnidentifiedImageError, a truncated file, ...
+                return BadImage(self.samples[i][0], f"{type(e).__name__}: {e}")
 
     try:
         ds = _Subset(root, transform=transform)
     except FileNotFoundError as e:
         raise ValueError(f"{root!r}: no images found ({e}); supported extensions: "
                          f"{', '.join(IMG_EXTENSIONS)}") from None
+    ds.skip_bad, ds.skipped = skip_bad, []
     return ds
+
+
+def skipped_images(data: SearchData) -> int:
+    """How many undecodable files this process has skipped in ``data``."""
+    return sum(len(getattr(ds, "skipped", ())) for ds in (data.train, data.val))
+
+
+def _collate(samples):
+    """A batch of the decodable samples, and the ``BadImage``s left out of it."""
+    good = [s for s in samples if not isinstance(s, BadImage)]
+    return ((default_collate(good) if good else None),
+            [s for s in samples if isinstance(s, BadImage)])
+
+
+def _checked(ds, batch):
+    """The images and labels of a ``_collate`` batch; a bad image stops here (one line
+    naming the file) unless the dataset skips them."""
+    xy, bad = batch
+    for b in bad:
+        if not getattr(ds, "skip_bad", False):
+            raise BadImageError(f"cannot decode image {b.path} ({b.reason.splitlines()[0]}); "
+                                "remove the file or pass --skip-bad-images to skip such files")
+        ds.skipped.append(b.path)
+        print(f"warning: skipped undecodable image {b.path}", file=sys.stderr, flush=True)
+    if xy is None:
+        raise BadImageError(f"no image of a batch could be decoded (the first: {bad[0].path})")
+    return xy
 
 
 # --- batches ---------------------------------------------------------------------------
@@ -293,16 +349,17 @@ def shard(indices: Tensor, batch_size: int, seed: int, epoch: int, stream: int,
 
 def batches(data, indices: Tensor, batch_size: int, seed: int, epoch: int, stream: int,
             rank: int = 0, world: int = 1, device="cpu", workers: int = 4,
-            channels_last: bool = False):
+            channels_last: bool = False, start: int = 0):
     """Yield ``(images, labels)`` on ``device`` for one epoch of ``indices`` of ``data``.
 
     The order depends only on (seed, epoch, stream); each rank takes every
     ``world``-th batch slot, like ``DistributedSampler``. Tensor data is sliced in
     memory; a ``Dataset`` goes through a ``DataLoader`` (workers, pin_memory on GPU)
     whose augmentation seed is derived from (seed, epoch, stream, rank) as well.
+    ``start``: begin at that batch (a resume in the middle of an epoch).
     """
     device = torch.device(device)
-    plan = shard(indices, batch_size, seed, epoch, stream, rank, world)
+    plan = shard(indices, batch_size, seed, epoch, stream, rank, world)[start:]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if isinstance(data, tuple):
         x, y = data
@@ -313,8 +370,9 @@ def batches(data, indices: Tensor, batch_size: int, seed: int, epoch: int, strea
     g = torch.Generator().manual_seed(_derive(_derive(seed, stream), 10_000 + epoch * 64 + rank))
     loader = DataLoader(data, batch_sampler=plan.tolist(), num_workers=workers,
                         pin_memory=device.type == "cuda", generator=g,
-                        persistent_workers=False)
-    for xb, yb in loader:
+                        persistent_workers=False, collate_fn=_collate)
+    for batch in loader:
+        xb, yb = _checked(data, batch)
         yield (xb.to(device, non_blocking=True).contiguous(memory_format=fmt),
                yb.to(device, non_blocking=True))
 
@@ -333,6 +391,7 @@ def eval_batches(data, batch_size: int, device="cpu", workers: int = 4,
         return
     ds = data if indices is None else Subset(data, indices.tolist())
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    for xb, yb in loader:
+                        pin_memory=device.type == "cuda", collate_fn=_collate)
+    for batch in loader:
+        xb, yb = _checked(data, batch)
         yield xb.to(device).contiguous(memory_format=fmt), yb.to(device)

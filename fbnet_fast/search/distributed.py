@@ -3,18 +3,32 @@
 Search and training run as one process or under ``torchrun`` (one process per GPU, or
 several CPU processes with gloo). ``Dist`` is this process's place in the job (rank,
 world, reductions); what survives a restart (RNG state, checkpoints) is in rundir.py.
+
+When one rank fails, the others must not wait forever in a collective: the failing rank
+records its message in the job's store before it exits, its exit breaks the peers'
+collectives within seconds, and each peer then raises that message (``Dist.failure``).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "pick_device", "seed_all"]
+from .faults import RunStopped
+
+__all__ = ["Dist", "setup", "job", "pick_device", "seed_all", "PeerFailed"]
+
+FAILURE_KEY = "fbnet_fast/failure"
+
+
+class PeerFailed(RunStopped):
+    """Another rank failed first; the message is its own."""
 
 
 @dataclass
@@ -25,6 +39,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    store: object = None          # the job's key-value store (torchrun's or rank 0's)
 
     @property
     def main(self) -> bool:
@@ -39,11 +54,37 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def total(self, n: int) -> int:
+        """``n`` summed over ranks."""
+        return int(self.all_reduce_sum(torch.tensor([n], dtype=torch.float64,
+                                                    device=self.device)).item())
+
     def average_grad(self, p: torch.Tensor) -> None:
         """Average ``p.grad`` over ranks (θ lives outside DDP)."""
         if self.active and p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(self.world)
+
+    def agree(self, flags: list) -> list:
+        """Each flag, true when it is true on any rank (one all-reduce of a few bytes)."""
+        if not self.active:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [bool(v) for v in t.tolist()]
+
+    def failure(self, error: BaseException) -> BaseException:
+        """What this rank raises after ``error``: its own error if it failed first (its
+        message is recorded for the others), else ``PeerFailed`` with the first message."""
+        if not self.active or self.store is None or isinstance(error, RunStopped):
+            return error                # RunStopped: every rank stops with the same message
+        lines = str(error).strip().splitlines()
+        mine = f"rank {self.rank}: {type(error).__name__}: {lines[0] if lines else ''}"
+        try:
+            first = self.store.compare_set(FAILURE_KEY, "", mine).decode()
+        except Exception:   # the store went with a failed rank 0: keep this rank's own error
+            return error
+        return error if first == mine else PeerFailed(f"stopped because {first}")
 
     def barrier(self) -> None:
         if self.active:
@@ -90,10 +131,31 @@ def setup(device: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     dev = pick_device(device, local)
+    store = None
     if world > 1 and not dist.is_initialized():
+        # The store is kept for Dist.failure (init_process_group would hide it).
+        store, _, _ = next(dist.rendezvous("env://", rank, world,
+                                           timeout=datetime.timedelta(minutes=30)))
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                store=dist.PrefixStore("default_pg", store),
                                 rank=rank, world_size=world)
-    return Dist(rank, world, local, dev)
+    return Dist(rank, world, local, dev, store)
+
+
+@contextmanager
+def job(device: str = "auto"):
+    """``setup`` for the length of a run; an error on any rank ends the run on every rank
+    with the first failing rank's message (``Dist.failure``)."""
+    d = setup(device)
+    try:
+        yield d
+    except Exception as e:
+        error = d.failure(e)
+        if error is e:
+            raise
+        raise error from None
+    finally:
+        d.close()
 
 
 def seed_all(seed: int) -> None:

@@ -19,10 +19,11 @@ __all__ = ["finish", "format_archs"]
 
 
 def finish(cfg, net, table, data, d: Dist, rd: RunDir, last: dict, t_start: float,
-           cl: bool) -> dict | None:
+           cl: bool, skipped=lambda: 0) -> dict | None:
     """Write archs/argmax.json, archs/sample_K.json, summary.json and the plots.
 
-    ``last``: the final epoch's metrics. Returns the summary on rank 0, None elsewhere."""
+    ``last``: the final epoch's metrics; ``skipped()``: the undecodable images skipped so
+    far. Returns the summary on rank 0, None elsewhere."""
     summary = None
     if d.main:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -49,6 +50,7 @@ def finish(cfg, net, table, data, d: Dist, rd: RunDir, last: dict, t_start: floa
             "expected_latency_ms": last["expected_latency_ms"],
             "theta_acc_eval": _eval_note(cfg),
             "wall_time_s": round(time.perf_counter() - t_start, 1),
+            "skipped_images": skipped(),
         }
         atomic_write_text(json.dumps(summary, indent=2) + "\n", rd.summary)
         print(format_archs(summary))

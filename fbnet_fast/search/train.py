@@ -2,8 +2,8 @@
 
 ``train(TrainConfig(arch=..., out=...))``: SGD with momentum, cosine schedule, label
 smoothing; the whole training split (no 80/20 here), validation after every epoch.
-The run directory, checkpoints, exact resume and ``torchrun`` DDP work as in the search
-(rundir.py, distributed.py).
+The run directory, checkpoints, exact resume (also mid-epoch, after SIGTERM), the fault
+policies (faults.py) and ``torchrun`` DDP work as in the search (rundir.py, distributed.py).
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ from tqdm.auto import tqdm
 from ..nn.architecture import resolve_arch
 from ..nn.models import create_model
 from . import data as data_mod
-from .config import config_field, cosine_lr, flag_name
-from .distributed import Dist, seed_all, setup
+from .config import FaultSettings, config_field, cosine_lr, flag_name
+from .distributed import Dist, job, seed_all
+from .faults import StepGuard
 from .rundir import RunDir, atomic_write_text
 
 __all__ = ["TrainConfig", "train"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FaultSettings):
     """Every setting of a from-scratch training run; saved as ``config.json``."""
 
     arch: str = config_field("", "zoo name, architecture JSON or short string", str)
@@ -62,6 +63,7 @@ class TrainConfig:
                 raise ValueError(f"--{flag_name(name)} must be >= 1, got {v}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("--label-smoothing must be in [0, 1)")
+        self.validate_faults()
 
 
 @torch.no_grad()
@@ -80,21 +82,20 @@ def evaluate(model, val, batch_size, d: Dist, workers, channels_last) -> float:
     return float(c[0] / c[1].clamp_min(1))
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Train ``cfg.arch`` and return ``{"top1": ..., "epochs": ..., ...}``."""
+def train(cfg: TrainConfig, resume: bool | str = False, quiet: bool = False) -> dict:
+    """Train ``cfg.arch`` and return ``{"top1": ..., "epochs": ..., ...}``.
+
+    ``resume``, the faults it stops on and how: as ``run_search``."""
     cfg.validate()
-    d = setup(cfg.device)
-    try:
+    with job(cfg.device) as d:
         return _train(cfg, d, resume, quiet)
-    finally:
-        d.close()
 
 
-def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
+def _train(cfg: TrainConfig, d: Dist, resume, quiet: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rd = RunDir(cfg.out, "training run")
-    cfg = rd.start(cfg, resume)
+    cfg, resume = rd.start(cfg, resume)
     arch = resolve_arch(cfg.arch)
     data = data_mod.load_data(cfg, arch.space.resolution)
     if data.val is None:
@@ -114,17 +115,19 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
     ddp = DDP(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.active else model
     seed_all(cfg.seed + 1 + d.rank)
-    start = 0
+    start, position, mine = 0, None, {}
     if resume:
-        ck = rd.load_checkpoint(d)
+        ck = rd.load_checkpoint(d, dataclasses.asdict(cfg))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        start = ck["epoch"]
+        start, position = ck["epoch"], ck.get("position")
+        mine = ck.get("ranks", [{}] * d.world)[d.rank]
+    base_skipped = mine.get("skipped_images", 0)
     metrics = rd.restart_metrics(start, d)
     if d.main:
         print(f"train {arch.name or cfg.arch}: {data.num_classes} classes ({data.name}), "
               f"{epochs} epochs, {d.world} process(es) on {d.device}"
-              + (f", resuming at epoch {start + 1}" if start else ""), flush=True)
+              + (f", resuming at epoch {start + 1}" if start or position else ""), flush=True)
     all_idx = torch.arange(len(data.train[1]) if data.in_memory else len(data.train))
     nb = data_mod.num_batches(len(all_idx), cfg.batch_size, d.world)
     if nb == 0:
@@ -133,48 +136,71 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, quiet: bool) -> dict:
     nb = min(nb, cfg.max_batches) if cfg.max_batches else nb
     show_bar = not quiet and d.main and sys.stderr.isatty()
     top1 = metrics[-1]["val_top1"] if metrics else None
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        stats = torch.zeros(3, dtype=torch.float64, device=d.device)
-        bar = None
-        if show_bar:
-            bar = tqdm(total=nb, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        model.train()
-        for i, (x, y) in enumerate(data_mod.batches(
-                data.train, all_idx, cfg.batch_size, cfg.seed, epoch, 0, d.rank, d.world,
-                d.device, cfg.workers, cl)):
-            if i >= nb:
-                break
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(cfg.lr, epoch * nb + i, epochs * nb)
-            logits = ddp(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            stats += torch.stack([loss.detach().double() * y.shape[0],
-                                  (logits.argmax(1) == y).sum().double(),
-                                  torch.tensor(float(y.shape[0]), dtype=torch.float64)])
+
+    def state(epoch):
+        return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                "config": dataclasses.asdict(cfg)}
+
+    def skipped():
+        return base_skipped + data_mod.skipped_images(data)
+
+    with StepGuard(d, cfg.nonfinite, cfg.nonfinite_skips, cfg.checkpoint_every) as guard:
+        for epoch in range(start, epochs):
+            pos = position if epoch == start else None
+            first = pos["step"] if pos else 0
+            t0 = time.perf_counter() - (pos["seconds"] if pos else 0.0)
+            stats = torch.tensor(mine.get("stats", [0.0] * 3) if pos else [0.0] * 3,
+                                 dtype=torch.float64, device=d.device)
+
+            def save_mid(i, epoch=epoch, t0=t0, stats=stats):
+                rd.save(d, {**state(epoch), "position": {"step": i, "seconds":
+                                                          time.perf_counter() - t0}},
+                        rank_state={"stats": stats.tolist(), "skipped_images": skipped()})
+
+            bar = None
+            if show_bar:
+                bar = tqdm(total=nb, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
+                           leave=False)
+            model.train()
+            it = data_mod.batches(data.train, all_idx, cfg.batch_size, cfg.seed, epoch, 0,
+                                  d.rank, d.world, d.device, cfg.workers, cl, start=first)
+            for i, x, y in guard.steps(it, first, nb, save_mid, f"steps of epoch {epoch + 1}"):
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(cfg.lr, epoch * nb + i, epochs * nb)
+                saved = guard.snapshot(model)
+                logits = ddp(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if not guard.step_ok(torch.isfinite(loss.detach()), model, saved,
+                                     f"loss at epoch {epoch + 1}, step {i + 1}/{nb}",
+                                     f"the weights diverged: lower --lr (now {cfg.lr})"):
+                    continue
+                opt.step()
+                stats += torch.stack([loss.detach().double() * y.shape[0],
+                                      (logits.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(y.shape[0]), dtype=torch.float64)])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {float(stats[0] / stats[2]):.3f} "
+                                        f"acc {float(stats[1] / stats[2]):.3f}", refresh=False)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss {float(stats[0] / stats[2]):.3f} "
-                                    f"acc {float(stats[1] / stats[2]):.3f}", refresh=False)
-        if bar is not None:
-            bar.close()
-        d.all_reduce_sum(stats)
-        top1 = evaluate(model, data.val, max(cfg.batch_size, 256), d, cfg.workers, cl)
-        m = {"epoch": epoch, "train_loss": round(float(stats[0] / stats[2]), 6),
-             "train_acc": round(float(stats[1] / stats[2]), 6), "val_top1": round(top1, 6),
-             "seconds": round(time.perf_counter() - t0, 2), "world": d.world}
-        metrics.append(m)
-        rd.end_epoch(d, m, {"epoch": epoch + 1, "model": model.state_dict(),
-                            "opt": opt.state_dict()})
-        if d.main:
-            print(f"epoch {epoch + 1}/{epochs} | train loss {m['train_loss']:.3f} acc "
-                  f"{m['train_acc']:.3f} | val top-1 {top1:.4f} | {m['seconds']:.1f} s",
-                  flush=True)
+                bar.close()
+            d.all_reduce_sum(stats)
+            top1 = evaluate(model, data.val, max(cfg.batch_size, 256), d, cfg.workers, cl)
+            m = {"epoch": epoch, "train_loss": round(float(stats[0] / stats[2]), 6),
+                 "train_acc": round(float(stats[1] / stats[2]), 6), "val_top1": round(top1, 6),
+                 "seconds": round(time.perf_counter() - t0, 2), "world": d.world}
+            metrics.append(m)
+            rd.save(d, state(epoch + 1), row=m, rank_state={"skipped_images": skipped()})
+            guard.checkpointed()
+            if d.main:
+                print(f"epoch {epoch + 1}/{epochs} | train loss {m['train_loss']:.3f} acc "
+                      f"{m['train_acc']:.3f} | val top-1 {top1:.4f} | {m['seconds']:.1f} s",
+                      flush=True)
     result = {"arch": arch.name or cfg.arch, "top1": top1, "epochs": epochs,
-              "num_classes": data.num_classes, "chance": 1.0 / data.num_classes}
+              "num_classes": data.num_classes, "chance": 1.0 / data.num_classes,
+              "skipped_images": d.total(skipped())}
     if d.main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", rd.path("result.json"))
         print(f"val top-1 {top1:.4f} (chance {result['chance']:.3f}) -> "
