@@ -24,7 +24,7 @@ LAYERS = [
     ("cli", "testing"),
 ]
 # Imports allowed inside a function: heavy or optional dependencies, deferred on purpose.
-DEFERRED = ("triton", "matplotlib", "torchvision", "torch.utils.cpp_extension")
+DEFERRED = ("triton", "matplotlib", "torchvision", "torch.utils.cpp_extension", "onnx", "onnxruntime", "onnxscript")
 
 
 def modules() -> dict:
