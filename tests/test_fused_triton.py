@@ -55,8 +55,6 @@ def test_unavailable_without_interpreter_says_why(monkeypatch):
 def test_cuda_backend_depthwise_glue_with_the_cpu_ops():
     """fused_cuda's depthwise adapter, run through the same-schema C++ CPU ops."""
     from fbnet_fast.backends import jit
-    from fbnet_fast.backends.fused_cuda import CudaDepthwise
-    from fbnet_fast.backends.fused_triton import mixed_block_forward
     if CUDA:
         from fbnet_fast.backends.fused_cuda import why_unavailable
         if why_unavailable(DEVICE) is not None:
@@ -65,8 +63,9 @@ def test_cuda_backend_depthwise_glue_with_the_cpu_ops():
         pytest.skip(jit.why_unavailable())
     fused, ref = make_pair("triton", 16, 24, 2, ("k3_e1", "k5_e1_g2", "k5_e3", "skip"),
                            dtype=DTYPE, device=DEVICE)
+    from fbnet_fast.backends.fused_cuda import mixed_block_forward
     fused.num_batches_tracked.add_(1)   # MixedBlock.forward's job, bypassed here
-    fused.forward = lambda x, w: mixed_block_forward(fused, x, w, depthwise=CudaDepthwise())
+    fused.forward = lambda x, w: mixed_block_forward(fused, x, w)
     compare(fused, ref, size=5, per_example=True, **TOL)
 
 

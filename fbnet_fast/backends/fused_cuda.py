@@ -1,10 +1,12 @@
 """The CUDA MixedBlock backend: the Triton backend's pipeline with the depthwise pass on
 the CUDA C++ ops (``fbnet_fast::dw_conv`` / ``dw_conv_backward``, csrc/cuda/depthwise.cu).
 
-The schemas come from the C++ extension (``backends/jit.py``, csrc/ops.cpp); the CUDA
-implementations are compiled here as a second library holding only
-``TORCH_LIBRARY_IMPL(fbnet_fast, CUDA, ...)``. The BN + ReLU before the depthwise and
-the statistics after it run as PyTorch ops, since the CUDA ops do not fuse them.
+The MixedBlock runs as the custom op ``fbnet_fast::mixed_block_cuda``, made by
+``fused_triton.define_ops``. The depthwise schemas come from the C++ extension
+(``backends/jit.py``, csrc/ops.cpp); the CUDA implementations are compiled here as a
+second library holding only ``TORCH_LIBRARY_IMPL(fbnet_fast, CUDA, ...)``. The BN + ReLU
+before the depthwise and the statistics after it run as PyTorch ops, since the CUDA ops
+do not fuse them.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class CudaDepthwise(fused_triton.DepthwiseStep):
         return g.to(a.dtype), sum_g, sum_ga, dw
 
 
-def mixed_block_forward(block, x, weights):
-    """``fused_triton.mixed_block_forward`` with the CUDA depthwise ops."""
-    return fused_triton.mixed_block_forward(block, x, weights, depthwise=CudaDepthwise())
+# ``fbnet_fast::mixed_block_cuda`` (and its ``_backward``): the Triton pipeline's ops with
+# this depthwise step. Also registered for CPU tensors, where the same-schema C++ ops run
+# it under Triton's interpreter (the tests check the glue that way).
+mixed_block_forward = fused_triton.define_ops("mixed_block_cuda", CudaDepthwise())

@@ -7,6 +7,13 @@ the second 1x1s as one segmented GEMM (BN2 + ReLU on load, BN3 statistics out), 
 mask-weighted combine. Only x, the mask, the BN statistics and the weights are saved;
 backward recomputes the intermediates. Tensors are NHWC rows inside; the output keeps the
 input's memory format. CPU tensors run under ``TRITON_INTERPRET=1`` (tests only).
+
+Both directions are ``torch.library`` custom ops (``fbnet_fast::mixed_block_triton`` and
+its ``_backward``; ``define_ops`` makes the same pair for another depthwise step, as
+fused_cuda does), with fake kernels and registered autograd, so ``torch.compile`` traces
+a MixedBlock as one node. The ops take tensors and plain values only and mutate nothing:
+the forward returns the BN statistics it used and the adapter (``plan.call_fused_op``)
+updates the running statistics.
 """
 from __future__ import annotations
 
@@ -16,16 +23,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, List, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
 
 from .plan import (BNCoef, FusedPlan, Geometry, Segment, apply_bn_grad, batch_stats, bn_coef,
-                   bn_grad, plan_for, relu_grad_sums, update_running)
+                   bn_grad, call_fused_op, plan_for, relu_grad_sums)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "load_kernels", "DepthwiseStep",
-           "TritonDepthwise"]
+           "TritonDepthwise", "define_ops"]
 
 _KERNELS = "fbnet_fast.kernels"
 
@@ -148,33 +155,39 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _acc_dtype(cdt: torch.dtype) -> torch.dtype:
+    return load_kernels().utils.acc_dtype(cdt)
+
+
 def _dense_gemm(out_channels: int, in_channels: int) -> tuple:
     """The segments of one dense [out, in] weight: the first 1x1 (shuffle folded in), the skip."""
     return (Segment(0, out_channels, 0, in_channels, 0),)
 
 
-def _bn_prefixes(block) -> tuple:
-    return ("bn1", "bn2", "bn3") + (("skip_bn",) if block.skip_weight is not None else ())
+class _Params(NamedTuple):
+    """The op's weights (the skip conv's None without one) and each BN's (gamma, beta) in the
+    accumulator dtype, BN1's in expanded-column order."""
+
+    pw1: Tensor
+    dw: Tensor
+    pw2: Tensor
+    skip: Optional[Tensor]
+    affine: dict
 
 
-def _affine(block, plan: FusedPlan, acc: torch.dtype) -> dict:
-    """Each BN's (gamma, beta) in the accumulator dtype; BN1's in expanded-column order."""
-    out = {}
-    for prefix in _bn_prefixes(block):
-        g, b = (getattr(block, f"{prefix}_{k}").to(acc) for k in ("weight", "bias"))
-        out[prefix] = (plan.shuffle(g), plan.shuffle(b)) if prefix == "bn1" else (g, b)
-    return out
+def _params(plan: FusedPlan, acc, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb) -> _Params:
+    pairs = {"bn1": (g1, b1), "bn2": (g2, b2), "bn3": (g3, b3)}
+    if sw is not None:
+        pairs["skip_bn"] = (sg, sb)
+    affine = {r: (g.to(acc), b.to(acc)) for r, (g, b) in pairs.items()}
+    affine["bn1"] = tuple(plan.shuffle(t) for t in affine["bn1"])
+    return _Params(pw1, dw, pw2, sw, affine)
 
 
-def _running_states(block, plan: FusedPlan, affine: dict) -> dict:
-    """Eval mode: each BN from its running statistics."""
-    out = {}
-    for prefix, (g, b) in affine.items():
-        rm, rv = (getattr(block, f"{prefix}_running_{k}").to(g.dtype) for k in ("mean", "var"))
-        if prefix == "bn1":
-            rm, rv = plan.shuffle(rm), plan.shuffle(rv)
-        out[prefix] = bn_coef(rm, rv, g, b)
-    return out
+def _coefs(plan: FusedPlan, packed: Tensor, affine: dict) -> dict:
+    """Each BN's ``BNCoef`` from packed (mean, biased var) statistics (``plan.pack_stats``)."""
+    stats = plan.unpack_stats(packed.to(affine["bn3"][0].dtype))
+    return {r: bn_coef(*stats[r], *affine[r]) for r in affine}
 
 
 @dataclass
@@ -188,17 +201,17 @@ class _Pass:
     S: Optional[Tensor]
 
 
-def _run_pass(block, plan: FusedPlan, dw_impl: DepthwiseStep, x, params, cdt, geo: Geometry,
-              affine: dict, bns: dict, training_stats: bool) -> _Pass:
+def _run_pass(plan: FusedPlan, dw_impl: DepthwiseStep, x, p: _Params, cdt, geo: Geometry,
+              bns: dict, training_stats: bool) -> _Pass:
     """Compute A, D, Z (and S). With ``training_stats`` the BNs come from the epilogues'
     sums and are stored in ``bns``; otherwise ``bns`` holds them already."""
     K = load_kernels()
-    L = block.layout
-    pw1, dww, pw2, skw = (p.to(cdt) if p is not None else None for p in params)
+    L = plan.layout
+    pw1, dww, pw2, skw = (t.to(cdt) if t is not None else None for t in p[:4])
 
     def bn(prefix, s1, s2, count):
         if training_stats:
-            bns[prefix] = bn_coef(*batch_stats(s1, s2, count), *affine[prefix])
+            bns[prefix] = bn_coef(*batch_stats(s1, s2, count), *p.affine[prefix])
         return bns[prefix]
 
     X = _rows(x).to(cdt)
@@ -212,8 +225,8 @@ def _run_pass(block, plan: FusedPlan, dw_impl: DepthwiseStep, x, params, cdt, ge
                                               bn2.scale, bn2.shift, training_stats)
     bn("bn3", s1, s2, geo.rows_out)
     Xs, S = X, None
-    if block.stride != 1:
-        Xs = X.view(geo.n, geo.h, geo.w, -1)[:, ::block.stride, ::block.stride]
+    if L.stride != 1:
+        Xs = X.view(geo.n, geo.h, geo.w, -1)[:, ::L.stride, ::L.stride]
         Xs = Xs.reshape(geo.rows_out, -1).contiguous()
     if skw is not None:
         S, s1, s2 = K.pointwise.pointwise_forward(
@@ -223,9 +236,9 @@ def _run_pass(block, plan: FusedPlan, dw_impl: DepthwiseStep, x, params, cdt, ge
     return _Pass(X, Xs, W1, A, D, Z, S)
 
 
-def _skip_mode(block):
+def _skip_mode(plan: FusedPlan):
     K = load_kernels().combine
-    L = block.layout
+    L = plan.layout
     if L.skip_index < 0:
         return K.SKIP_NONE
     return K.SKIP_CONV if L.skip_is_conv else K.SKIP_IDENTITY
@@ -237,147 +250,198 @@ def _mask(plan: FusedPlan, weights: Tensor, acc: torch.dtype) -> Tensor:
     return weights[..., cols].reshape(-1, len(plan.mask_cols)).to(acc).contiguous()
 
 
+def _format(like: Tensor) -> torch.memory_format:
+    """The memory format of the op's image outputs: channels_last when ``like`` is (and not
+    also contiguous), else contiguous."""
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _to_format(out: Tensor, like: Tensor) -> Tensor:
     """An NHWC image view in ``like``'s memory format."""
-    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return out if channels_last else out.contiguous()
+    return out if _format(like) == torch.channels_last else out.contiguous()
 
 
-class _MixedBlockFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, block, dw_impl, x, weights, pw1, dww, pw2, skw,
-                g1, b1, g2, b2, g3, b3, gs, bs):
-        L = block.layout
-        plan = plan_for(L)
-        geo = plan.geometry(x.shape)
-        cdt = _compute_dtype(x)
-        acc = load_kernels().utils.acc_dtype(cdt)
-        training = block.training
-        if training and geo.rows_out <= 1:
-            raise ValueError("MixedBlock in training mode needs more than one value per "
-                             f"channel for BatchNorm, got input {tuple(x.shape)}")
-        affine = _affine(block, plan, acc)
-        bns = {} if training else _running_states(block, plan, affine)
-        p = _run_pass(block, plan, dw_impl, x, (pw1, dww, pw2, skw), cdt, geo, affine, bns,
-                      training)
-        if training:
-            for prefix, bn in bns.items():
-                mean, var, count = bn.mean, bn.var, geo.rows_out
-                if prefix == "bn1":   # back to stored order
-                    mean, var, count = plan.unshuffle(mean), plan.unshuffle(var), geo.rows_in
-                update_running(getattr(block, f"{prefix}_running_mean"),
-                               getattr(block, f"{prefix}_running_var"), mean, var, count)
-        mode = _skip_mode(block)
-        bnS = bns.get("skip_bn")
-        y = load_kernels().combine.combine_forward(
-            p.Z, bns["bn3"].scale, bns["bn3"].shift, _mask(plan, weights, acc), geo.n,
-            geo.ho * geo.wo, L.out_channels, res=p.X if L.residual else None,
-            skip=p.X if mode == 1 else p.S, skip_mode=mode,
-            skip_scale=bnS.scale if p.S is not None else None,
-            skip_shift=bnS.shift if p.S is not None else None)
-        ctx.block, ctx.dw_impl, ctx.training, ctx.cdt = block, dw_impl, training, cdt
-        ctx.affine, ctx.bns = affine, bns
-        ctx.per_example = weights.dim() == 2
-        ctx.save_for_backward(x, weights, pw1, dww, pw2, skw)
-        return _to_format(geo.image_out(y), x)
+# --- the ops' bodies --------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weights, pw1, dww, pw2, skw = ctx.saved_tensors
-        return (None, None) + _backward(ctx, dy, x, weights, pw1, dww, pw2, skw)
-
-
-def _backward(ctx, dy, x, weights, pw1, dww, pw2, skw):
-    K = load_kernels()
-    block, affine, bns, training, cdt = ctx.block, ctx.affine, ctx.bns, ctx.training, ctx.cdt
-    L = block.layout
-    plan = plan_for(L)
+def _forward(dw_impl: DepthwiseStep, x, mask, params: tuple, running: list, layout: str,
+             training: bool, cdt: torch.dtype) -> tuple:
+    plan = plan_for(layout)
+    L = plan.layout
     geo = plan.geometry(x.shape)
-    p = _run_pass(block, plan, ctx.dw_impl, x, (pw1, dww, pw2, skw), cdt, geo, affine, bns,
-                  False)
-    acc = bns["bn3"].scale.dtype
-    mask = _mask(plan, weights, acc)
-    mode = _skip_mode(block)
+    acc = _acc_dtype(cdt)
+    p = _params(plan, acc, *params)
+    bns = {} if training else _coefs(plan, torch.stack([torch.cat(running[0::2]),
+                                                        torch.cat(running[1::2])]), p.affine)
+    r = _run_pass(plan, dw_impl, x, p, cdt, geo, bns, training)
+    mode = _skip_mode(plan)
+    bnS = bns.get("skip_bn")
+    y = load_kernels().combine.combine_forward(
+        r.Z, bns["bn3"].scale, bns["bn3"].shift, _mask(plan, mask, acc), geo.n,
+        geo.ho * geo.wo, L.out_channels, res=r.X if L.residual else None,
+        skip=r.X if mode == 1 else r.S, skip_mode=mode,
+        skip_scale=bnS.scale if r.S is not None else None,
+        skip_shift=bnS.shift if r.S is not None else None)
+    stats = plan.pack_stats({role: (bn.mean, bn.var) for role, bn in bns.items()})
+    return _to_format(geo.image_out(y), x), stats
+
+
+def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor, layout: str,
+              training: bool, cdt: torch.dtype) -> list:
+    K = load_kernels()
+    plan = plan_for(layout)
+    L = plan.layout
+    geo = plan.geometry(x.shape)
+    acc = _acc_dtype(cdt)
+    p = _params(plan, acc, *params)
+    affine = p.affine
+    bns = _coefs(plan, packed, affine)
+    r = _run_pass(plan, dw_impl, x, p, cdt, geo, bns, False)
+    m = _mask(plan, mask, acc)
+    mode = _skip_mode(plan)
     hw = geo.ho * geo.wo
     dY = _rows(dy).to(cdt)
     bn3, bnS = bns["bn3"], bns.get("skip_bn")
     dm, sg, sgz, sgs, sgss = K.combine.combine_backward(
-        dY, p.Z, bn3.scale, bn3.shift, mask, geo.n, hw, L.out_channels,
-        res=p.X if L.residual else None, skip=p.X if mode == 1 else p.S, skip_mode=mode,
-        skip_scale=bnS.scale if p.S is not None else None,
-        skip_shift=bnS.shift if p.S is not None else None)
+        dY, r.Z, bn3.scale, bn3.shift, m, geo.n, hw, L.out_channels,
+        res=r.X if L.residual else None, skip=r.X if mode == 1 else r.S, skip_mode=mode,
+        skip_scale=bnS.scale if r.S is not None else None,
+        skip_shift=bnS.shift if r.S is not None else None)
     c3 = bn_grad(bn3, affine["bn3"][0], sg, sgz, geo.rows_out, training)
     cS = None
-    if p.S is not None:
+    if r.S is not None:
         cS = bn_grad(bnS, affine["skip_bn"][0], sgs, sgss, geo.rows_out, training)
     dZ, dS = K.combine.combine_grad_inputs(
-        dY, p.Z, mask, c3.alpha, c3.beta, c3.delta, geo.n, hw, L.out_channels, skip=p.S,
-        skip_scale=bnS.scale if p.S is not None else None,
-        skip_shift=bnS.shift if p.S is not None else None,
+        dY, r.Z, m, c3.alpha, c3.beta, c3.delta, geo.n, hw, L.out_channels, skip=r.S,
+        skip_scale=bnS.scale if r.S is not None else None,
+        skip_shift=bnS.shift if r.S is not None else None,
         skip_coeffs=cS[:3] if cS is not None else None)
     # second pointwise, BN2 + ReLU
     bn2 = bns["bn2"]
-    dpw2 = K.pointwise.pointwise_grad_weight(dZ, p.D, plan.pw2_groups, pw2.numel(),
+    dpw2 = K.pointwise.pointwise_grad_weight(dZ, r.D, plan.pw2_groups, p.pw2.numel(),
                                              bn2.scale, bn2.shift)
-    dH2 = K.pointwise.pointwise_grad_input(dZ, pw2.to(cdt), plan.pw2_groups, L.total_mid,
+    dH2 = K.pointwise.pointwise_grad_input(dZ, p.pw2.to(cdt), plan.pw2_groups, L.total_mid,
                                            out_dtype=acc)
-    Dacc = p.D.to(acc)
+    Dacc = r.D.to(acc)
     g2, sg2, sg2d = relu_grad_sums(dH2, Dacc * bn2.scale + bn2.shift, Dacc)
     c2 = bn_grad(bn2, affine["bn2"][0], sg2, sg2d, geo.rows_out, training)
     dD = apply_bn_grad(c2, g2, Dacc).to(cdt)
     del g2, dH2, Dacc
     # depthwise, BN1 + ReLU
     bn1 = bns["bn1"]
-    g1, sg1, sg1a, ddw = ctx.dw_impl.backward(dD, p.A, dww.to(cdt), geo, bn1)
+    g1, sg1, sg1a, ddw = dw_impl.backward(dD, r.A, p.dw.to(cdt), geo, bn1)
     c1 = bn_grad(bn1, affine["bn1"][0], sg1, sg1a, geo.rows_in, training)
-    dA = apply_bn_grad(c1, g1.to(acc), p.A.to(acc)).to(cdt)
+    dA = apply_bn_grad(c1, g1.to(acc), r.A.to(acc)).to(cdt)
     del g1, dD
     # first pointwise (+ skip conv, residual, identity skip)
     pw1_gemm = _dense_gemm(L.total_mid, L.in_channels)
-    dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, p.X, pw1_gemm, p.W1.numel()))
-    dX = K.pointwise.pointwise_grad_input(dA, p.W1, pw1_gemm, L.in_channels, out_dtype=acc)
+    dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, r.X, pw1_gemm, r.W1.numel()))
+    dX = K.pointwise.pointwise_grad_input(dA, r.W1, pw1_gemm, L.in_channels, out_dtype=acc)
     dskw = None
-    if p.S is not None:
+    if r.S is not None:
         skip_gemm = _dense_gemm(L.out_channels, L.in_channels)
-        dskw = K.pointwise.pointwise_grad_weight(dS, p.Xs, skip_gemm, skw.numel())
-        dXs = K.pointwise.pointwise_grad_input(dS, skw.to(cdt), skip_gemm, L.in_channels,
+        dskw = K.pointwise.pointwise_grad_weight(dS, r.Xs, skip_gemm, p.skip.numel())
+        dXs = K.pointwise.pointwise_grad_input(dS, p.skip.to(cdt), skip_gemm, L.in_channels,
                                                out_dtype=acc)
-        view = dX.view(geo.n, geo.h, geo.w, -1)[:, ::block.stride, ::block.stride]
+        view = dX.view(geo.n, geo.h, geo.w, -1)[:, ::L.stride, ::L.stride]
         view += dXs.view(geo.n, geo.ho, geo.wo, -1)
-    ex = mask.shape[0]
     if L.residual or mode == 1:
         dYa = dY.to(acc).view(geo.n, hw, -1)
-        coef = torch.zeros(ex, dtype=acc, device=x.device)
+        coef = torch.zeros(m.shape[0], dtype=acc, device=x.device)
         if L.residual:
-            coef = coef + mask[:, :plan.n_conv].sum(1)
+            coef = coef + m[:, :plan.n_conv].sum(1)
         if mode == 1:
-            coef = coef + mask[:, -1]
+            coef = coef + m[:, -1]
         dX += (dYa * coef.view(-1, 1, 1)).view(geo.rows_out, -1)
-    dmask = torch.zeros_like(weights)
-    dm = dm if ctx.per_example else dm.sum(0)
-    dmask[..., plan.on(x.device).mask_cols] = dm.to(weights.dtype)
-    f = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-    has_skip_bn = p.S is not None
-    return (_to_format(geo.image_in(dX), x).to(x.dtype), dmask,
-            f(dpw1, pw1), f(ddw, dww), f(dpw2, pw2), f(dskw, skw) if skw is not None else None,
-            f(plan.unshuffle(c1.dgamma), block.bn1_weight),
-            f(plan.unshuffle(c1.dbeta), block.bn1_bias),
-            f(c2.dgamma, block.bn2_weight), f(c2.dbeta, block.bn2_bias),
-            f(c3.dgamma, block.bn3_weight), f(c3.dbeta, block.bn3_bias),
-            f(cS.dgamma, block.skip_bn_weight) if has_skip_bn else None,
-            f(cS.dbeta, block.skip_bn_bias) if has_skip_bn else None)
+    dmask = torch.zeros_like(mask)
+    dmask[..., plan.on(x.device).mask_cols] = (dm if mask.dim() == 2 else dm.sum(0)).to(mask.dtype)
+    grads = [dpw1, ddw, dpw2, plan.unshuffle(c1.dgamma), plan.unshuffle(c1.dbeta),
+             c2.dgamma, c2.dbeta, c3.dgamma, c3.dbeta]
+    grads += [dskw, cS.dgamma, cS.dbeta] if r.S is not None else [None, None, None]
+    dx = _to_format(geo.image_in(dX), x).to(x.dtype)
+    return [dx, dmask] + [x.new_empty(0) if g is None else g.to(t.dtype)
+                          for g, t in zip(grads, params)]
 
 
-def mixed_block_forward(block, x: Tensor, weights: Tensor,
-                        depthwise: Optional[DepthwiseStep] = None) -> Tensor:
-    """y = sum_i w_i * block_i(x) with the fused kernels (see the module docstring).
+# --- the ops ----------------------------------------------------------------------------
 
-    x (Tensor[N, C_in, H, W], NCHW or channels_last), weights (Tensor[K] or Tensor[N, K]);
-    returns Tensor[N, C_out, H', W'] in x's memory format. ``depthwise`` replaces the
-    depthwise step (the CUDA backend passes its own)."""
-    skip_bn = block.skip_weight is not None
-    return _MixedBlockFunction.apply(
-        block, depthwise or TritonDepthwise(), x, weights, block.pw1_weight, block.dw_weight,
-        block.pw2_weight, block.skip_weight, block.bn1_weight, block.bn1_bias,
-        block.bn2_weight, block.bn2_bias, block.bn3_weight, block.bn3_bias,
-        block.skip_bn_weight if skip_bn else None, block.skip_bn_bias if skip_bn else None)
+def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
+    """Register ``fbnet_fast::<name>`` and ``fbnet_fast::<name>_backward`` running the fused
+    pipeline with ``dw_impl`` as its depthwise step; returns the MixedBlock adapter
+    ``forward(block, x, weights)``. The ops' arguments are those of ``mixed_block_cpu`` and
+    ``compute_dtype`` (the autocast dtype, or x's), which is fixed by the caller so that
+    the op, its fake and its backward agree."""
+    qualname = f"fbnet_fast::{name}"
+
+    @torch.library.custom_op(qualname, mutates_args=(), device_types=("cuda", "cpu"))
+    def forward(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
+                bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
+                bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
+                skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor],
+                running: List[Tensor], layout: str, training: bool,
+                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(y Tensor[N, C_out, H', W'] in compute_dtype and x's memory format, the BN
+        statistics used Tensor[2, S]: batch ones in training, the running ones in eval)."""
+        params = (pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias, bn3_weight,
+                  bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return _forward(dw_impl, x, mask, params, running, layout, training, compute_dtype)
+
+    @forward.register_fake
+    def _(x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running, layout, training,
+          compute_dtype):
+        p = plan_for(layout)
+        geo = p.geometry(x.shape)
+        torch._check(x.shape[1] == p.layout.in_channels, lambda: f"{name}: input channels")
+        y = x.new_empty(geo.n, p.layout.out_channels, geo.ho, geo.wo, dtype=compute_dtype)
+        return (y.contiguous(memory_format=_format(x)),
+                x.new_empty(2, sum(p.stat_sizes), dtype=_acc_dtype(compute_dtype)))
+
+    @torch.library.custom_op(qualname + "_backward", mutates_args=(),
+                             device_types=("cuda", "cpu"))
+    def backward(grad: Tensor, x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
+                 bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
+                 bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
+                 skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor],
+                 stats: Tensor, layout: str, training: bool,
+                 compute_dtype: torch.dtype) -> List[Tensor]:
+        """Gradients w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the skip conv
+        (empty tensors without one), recomputing the forward from x."""
+        params = (pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias, bn3_weight,
+                  bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return _backward(dw_impl, grad, x, mask, params, stats, layout, training,
+                             compute_dtype)
+
+    @backward.register_fake
+    def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, layout,
+          training, compute_dtype):
+        skip = [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (sw, sg, sb)]
+        return ([torch.empty_like(x, memory_format=_format(x))]
+                + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)]
+                + skip)
+
+    def setup_context(ctx, inputs, output):
+        x, mask, *params = inputs[:14]
+        ctx.layout, ctx.training, ctx.cdt = inputs[15:]
+        ctx.has_skip, ctx.n_running = params[-3] is not None, len(inputs[14])
+        ctx.save_for_backward(x, mask, output[1], *params)
+
+    def autograd_backward(ctx, grad, _grad_stats):
+        x, mask, stats, *params = ctx.saved_tensors
+        grads = backward(grad, x, mask, *params, stats, ctx.layout, ctx.training, ctx.cdt)
+        skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
+        return (*grads[:11], *skip_grads, [None] * ctx.n_running, None, None, None)
+
+    forward.register_autograd(autograd_backward, setup_context=setup_context)
+    op = getattr(torch.ops.fbnet_fast, name).default
+
+    def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:
+        """y = sum_i w_i * block_i(x) on the fused op (see the module docstring); x
+        (Tensor[N, C_in, H, W], NCHW or channels_last), weights (Tensor[K] or [N, K])."""
+        return call_fused_op(op, block, x, weights, _compute_dtype(x))
+
+    return mixed_block_forward
+
+
+mixed_block_forward = define_ops("mixed_block_triton", TritonDepthwise())

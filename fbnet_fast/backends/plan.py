@@ -23,7 +23,7 @@ from ..nn.space import conv_out
 
 __all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
            "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "relu_grad_sums",
-           "apply_bn_grad", "update_running"]
+           "apply_bn_grad", "update_running", "BN_ROLES", "fused_op_args", "call_fused_op"]
 
 
 class Segment(NamedTuple):
@@ -167,6 +167,24 @@ class FusedPlan:
     def packed_pw2(self, dense: Tensor) -> Tensor:
         return _gather(dense, self.on(dense.device).pw2_index)
 
+    # -- the BN statistics a fused op returns, packed into one tensor ---------------------
+    def pack_stats(self, stats: dict) -> Tensor:
+        """Tensor[2, S]: every BN's (mean, biased variance) from ``{role: (mean, var)}``
+        (roles in ``BN_ROLES`` order, BN1's in expanded-column order), stored order."""
+        pairs = [stats[r] for r in BN_ROLES if r in stats]
+        pairs[0] = (self.unshuffle(pairs[0][0]), self.unshuffle(pairs[0][1]))
+        return torch.stack([torch.cat([m for m, _ in pairs]), torch.cat([v for _, v in pairs])])
+
+    def unpack_stats(self, packed: Tensor) -> dict:
+        """Inverse of ``pack_stats``; also reads the running statistics packed the same way."""
+        out, off = {}, 0
+        for role, size in zip(BN_ROLES, self.stat_sizes):
+            if size:
+                out[role] = (packed[0, off:off + size], packed[1, off:off + size])
+                off += size
+        out["bn1"] = tuple(self.shuffle(t) for t in out["bn1"])
+        return out
+
 
 def _gather(t: Tensor, index: Optional[Tensor]) -> Tensor:
     return t if index is None else t[index]
@@ -292,6 +310,9 @@ def apply_bn_grad(c: BNGrad, g: Tensor, z: Tensor) -> Tensor:
     return g * c.alpha + z * c.beta + c.delta
 
 
+BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")   # the BNs of a MixedBlock, in packed order
+
+
 @torch.no_grad()
 def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                    count: int) -> None:
@@ -300,3 +321,39 @@ def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
     unbiased = var * (count / (count - 1))
     running_mean.mul_(1 - BN_MOMENTUM).add_(mean.to(running_mean.dtype), alpha=BN_MOMENTUM)
     running_var.mul_(1 - BN_MOMENTUM).add_(unbiased.to(running_var.dtype), alpha=BN_MOMENTUM)
+
+
+# --- the adapter between a MixedBlock and a fused op --------------------------------------
+
+def fused_op_args(block, x: Tensor, weights: Tensor) -> tuple:
+    """The arguments every fused MixedBlock op (``fbnet_fast::mixed_block_*``) takes: x, the
+    mask, pw1, dw, pw2, bn1-3 weight/bias, the skip conv and its BN (None without one), the
+    running mean/var of each BN (in ``BN_ROLES`` order), the layout's key and the mode."""
+    has_skip = block.skip_weight is not None
+    roles = BN_ROLES if has_skip else BN_ROLES[:3]
+    running = [getattr(block, f"{r}_running_{k}") for r in roles for k in ("mean", "var")]
+    skip = ((block.skip_weight, block.skip_bn_weight, block.skip_bn_bias) if has_skip
+            else (None, None, None))
+    return (x, weights, block.pw1_weight, block.dw_weight, block.pw2_weight,
+            block.bn1_weight, block.bn1_bias, block.bn2_weight, block.bn2_bias,
+            block.bn3_weight, block.bn3_bias, *skip, running, block.layout.key(), block.training)
+
+
+def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra) -> Tensor:
+    """y from a fused MixedBlock op, then the BN running statistics from the statistics it
+    returns: the op mutates nothing, so ``torch.compile`` traces it as one node."""
+    geo = Geometry(x.shape[0], x.shape[2], x.shape[3], block.layout.stride)
+    if block.training and min(geo.rows_in, geo.rows_out) <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
+    args = fused_op_args(block, x, weights)
+    y, stats = op(*args, *extra)
+    if block.training:
+        running, off = args[14], 0
+        counts = (geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out)
+        for i in range(len(running) // 2):
+            rm, rv = running[2 * i], running[2 * i + 1]
+            c = rm.shape[0]
+            update_running(rm, rv, stats[0, off:off + c], stats[1, off:off + c], counts[i])
+            off += c
+    return y

@@ -5,8 +5,11 @@ Families: ``reference`` (plain PyTorch ops, every device), ``cpu`` (fused C++ op
 (CUDA C++ ops). Each module's ``backend`` argument wins, then ``set_backend``, then
 the ``FBNET_FAST_BACKEND`` environment variable, then ``auto``.
 
-A family asked for by name that cannot run here is an error; one picked by ``auto``
-that cannot run falls back to the reference with one warning.
+A family asked for by name that cannot run here is an error, and is used as asked when
+it can. ``auto`` trusts a fused family on a device only after its self-check
+(``selfcheck.py``: one small step against the reference, the verdict cached on disk per
+device and versions); one that cannot run or fails the check is passed over with one
+warning saying why, down to the reference.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "resolve", "available", "check_name"]
+from . import selfcheck
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "resolve", "available", "check_name",
+           "reset"]
 
 ENV_VAR = "FBNET_FAST_BACKEND"
 
@@ -53,6 +59,7 @@ AUTO_ORDER = {"cpu": (), "cuda": ()}
 
 _global = None
 _resolved: dict = {}
+_loaded: dict = {}   # family -> its mixed_block_forward, once loaded
 _warned: set = set()
 
 
@@ -62,6 +69,7 @@ def register(backend: Backend, auto_on: tuple = ()) -> None:
     for dev in auto_on:
         AUTO_ORDER[dev] = AUTO_ORDER.get(dev, ()) + (backend.name,)
     _resolved.clear()
+    _loaded.pop(backend.name, None)
 
 
 def check_name(name: str) -> str:
@@ -106,15 +114,30 @@ def pick_name(name: str, device: torch.device) -> str:
             raise RuntimeError(
                 f"{why}. Use backend='auto' or 'reference', or see fbnet_fast.backends.available()")
         return name
+    picked, passed_over = "reference", []
     for cand in AUTO_ORDER.get(device.type, ()):
         why = BACKENDS[cand].why_unavailable(device)
         if why is None:
-            return cand
+            why = selfcheck.verdict(cand, device, BACKENDS[cand].load(),
+                                    BACKENDS["reference"].load())
+            if why is None:
+                picked = cand
+                break
+            why = f"backend {cand!r} failed its self-check on {device}: {why}"
         if (cand, device.type) not in _warned:
             _warned.add((cand, device.type))
-            warnings.warn(f"fbnet_fast: {why}; falling back to the reference backend",
-                          RuntimeWarning, stacklevel=4)
-    return "reference"
+            passed_over.append(why)
+    if passed_over:
+        warnings.warn(f"fbnet_fast: {'; '.join(passed_over)}; using the {picked!r} backend",
+                      RuntimeWarning, stacklevel=4)
+    return picked
+
+
+def reset() -> None:
+    """Forget this process's picks, warnings and self-check verdicts (the files stay)."""
+    _resolved.clear()
+    _warned.clear()
+    selfcheck.forget()
 
 
 def resolve(name: str, device: torch.device) -> Callable:
@@ -122,9 +145,18 @@ def resolve(name: str, device: torch.device) -> Callable:
     key = (name, get_backend(), device.type)
     fn = _resolved.get(key)
     if fn is None:
-        fn = BACKENDS[pick_name(name, device)].load()
-        _resolved[key] = fn
+        fn = _resolved[key] = _loaded[_pick_and_load(name, device)]
     return fn
+
+
+@torch.compiler.assume_constant_result
+def _pick_and_load(name: str, device: torch.device) -> str:
+    """``pick_name``, and the family loaded into ``_loaded``: eagerly even under
+    ``torch.compile`` (imports, builds, the self-check), which sees only the name."""
+    family = pick_name(name, device)
+    if family not in _loaded:
+        _loaded[family] = BACKENDS[family].load()
+    return family
 
 
 # The fused families. Each module defines ``mixed_block_forward(block, x, weights)`` and
