@@ -33,6 +33,8 @@ setup(
     ],
     extras_require={
         "vision": ["torchvision"],
+        # ONNX export and latency tables measured in ONNX Runtime (docs/latency.md)
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dev": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fbnet-fast = fbnet_fast.cli:main"]},

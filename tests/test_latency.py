@@ -11,7 +11,7 @@ import torch
 from fbnet_fast.cli import main
 from fbnet_fast.latency.formats import SCHEMA
 from fbnet_fast.latency.keys import block_key, head_key, layer_keys, required_keys, stem_key
-from fbnet_fast.latency.measuring import measure, order_violations
+from fbnet_fast.latency.measuring import FIT_TIMING, measure, order_violations
 from fbnet_fast.latency.table import LatencyTable
 from fbnet_fast.latency.validation import mape, spearman, validate, validate_many
 from fbnet_fast.nn.architecture import Architecture, sample_architectures
@@ -268,8 +268,10 @@ def test_calibrated_measure_records_networks():
     assert cal["scale"] > 0 and len(cal["networks"]) == 2
     ratios = sorted(m / p for m, p in zip(cal["measured_ms"], cal["predicted_ms"]))
     assert cal["scale"] == pytest.approx(sum(ratios) / 2)       # median of two
-    assert cal["runs"] == [3, 3]                                # once per timed round
-    rep = validate(table, samples=3, reps=3, warmup=1, progress=False)
+    reps, _, rounds = FIT_TIMING                                # benchmark-style
+    assert cal["runs"] == [reps * rounds] * 2
+    assert cal["fitted_ms"] == pytest.approx([cal["scale"] * p for p in cal["predicted_ms"]])
+    rep = validate(table, samples=3, reps=3, warmup=1, rounds=1, progress=False)
     assert len(rep["rows"]) == 3
     held_out = {tuple(n) for n in cal["networks"]}
     assert not held_out & {tuple(r["arch"]) for r in rep["rows"]}
@@ -287,11 +289,32 @@ def test_calibrated_measure_records_networks():
     # several tables scored against one measurement of the same networks
     other = LatencyTable.from_dict(table.to_dict())
     other.calibration = None
-    both = validate_many([table, other], samples=3, reps=3, warmup=1, progress=False)
+    both = validate_many([table, other], samples=3, reps=3, warmup=1, rounds=1, progress=False)
     meas = [r["measured_ms"] for r in both[0]["rows"]]
     assert meas == [r["measured_ms"] for r in both[1]["rows"]]
     for r0, r1 in zip(both[0]["rows"], both[1]["rows"]):
         assert r0["predicted_ms"] == pytest.approx(cal["scale"] * r1["predicted_ms"])
+
+
+def test_ci_target_and_fitted_method(tmp_path):
+    """Entries re-measured towards a confidence target, each reporting its interval; the
+    fitted correction recorded, used and kept in the file."""
+    table = measure(TINY, method="fitted", reps=3, warmup=1, threads=1, ci=0.5,
+                    max_rounds=2, calib_samples=5, num_classes=10, progress=False)
+    assert table.meta["ci_target"] == 0.5
+    for k, e in table.entries.items():
+        assert e.ci is not None and e.ci >= 0 and e.count >= 3, k
+        assert (e.ci > 0.5) == any(f.startswith("noisy: ci") for f in e.flags), k
+    cal = table.calibration       # per type, or one scale when timings cannot tell them apart
+    assert len(cal["networks"]) == 5 and "least squares" in cal["fit"]
+    assert all(s > 0 for s in cal.get("type_scales", {"all": cal["scale"]}).values())
+    assert cal["fitted_ms"] == pytest.approx(
+        [table.latency(Architecture(n, TINY)) for n in cal["networks"]])
+    table.save(tmp_path / "f.json")
+    back = LatencyTable.load(tmp_path / "f.json")
+    assert back.entries == table.entries and back.calibration == cal
+    with pytest.raises(ValueError, match="needs calib_samples >= 5"):
+        measure(TINY, method="fitted", calib_samples=4, progress=False)
 
 
 # --- CLI ------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import json
 import sys
 
 from ..latency.keys import head_key, layer_keys, required_keys, stem_key
-from ..latency.measuring import measure
+from ..latency.measuring import METHODS, measure
+from ..latency.runtimes import RUNTIMES
 from ..latency.table import LatencyTable
 from ..latency.validation import validate_many
 from ..nn.space import SearchSpace
@@ -40,14 +41,25 @@ def register(sub) -> None:
     m.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads while measuring (default: torch's current)")
     m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--method", default="calibrated", choices=["naive", "context", "calibrated"],
+    m.add_argument("--method", default="calibrated", choices=METHODS,
                    help="naive: ops timed alone; context: ops timed inside random whole "
-                        "networks; calibrated (default): context + a whole-network scale fit")
+                        "networks (torch only); calibrated (default): context (onnxruntime: "
+                        "naive) + a whole-network scale; fitted: the same entries + a "
+                        "per-network cost and per-type scales fitted by least squares")
+    m.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="torch (eager, default) or onnxruntime (each op exported with "
+                        "torch.onnx; needs pip install \"fbnet_fast[onnx]\")")
     m.add_argument("--reps", type=int, default=None,
                    help="timed runs per op (naive, default 100) or rounds (default 20)")
     m.add_argument("--warmup", type=int, default=None)
-    m.add_argument("--calib-samples", type=int, default=8,
-                   help="whole networks measured for --method calibrated")
+    m.add_argument("--ci", type=float, default=None,
+                   help="re-measure until each entry's median is known within this fraction "
+                        "(95%% confidence, e.g. 0.02); replaces the spread rule")
+    m.add_argument("--max-rounds", type=int, default=10,
+                   help="with --ci: at most this many re-measurements (default 10)")
+    m.add_argument("--calib-samples", type=int, default=None,
+                   help="whole networks measured for the fit (default 8 calibrated, "
+                        "24 fitted)")
     m.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-progress", action="store_true")
@@ -60,7 +72,16 @@ def register(sub) -> None:
     v.add_argument("table", nargs="+")
     v.add_argument("--samples", type=int, default=20, help="random architectures (default 20)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--reps", type=int, default=20, help="timed runs per network (default 20)")
+    v.add_argument("--reps", type=int, default=20,
+                   help="timed runs in a row per network and round (default 20)")
+    v.add_argument("--warmup", type=int, default=10,
+                   help="untimed runs before them (default 10)")
+    v.add_argument("--rounds", type=int, default=2,
+                   help="rounds; each times every network once (default 2)")
+    v.add_argument("--runtime", default=None, choices=RUNTIMES,
+                   help="time the networks in this runtime (default: the tables')")
+    v.add_argument("--arch", action="append", default=[],
+                   help="also time this architecture (zoo name, file or string); repeatable")
     v.add_argument("--json", default=None, help="write {mape, spearman, rows} here")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=run_validate)
@@ -90,29 +111,39 @@ def run_measure(args) -> int:
         space, device=args.device, batch=args.batch, threads=args.threads, method=args.method,
         reps=args.reps, warmup=args.warmup, num_classes=args.num_classes or 1000,
         memory_format=args.memory_format, calib_samples=args.calib_samples, seed=args.seed,
-        progress=not args.no_progress)
+        progress=not args.no_progress, runtime=args.runtime, ci=args.ci,
+        max_rounds=args.max_rounds)
     table.save(args.out)
     print(f"wrote {args.out}: {table!r}")
     for w in table.warnings:
         print(f"  warning: {w}")
-    if table.calibration:
-        print(f"  calibration scale {table.calibration['scale']:.3f} "
-              f"({len(table.calibration['networks'])} whole networks)")
+    cal = table.calibration
+    if cal and "type_scales" in cal:
+        print(f"  fitted on {len(cal['networks'])} whole networks: offset "
+              f"{cal['offset_ms']:+.3f} ms, scales " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in cal["type_scales"].items()))
+    elif cal:
+        print(f"  calibration scale {cal['scale']:.3f} ({len(cal['networks'])} whole networks)")
+    print(f"  measured in {table.meta['seconds']} s")
     return 0
 
 
 def run_validate(args) -> int:
     tables = [LatencyTable.load(p) for p in args.table]
     reports = validate_many(tables, samples=args.samples, seed=args.seed, reps=args.reps,
-                            progress=not args.no_progress)
+                            warmup=args.warmup, rounds=args.rounds, runtime=args.runtime,
+                            archs=args.arch, progress=not args.no_progress)
     r0 = reports[0]
-    print(f"{r0['samples']} random architectures (seed {r0['seed']}), device {r0['device']}, "
-          f"batch {r0['batch']}, threads {r0['threads']}, {r0['reps']} runs each (median)")
+    print(f"{len(args.arch)} named and {r0['samples']} random architectures (seed "
+          f"{r0['seed']}) in {r0['runtime']}, device {r0['device']}, batch {r0['batch']}, "
+          f"threads {r0['threads']}; each: {r0['warmup']} warm-up then {r0['reps']} runs in a "
+          f"row, {r0['rounds']} rounds, median")
     head = "".join(f"{'pred ' + str(i + 1):>10}" for i in range(len(tables)))
     print(f"{'#':>3} {'measured ms':>12} {'spread':>7}{head}")
     for n, row in enumerate(r0["rows"]):
         preds = "".join(f"{r['rows'][n]['predicted_ms']:>10.2f}" for r in reports)
-        print(f"{n + 1:>3} {row['measured_ms']:>12.2f} {row['spread']:>7.1%}{preds}")
+        name = row["name"] or n + 1
+        print(f"{name:>3} {row['measured_ms']:>12.2f} {row['spread']:>7.1%}{preds}")
     for i, (path, r) in enumerate(zip(args.table, reports)):
         print(f"pred {i + 1}: {path} (method {r['method']}): MAPE {r['mape']:.1f} %, "
               f"Spearman {r['spearman']:.3f}, mean signed error {r['bias_pct']:+.1f} %")
@@ -153,7 +184,9 @@ def run_show(args) -> int:
     print(f"{args.table}: {dev.get('name') if isinstance(dev, dict) else dev}, "
           f"{meta.get('runtime')}, {meta.get('dtype')}, batch {meta.get('batch')}, threads "
           f"{meta.get('threads')}, method {meta.get('method')}, unit ms"
-          + (f", calibration scale {table.calibration['scale']:.3f}" if table.calibration else ""))
+          + (f", calibration scale {table.calibration['scale']:.3f}" if table.calibration else "")
+          + (f", offset {table.calibration['offset_ms']:+.3f} ms"
+             if table.calibration and "offset_ms" in table.calibration else ""))
     cands = space.candidates
     print(f"{'layer':<6} {'shape':<17}" + "".join(f"{c:>10}" for c in cands))
     for l, row in zip(space.layers(), layer_keys(space)):

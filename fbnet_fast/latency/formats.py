@@ -30,7 +30,8 @@ class Entry:
 
     ``spread`` is the interquartile range over the median (0.1 = the middle half of the
     runs lies within 10 % of the median); ``flags`` lists warnings (``noisy``,
-    ``order: ...``).
+    ``order: ...``); ``ci`` the half-width of the 95 % confidence interval of the median
+    over the median (0.02 = known within 2 %; absent in older tables).
     """
 
     median: float
@@ -38,10 +39,13 @@ class Entry:
     spread: float | None = None
     count: int | None = None
     flags: list = field(default_factory=list)
+    ci: float | None = None
 
     def to_dict(self) -> dict:
         d = {"median": self.median, "mean": self.mean, "spread": self.spread,
              "count": self.count}
+        if self.ci is not None:
+            d["ci"] = self.ci
         if self.flags:
             d["flags"] = list(self.flags)
         return d
@@ -54,20 +58,21 @@ class Entry:
             d = {"median": d}
         if not isinstance(d, dict):
             raise ValueError(f"entry {key!r} must be an object with 'median' (and optionally "
-                             f"'mean', 'spread', 'count', 'flags'), got {d!r}")
-        unknown = set(d) - {"median", "mean", "spread", "count", "flags"}
+                             f"'mean', 'spread', 'count', 'ci', 'flags'), got {d!r}")
+        unknown = set(d) - {"median", "mean", "spread", "count", "ci", "flags"}
         if unknown:
             raise ValueError(f"entry {key!r} has unknown field(s) {sorted(unknown)}")
         med = _number(d.get("median"), f"entry {key!r} field 'median'")
         mean = _number(d.get("mean"), f"entry {key!r} field 'mean'", allow_none=True)
         spread = _number(d.get("spread"), f"entry {key!r} field 'spread'", allow_none=True)
+        ci = _number(d.get("ci"), f"entry {key!r} field 'ci'", allow_none=True)
         count = _number(d.get("count"), f"entry {key!r} field 'count'", allow_none=True,
                         integer=True)
         flags = d.get("flags", [])
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
             raise ValueError(f"entry {key!r} field 'flags' must be a list of strings")
         return cls(med * factor, None if mean is None else mean * factor, spread, count,
-                   list(flags))
+                   list(flags), ci)
 
 
 def _number(value, what: str, allow_none=False, integer=False):
@@ -158,6 +163,17 @@ def from_dict(d: dict) -> dict:
         s = _number(cal.get("scale"), "field 'calibration.scale'")
         if s == 0:
             raise ValueError("field 'calibration.scale' must be > 0")
+        types = cal.get("type_scales") or {}
+        if not isinstance(types, dict):
+            raise ValueError("field 'calibration.type_scales' must be an object "
+                             "{candidate: scale}")
+        for name, v in types.items():
+            _number(v, f"field 'calibration.type_scales.{name}'")
+        offset = cal.get("offset_ms", 0.0)
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
+                or not math.isfinite(offset):
+            raise ValueError(f"field 'calibration.offset_ms' must be a finite number (ms, "
+                             f"may be negative), got {offset!r}")
     nc = d.get("num_classes")
     meta = {k: v for k, v in d.items() if k not in
             {"schema", "unit", "entries", "space", "num_classes", "calibration", "warnings"}}

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from ..nn.space import SearchSpace
 
 __all__ = ["OpKey", "parse_key", "block_key", "stem_key", "head_key", "check_key",
-           "parse_block_key", "layer_keys", "required_keys"]
+           "parse_block_key", "layer_keys", "required_keys", "arch_keys"]
 
 _BLOCK_RE = re.compile(r"^(skip|k\d+_e\d+(?:_g\d+)?):i(\d+):o(\d+):s(\d+):h(\d+)$")
 _STEM_RE = re.compile(r"^stem:i(\d+):o(\d+):s(\d+):h(\d+)$")
@@ -90,3 +90,12 @@ def required_keys(space: SearchSpace, num_classes: int = 1000) -> list:
         out.extend(k for k in row if k not in out)
     out.append(head_key(space, num_classes))
     return out
+
+
+def arch_keys(arch, num_classes: int = 1000) -> list:
+    """The keys of one discrete architecture (an ``Architecture``) in the order its ops
+    run: stem, one block per layer, head."""
+    space = arch.space
+    blocks = [block_key(n, l.in_channels, l.out_channels, l.stride, l.in_size)
+              for n, l in zip(arch.blocks, space.layers())]
+    return [stem_key(space)] + blocks + [head_key(space, num_classes)]

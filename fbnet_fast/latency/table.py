@@ -19,7 +19,7 @@ from ..nn.architecture import resolve_arch
 from ..nn.space import SearchSpace
 from . import formats
 from .formats import Entry
-from .keys import block_key, check_key, head_key, layer_keys, required_keys, stem_key
+from .keys import arch_keys, check_key, head_key, layer_keys, required_keys, stem_key
 
 __all__ = ["LatencyTable"]
 
@@ -89,13 +89,15 @@ class LatencyTable:
         return self._space
 
     def value(self, key: str) -> float:
-        """Latency of one op in ms (median, times the calibration scale if any)."""
+        """Latency of one op in ms (median, times the calibration scales if any)."""
         try:
             e = self.entries[key]
         except KeyError:
             raise ValueError(self._missing_message([key])) from None
-        scale = self.calibration["scale"] if self.calibration else 1.0
-        return e.median * scale
+        if not self.calibration:
+            return e.median
+        types = self.calibration.get("type_scales") or {}
+        return e.median * self.calibration["scale"] * types.get(key.split(":", 1)[0], 1.0)
 
     def resolve_space(self, space: SearchSpace | None = None,
                       num_classes: int | None = None) -> tuple:
@@ -156,11 +158,9 @@ class LatencyTable:
         """Latency in ms of one discrete architecture (any form ``create_model`` accepts),
         stem and head included."""
         arch = resolve_arch(arch)
-        space = arch.space
-        total = self.fixed_ms(space, num_classes)
-        for name, l in zip(arch.blocks, space.layers()):
-            total += self.value(block_key(name, l.in_channels, l.out_channels, l.stride,
-                                          l.in_size))
+        total = self.fixed_ms(arch.space, num_classes)
+        for key in arch_keys(arch)[1:-1]:
+            total += self.value(key)
         return total
 
     def expected(self, masks: Tensor, space: SearchSpace | None = None,

@@ -1,4 +1,5 @@
-"""How latencies are timed: the device, the thread count, and a timer between modules.
+"""How latencies are timed: the device, the thread count, a timer between modules, and
+the benchmark protocol for whole networks.
 
 A leaf of the latency package (it imports nothing from fbnet_fast): measuring tables
 (``measuring.py``) and validating them (``validation.py``) both time with it.
@@ -13,7 +14,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["device_info", "threads_set", "resolve_device", "SegmentTimer", "progress_bar"]
+__all__ = ["device_info", "threads_set", "resolve_device", "SegmentTimer", "progress_bar",
+           "benchmark", "torch_runner"]
 
 
 def device_info(device: torch.device) -> dict:
@@ -87,6 +89,41 @@ class SegmentTimer:
             x = m(x)
             t.append(time.perf_counter())
         return [(b - a) * 1e3 for a, b in zip(t, t[1:])]
+
+
+def torch_runner(module, x, device: torch.device):
+    """One inference of ``module`` on ``x`` as a callable for ``benchmark``; on CUDA it
+    waits for the GPU, so the clock sees the whole run."""
+    if device.type == "cuda":
+        return lambda: (module(x), torch.cuda.synchronize())
+    return lambda: module(x)
+
+
+def benchmark(runs, reps: int, warmup: int, rounds: int = 1, clock=time.perf_counter,
+              on_round=None) -> list:
+    """Times each callable of ``runs`` the way benchmark tools time a model; ms per run.
+
+    One callable at a time: ``warmup`` untimed runs, then ``reps`` timed runs in a row,
+    so every timed run follows a run of the same network (its own weights in cache), as
+    in deployment. Whole rounds (every callable once) repeat ``rounds`` times, so a slow
+    drift of the machine spreads over all callables instead of biasing one. Returns, per
+    callable, its ``rounds * reps`` run times; ``clock`` is injectable for tests.
+    """
+    if reps < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"benchmark needs reps >= 1, warmup >= 0, rounds >= 1; got reps "
+                         f"{reps}, warmup {warmup}, rounds {rounds}")
+    out = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, times in zip(runs, out):
+            for _ in range(warmup):
+                run()
+            for _ in range(reps):
+                t0 = clock()
+                run()
+                times.append((clock() - t0) * 1e3)
+        if on_round is not None:
+            on_round()
+    return out
 
 
 def progress_bar(total: int, desc: str, show: bool):

@@ -1,19 +1,21 @@
 """Validating a latency table against whole networks measured the same way.
 
 The additive model (sum of per-op latencies) is an approximation; ``validate`` samples
-random architectures, times each whole network (eval mode, same batch, threads and
-device as the table) and reports the mean absolute percentage error (MAPE) and the
+random architectures, times each whole network (eval mode, same batch, threads, device
+and runtime as the table) and reports the mean absolute percentage error (MAPE) and the
 Spearman rank correlation of predicted against measured latency. The networks are timed
-interleaved (one run of each per round, in a shuffled order), so a burst of load on the
-machine hits all of them alike instead of biasing one.
+the way benchmark tools time a model (``timing.benchmark``): one network at a time,
+warm-up, then runs in a row, median; only whole rounds are interleaved, so a slow drift
+of the machine spreads over all networks instead of biasing one.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..nn.architecture import sample_architectures
+from ..nn.architecture import resolve_arch, sample_architectures
 from ..nn.space import SearchSpace
 from .measuring import measure_networks
+from .runtimes import table_runtime
 from .table import LatencyTable
 
 __all__ = ["spearman", "mape", "validate", "validate_many"]
@@ -53,28 +55,34 @@ def mape(predicted, measured) -> float:
 def validate(table: LatencyTable, samples: int = 20, seed: int = VALIDATE_SEED,
              space: SearchSpace | None = None, device: str | None = None,
              batch: int | None = None, threads: int | None = None, reps: int = 20,
-             warmup: int = 3, num_classes: int | None = None, progress: bool = True) -> dict:
+             warmup: int = 10, num_classes: int | None = None, progress: bool = True,
+             rounds: int = 2, runtime: str | None = None, archs=None) -> dict:
     """Predicted vs measured latency of ``samples`` random architectures.
 
-    Settings default to those recorded in the table (device type, batch, threads); the
-    table's calibration networks are excluded. Returns ``{"mape": %, "spearman": rho,
-    "rows": [{"arch", "predicted_ms", "measured_ms", "spread", "error_pct"}], ...}``.
+    Settings default to those recorded in the table (device type, batch, threads,
+    runtime); the table's calibration networks are excluded. Each network: ``warmup``
+    runs, then ``reps`` timed runs in a row, once per round, ``rounds`` rounds, median.
+    ``archs``: architectures to time in addition (e.g. ``["fbnet_b", "fbnet_c"]``).
+    Returns ``{"mape": %, "spearman": rho, "rows": [{"arch", "predicted_ms",
+    "measured_ms", "spread", "error_pct"}], ...}``.
     """
     return validate_many([table], samples, seed, space, device, batch, threads, reps, warmup,
-                         num_classes, progress)[0]
+                         num_classes, progress, rounds, runtime, archs)[0]
 
 
 def validate_many(tables, samples: int = 20, seed: int = VALIDATE_SEED,
                   space: SearchSpace | None = None, device: str | None = None,
                   batch: int | None = None, threads: int | None = None, reps: int = 20,
-                  warmup: int = 3, num_classes: int | None = None,
-                  progress: bool = True) -> list:
+                  warmup: int = 10, num_classes: int | None = None,
+                  progress: bool = True, rounds: int = 2, runtime: str | None = None,
+                  archs=None) -> list:
     """``validate`` for several tables against ONE measurement of the same networks.
 
     The fair way to compare measuring methods on a noisy machine: every table is scored
     against identical measured values. The tables must agree on the settings that change
-    latency (space, device, batch, threads, memory format); the calibration networks of
-    every table are excluded.
+    latency (space, device, batch, threads, memory format, runtime; ``runtime=`` times
+    the networks in another runtime than the tables'); the calibration networks of every
+    table are excluded.
     """
     first = tables[0]
     space = space or first.space
@@ -88,26 +96,33 @@ def validate_many(tables, samples: int = 20, seed: int = VALIDATE_SEED,
                              f"validation: {settings[0]} vs {st}")
     for t in tables:
         t.check(space, nc)
-    dev_type, t_batch, t_threads, fmt = settings[0]
+    dev_type, t_batch, t_threads, fmt, t_runtime = settings[0]
     dev, batch = device or dev_type, batch or t_batch
     threads = threads or t_threads
+    runtime = runtime or t_runtime
     exclude = [n for t in tables for n in (t.calibration or {}).get("networks", [])]
-    archs = sample_architectures(space, samples, seed, exclude=exclude)
+    archs = [resolve_arch(a) for a in archs or []]
+    for a in archs:
+        if a.space != space:
+            raise ValueError(f"architecture {a.name or list(a.blocks)} is not of the tables' "
+                             "search space")
+    archs += sample_architectures(space, samples, seed, exclude=exclude)
     meas = measure_networks(archs, device=dev, batch=batch, threads=threads, reps=reps,
-                            warmup=warmup, num_classes=nc, memory_format=fmt,
-                            progress=progress)
+                            warmup=warmup, rounds=rounds, num_classes=nc, memory_format=fmt,
+                            progress=progress, runtime=runtime)
     med = [m.median for m in meas]
     out = []
     for t in tables:
         pred = [t.latency(a, nc) for a in archs]
-        rows = [{"arch": list(a.blocks), "predicted_ms": p, "measured_ms": m.median,
-                 "spread": m.spread, "error_pct": (p - m.median) / m.median * 100}
+        rows = [{"arch": list(a.blocks), "name": a.name, "predicted_ms": p,
+                 "measured_ms": m.median, "spread": m.spread, "ci": m.ci,
+                 "error_pct": (p - m.median) / m.median * 100}
                 for a, p, m in zip(archs, pred, meas)]
         out.append({"mape": mape(pred, med), "spearman": spearman(pred, med),
                     "bias_pct": float(np.mean([r["error_pct"] for r in rows])),
                     "samples": samples, "seed": seed, "device": dev, "batch": batch,
-                    "threads": threads, "reps": reps, "method": t.meta.get("method"),
-                    "rows": rows})
+                    "threads": threads, "reps": reps, "warmup": warmup, "rounds": rounds,
+                    "runtime": runtime, "method": t.meta.get("method"), "rows": rows})
     return out
 
 
@@ -115,4 +130,4 @@ def _settings(t: LatencyTable) -> tuple:
     d = t.meta.get("device")
     dev = d.get("type", "cpu") if isinstance(d, dict) else "cpu"
     return (dev, int(t.meta.get("batch") or 1), t.meta.get("threads"),
-            t.meta.get("memory_format", "contiguous"))
+            t.meta.get("memory_format", "contiguous"), table_runtime(t.meta))
