@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..latency.measuring import METHODS
 from ..nn.space import SearchSpace, Stage
 
 __all__ = ["SearchConfig", "FaultSettings", "PRESETS", "make_config", "config_field", "build_space",
@@ -77,7 +78,7 @@ class SearchConfig(FaultSettings):
     lut: str | None = config_field(None, "latency table to use (default: measure one on the "
                                    "spot)", str)
     lut_method: str = config_field("calibrated", "how to measure the table when --lut is not "
-                                   "given", str, ("naive", "context", "calibrated"))
+                                   "given", str, METHODS)
     lut_reps: int | None = config_field(None, "timed rounds per op when measuring", int)
     lut_device: str = config_field("cpu", "device the latency table is measured on", str)
     lut_threads: int | None = config_field(None, "threads while measuring (default: current)",
