@@ -3,11 +3,14 @@
 Each ratio is the median over repetitions of (baseline time / ours time), the two timed
 back to back in every repetition (docs/architecture.md, "Measuring"), so a busy machine
 slows both alike. Also reports bytes saved for backward (saved_tensors_hooks, deduplicated
-by storage, parameters and buffers left out) and the compute floor (FLOPs over a GEMM rate
-measured on the spot).
+by storage, parameters and buffers left out), the compute floor (FLOPs over a GEMM rate
+measured on the spot) and the bandwidth floor of the fused CPU step (the bytes its passes
+over memory move, counted from the pipeline in ``PASSES``, over a copy bandwidth measured on
+the spot).
 
     python bench/report.py                       # all sections, a few minutes
     python bench/report.py --only dw --reps 5 --json out.json
+    python bench/report.py --only budget         # the pass budget alone: no timing
 The bench_*.py files import the case builders below.
 """
 from __future__ import annotations
@@ -132,6 +135,66 @@ def mixed_flops(n, c_in, c_out, s, h) -> float:
     return 2.0 * 3 * macs
 
 
+# --- the pass budget of the fused CPU step --------------------------------------------
+# One training step (forward, then backward with the forward recomputed from x) of the
+# fused CPU block, step by step: how many times each tensor is read or written in full,
+# "before" (the pipeline up to issue 14: BN applied and its statistics taken in passes of
+# their own) and "now". Tensors: A = the expanded [N*H*W, T] tensor (the first 1x1's output,
+# T = sum of the candidates' expanded channels = 22 C_in for the paper's), D = [N*H'*W', T]
+# (the depthwise output), Z = [N*H'*W', k*C_out] (the k candidates' second 1x1 outputs),
+# X = [N*H*W, C_in], Y = [N*H'*W', C_out]. A pass over cached data (a row or tile just
+# written) is not counted.
+PASSES = [  # (step, {tensor: passes} before, {tensor: passes} now)
+    ("first 1x1, forward + recomputed", {"X": 2, "A": 2}, {"X": 2, "A": 2}),
+    ("BN1 statistics (now from X's [C, C] covariance)", {"A": 1}, {"X": 4}),
+    ("BN1 + ReLU applied, forward + recomputed (now the depthwise prologue)", {"A": 4}, {}),
+    ("depthwise forward + recomputed", {"A": 2, "D": 2}, {"A": 2, "D": 2}),
+    ("BN2 statistics (now the depthwise epilogue)", {"D": 1}, {}),
+    ("BN2 + ReLU applied, forward + recomputed (recomputed: the depthwise epilogue)",
+     {"D": 4}, {"D": 3}),
+    ("second 1x1s, forward + recomputed", {"D": 2, "Z": 2}, {"D": 2, "Z": 2}),
+    ("BN3 statistics, mask-weighted combine (now one C++ pass)", {"Z": 4, "Y": 2, "X": 1},
+     {"Z": 2, "Y": 2, "X": 1}),
+    ("BN3 backward, mask gradient (now two C++ passes)", {"Z": 9, "Y": 4, "X": 1},
+     {"Z": 3, "Y": 4, "X": 1}),
+    ("second 1x1s backward (weights, input)", {"Z": 2, "D": 2}, {"Z": 2, "D": 2}),
+    ("BN2 + ReLU backward (sums, then apply)", {"D": 5}, {"D": 5}),
+    ("depthwise backward: grad-input, grad-weight (now ReLU mask + BN1 sums inside)",
+     {"D": 2, "A": 2}, {"D": 2, "A": 3}),
+    ("BN1 + ReLU backward (now folded into the first 1x1's backward)", {"A": 5}, {}),
+    ("first 1x1 backward (weights, input)", {"A": 2, "X": 3}, {"A": 2, "X": 9}),
+]
+
+
+def pass_budget(n: int, c_in: int, c_out: int, s: int, h: int, bandwidth: float) -> dict:
+    """Bytes the fused CPU step moves (float32) before and now, in passes over A (the
+    [N*H*W, T] expanded tensor) and as a floor in ms at ``bandwidth`` bytes/s."""
+    layout = MixedBlock(c_in, c_out, s, backend="reference").layout
+    ho = conv_out(h, s)
+    m1, m2, t = n * h * h, n * ho * ho, layout.total_mid
+    size = {"A": m1 * t, "D": m2 * t, "Z": m2 * len(layout.slots) * c_out, "X": m1 * c_in,
+            "Y": m2 * c_out}
+    out = {}
+    for col, when in ((1, "before"), (2, "now")):
+        elems = sum(size[k] * v for row in PASSES for k, v in row[col].items())
+        out[f"passes_{when}"] = elems / size["A"]
+        out[f"MB_{when}"] = 4 * elems / 2**20
+        out[f"bw_floor_ms_{when}"] = 4 * elems / bandwidth * 1e3
+    return out
+
+
+def copy_bandwidth(mb: int = 64, reps: int = 5) -> float:
+    """Bytes/s of a plain float32 copy of ``mb`` MB (read + write counted), best of reps."""
+    a = torch.randn(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
 def supernet_case(n: int, res: int, backend: str, channels_last: bool = True):
     torch.manual_seed(0)
     net = fbnet_fast.SuperNet(SearchSpace(resolution=res), num_classes=100, backend=backend)
@@ -222,10 +285,27 @@ def section_dw(args) -> list:
     return rows
 
 
-def section_mixed(args, rate) -> list:
+def section_budget(args, rate, bandwidth) -> list:
+    """The pass budget and both floors per layer shape: arithmetic, nothing timed."""
     rows = []
     for c_in, c_out, s, h in layer_shapes(args.quick)[: args.max_shapes]:
-        h = max(1, h // args.downscale)
+        h = args.size or max(1, h // args.downscale)
+        b = pass_budget(args.mixed_batch, c_in, c_out, s, h, bandwidth)
+        flop = mixed_flops(args.mixed_batch, c_in, c_out, s, h) / rate * 1e3
+        rows.append({"C_in": c_in, "C_out": c_out, "stride": s, "H": h, "batch": args.mixed_batch,
+                     **b, "floor_ms": flop})
+        print(f"budget {c_in:3d}->{c_out:3d} s{s} H={h:3d}  passes over A {b['passes_before']:.1f}"
+              f" -> {b['passes_now']:.1f}  MB {b['MB_before']:.0f} -> {b['MB_now']:.0f}  "
+              f"bandwidth floor {b['bw_floor_ms_before']:.2f} -> {b['bw_floor_ms_now']:.2f} ms  "
+              f"FLOP floor {flop:.2f} ms", flush=True)
+    return rows
+
+
+def section_mixed(args, rate, bandwidth) -> list:
+    rows = []
+    for c_in, c_out, s, h in layer_shapes(args.quick)[: args.max_shapes]:
+        h = args.size or max(1, h // args.downscale)
+        budget = pass_budget(args.mixed_batch, c_in, c_out, s, h, bandwidth)
         fwds = mixed_case(args.mixed_batch, c_in, c_out, s, h)
         res = ratios(steps(fwds), "fused", args.reps)
         mem = {k: saved_bytes(fwds[k], _state(fwds[k].module)) for k in ("fused", "ref_cl", "ref_ckpt")}
@@ -233,11 +313,13 @@ def section_mixed(args, rate) -> list:
         rows.append({"C_in": c_in, "C_out": c_out, "stride": s, "H": h, "batch": args.mixed_batch,
                      **{f"{k}_ms": v[0] * 1e3 for k, v in res.items()},
                      **{f"speedup_vs_{k}": v[1] for k, v in res.items() if k != "fused"},
-                     "floor_ms": floor * 1e3,
+                     "floor_ms": floor * 1e3, "passes": budget["passes_now"],
+                     "bw_floor_ms": budget["bw_floor_ms_now"],
                      **{f"saved_MB_{k}": v / 2**20 for k, v in mem.items()}})
         r = rows[-1]
         print(f"mixed {c_in:3d}->{c_out:3d} s{s} H={h:3d}  fused {r['fused_ms']:8.2f} ms "
-              f"(floor {r['floor_ms']:.2f})  ref NCHW x{r['speedup_vs_ref_nchw']:.2f}  "
+              f"(floors: FLOP {r['floor_ms']:.2f}, bandwidth {r['bw_floor_ms']:.2f})  "
+              f"ref NCHW x{r['speedup_vs_ref_nchw']:.2f}  "
               f"CL x{r['speedup_vs_ref_cl']:.2f}  ckpt x{r['speedup_vs_ref_ckpt']:.2f}  saved MB "
               f"fused {r['saved_MB_fused']:.2f} / ref {r['saved_MB_ref_cl']:.2f} "
               f"(ckpt {r['saved_MB_ref_ckpt']:.2f})", flush=True)
@@ -285,30 +367,34 @@ def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("dw", "mixed", "supernet"), action="append",
+    p.add_argument("--only", choices=("budget", "dw", "mixed", "supernet"), action="append",
                    help="sections to run (repeatable; default all)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     p.add_argument("--max-shapes", type=int, default=None, help="first N shapes per section")
     p.add_argument("--batch", type=int, default=16, help="depthwise batch")
     p.add_argument("--mixed-batch", type=int, default=8, help="MixedBlock batch")
     p.add_argument("--downscale", type=int, default=2, help="divide MixedBlock map sizes by this")
+    p.add_argument("--size", type=int, default=None,
+                   help="every MixedBlock map this size instead (e.g. 4: the fixed cost per call)")
     p.add_argument("--supernet-batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224, help="SuperNet input size")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    sections = args.only or ["dw", "mixed", "supernet"]
-    rate = gemm_rate()
+    sections = args.only or ["budget", "dw", "mixed", "supernet"]
+    rate, bandwidth = gemm_rate(), copy_bandwidth()
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "gemm_gflops": rate / 1e9},
+                       "gemm_gflops": rate / 1e9, "copy_GBps": bandwidth / 1e9},
            "command": " ".join(["python"] + sys.argv)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
+          f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s", flush=True)
+    if "budget" in sections:
+        out["budget"] = section_budget(args, rate, bandwidth)
     if "dw" in sections:
         out["depthwise"] = section_dw(args)
     if "mixed" in sections:
-        out["mixed_block"] = section_mixed(args, rate)
+        out["mixed_block"] = section_mixed(args, rate, bandwidth)
     if "supernet" in sections:
         out["supernet"] = section_supernet(args)
     if args.json:

@@ -27,4 +27,24 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("scale_shift_out(Tensor x, Tensor scale, Tensor shift, bool relu, Tensor(a!) out) -> ()");
   m.def("bn_backward_out(Tensor grad, Tensor z, Tensor mean, Tensor rstd, Tensor weight,"
         " Tensor bias, bool relu, bool training, Tensor(a!) grad_z) -> (Tensor, Tensor)");
+  // The depthwise conv with the batch norms around it folded in (csrc/cpu/depthwise_bn.cpp):
+  // out = dw_conv(relu(a * scale + shift)), returning Tensor[2, C] in a's dtype, the
+  // per-channel mean and biased variance of out (with out2: out2 = relu(out * out_scale + out_shift) too, written
+  // while out is in cache); the backward writes g = dL/d(a * scale + shift) (the conv's
+  // grad-input, zero where the ReLU was off) into grad_a and returns the weights' grads and
+  // Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
+  m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
+        " Tensor(a!) out, Tensor? out_scale=None, Tensor? out_shift=None,"
+        " Tensor(b!)? out2=None) -> Tensor");
+  m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
+        " Tensor scale, Tensor shift, Tensor mean, Tensor(a!) grad_a) -> (Tensor[], Tensor)");
+  // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
+  // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
+  // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]
+  // + shift[n, o]. zdot: Tensor[N, k, O], the sum over p of z[n, p, i, o] * dy[n, p, o].
+  // bn3_backward_out: dz = z * beta[i, o] + delta[i, o] + dy[n, p, o] * alpha[n, i, o].
+  m.def("combine_out(Tensor z, Tensor coef, Tensor shift, Tensor(a!) out) -> ()");
+  m.def("zdot(Tensor z, Tensor dy) -> Tensor");
+  m.def("bn3_backward_out(Tensor z, Tensor dy, Tensor beta, Tensor delta, Tensor alpha,"
+        " Tensor(a!) dz) -> ()");
 }

@@ -240,3 +240,109 @@ def test_bn_out_variants_in_place(relu):
     dw2, db2 = torch.ops.fbnet_fast.bn_backward_out(g2, z, mean, rstd, scale, shift, relu, True, g2)
     for a, b in ((g2, dz), (dw2, dw), (db2, db)):
         torch.testing.assert_close(a, b)
+
+
+# --- the depthwise conv with BN1 + ReLU as its prologue, BN statistics as its epilogue ------
+
+# (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough that the prologue's 1 MiB
+# tile of input rows holds 1 to 8 output rows (several tiles per image, partial last tiles).
+BN_SIZES = [(2, 7, 9, 8), (2, 33, 1, 1), (3, 17, 4, 4), (1, 400, 12, 40), (1, 700, 5, 50)]
+
+
+def _bn_inputs(size, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = size
+    a = (torch.randn(n, c, h, w, dtype=DT, generator=g) * 2 + 1).contiguous(
+        memory_format=torch.channels_last)
+    scale = torch.randn(c, dtype=DT, generator=g)   # both signs: the ReLU cuts both ways
+    shift = torch.randn(c, dtype=DT, generator=g)
+    c1 = c // 3
+    ws = [torch.randn(c1, k, k, dtype=DT, generator=g),
+          torch.randn(c - c1, 8 - k, 8 - k, dtype=DT, generator=g)]   # a 3x3 and a 5x5 run
+    return a, scale, shift, [w for w in ws if w.shape[0]], g
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("size", BN_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_dw_conv_bn(size, k, stride):
+    """Forward (output and the statistics of its epilogue) and backward (g, the weights' grads and
+    BN1's sums) against autograd through relu(a * scale + shift) and F.conv2d."""
+    a, scale, shift, ws, g = _bn_inputs(size, k, sum(size) + k + stride)
+    pre = (a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).requires_grad_()
+    wr = [w.clone().requires_grad_() for w in ws]
+    y = reference(pre.relu(), wr, stride)
+    out, stats = ops.dw_conv_bn(a, ws, stride, scale, shift)
+    torch.testing.assert_close(out, y)
+    var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
+    torch.testing.assert_close(stats, torch.stack([mean, var]))
+    # with out2: BN2 + ReLU of the output written by the epilogue too
+    sc2, sh2 = (torch.randn(y.shape[1], dtype=DT, generator=g) for _ in range(2))
+    out1, out2 = torch.empty_like(out), torch.empty_like(out)
+    torch.ops.fbnet_fast.dw_conv_bn_out(a, ws, stride, scale, shift, out1, sc2, sh2, out2)
+    torch.testing.assert_close(out1, y)
+    torch.testing.assert_close(out2, (y * sc2.view(1, -1, 1, 1) + sh2.view(1, -1, 1, 1)).relu())
+    dy = torch.randn(y.shape, dtype=DT, generator=g)
+    y.backward(dy)
+    mean = a.mean((0, 2, 3))
+    gpre, gws, bsums = ops.dw_conv_bn_backward(dy, a, ws, stride, scale, shift, mean)
+    torch.testing.assert_close(gpre, pre.grad)
+    for got, w in zip(gws, wr):
+        torch.testing.assert_close(got, w.grad)
+    c = (a - mean.view(1, -1, 1, 1))
+    torch.testing.assert_close(bsums, torch.stack([pre.grad.sum((0, 2, 3)),
+                                                   (pre.grad * c).sum((0, 2, 3))]))
+
+
+def test_dw_conv_bn_strided_input_and_opcheck():
+    """A channel slice of a wider channels_last tensor is read in place; opcheck both ops."""
+    torch.manual_seed(3)
+    big = torch.randn(2, 40, 6, 7, dtype=DT).contiguous(memory_format=torch.channels_last)
+    a = big[:, 5:29]
+    scale, shift, mean = (torch.randn(24, dtype=DT) for _ in range(3))
+    ws = [torch.randn(10, 3, 3, dtype=DT), torch.randn(14, 5, 5, dtype=DT)]
+    out, _ = ops.dw_conv_bn(a, ws, 2, scale, shift)
+    want = reference((a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).relu(), ws, 2)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(RuntimeError, match=r"shift must be Tensor\[24\]"):
+        ops.dw_conv_bn(a, ws, 2, scale, shift[:5])
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
+                          (a, ws, 2, scale, shift, torch.empty_like(out)))
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
+                          (a, ws, 2, scale, shift, torch.empty_like(out), mean, shift,
+                           torch.empty_like(out)))
+    dy = torch.randn_like(out)
+    # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
+    # a Tensor[] (it only runs inside the opaque mixed_block_cpu_backward op)
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
+                          (dy, a, ws, 2, scale, shift, mean,
+                           torch.empty_like(a, memory_format=torch.channels_last)),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+# --- the mask-weighted combine over Z = [N, P, k, O] and its BN3 backward -----------------
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["batch", "example"])
+def test_combine_ops(per_example):
+    """combine_out, zdot and bn3_backward_out against the torch expressions they replace."""
+    g = torch.Generator().manual_seed(7 + per_example)
+    n, p, k, o = 3, 13, 5, 19
+    rows = n if per_example else 1
+    z, dy = (torch.randn(s, dtype=DT, generator=g) for s in ((n, p, k, o), (n, p, o)))
+    coef, alpha = (torch.randn(rows, k, o, dtype=DT, generator=g) for _ in range(2))
+    shift = torch.randn(rows, o, dtype=DT, generator=g)
+    beta, delta = (torch.randn(k, o, dtype=DT, generator=g) for _ in range(2))
+    out = torch.empty(n, p, o, dtype=DT)
+    torch.ops.fbnet_fast.combine_out(z, coef, shift, out)
+    torch.testing.assert_close(out, (z * coef[:, None]).sum(2) + shift[:, None])
+    torch.testing.assert_close(torch.ops.fbnet_fast.zdot(z, dy), (z * dy[:, :, None]).sum(1))
+    dz = torch.empty_like(z)
+    torch.ops.fbnet_fast.bn3_backward_out(z, dy, beta, delta, alpha, dz)
+    torch.testing.assert_close(dz, z * beta + delta + dy[:, :, None] * alpha[:, None])
+    with pytest.raises(RuntimeError, match="must have 1 or N = 3 rows"):
+        torch.ops.fbnet_fast.combine_out(z, torch.ones(2, k, o, dtype=DT), shift, out)
+    torch.library.opcheck(torch.ops.fbnet_fast.combine_out.default, (z, coef, shift, out))
+    torch.library.opcheck(torch.ops.fbnet_fast.zdot.default, (z, dy))
+    torch.library.opcheck(torch.ops.fbnet_fast.bn3_backward_out.default,
+                          (z, dy, beta, delta, alpha, dz))

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "channel_sums.h"
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -19,36 +21,8 @@ at::Tensor rows_of(const at::Tensor& x, const char* op, const char* name) {
   return x.contiguous();
 }
 
-void check_vec(const at::Tensor& v, int64_t C, const at::Tensor& like, const char* op,
-               const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": ", name, " must be Tensor[", C,
-              "], got shape ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
-              v.scalar_type(), ", expected ", like.scalar_type());
-}
-
-// Rows [r0, r1) of part t out of `parts` equal shares.
-inline std::pair<int64_t, int64_t> share(int64_t M, int64_t parts, int64_t t) {
-  return {M * t / parts, M * (t + 1) / parts};
-}
-
 // Rows summed in the input precision before adding into the double accumulators.
 constexpr int64_t kRowBlock = 64;
-
-int64_t num_parts(int64_t M) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
-}
-
-// Channel c of the per-part partial sums acc[part][2][C], summed over the parts.
-inline std::pair<double, double> sum_parts(const std::vector<double>& acc, int64_t parts,
-                                           int64_t C, int64_t c) {
-  double s1 = 0, s2 = 0;
-  for (int64_t t = 0; t < parts; ++t) {
-    s1 += acc[t * 2 * C + c];
-    s2 += acc[t * 2 * C + C + c];
-  }
-  return {s1, s2};
-}
 
 // Per-channel mean and biased variance over the rows (shifted by row 0 against cancellation).
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {

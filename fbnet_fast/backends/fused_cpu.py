@@ -4,8 +4,14 @@
 Data stays channels-last, so every 1x1 conv is a plain GEMM on a [pixels, channels] matrix:
 one GEMM for all candidates' first 1x1 (grouped ones block-diagonal, the channel shuffle
 folded into the row order), one C++ depthwise pass over all expanded channels, one GEMM
-per candidate for the second 1x1, and the mask-weighted combine. The backward recomputes
-the intermediates from x, so only x, the mask, the weights and the BN batch statistics are
+per candidate for the second 1x1, and the mask-weighted combine. The BNs around the
+depthwise take no passes of their own (bench/report.py's ``PASSES`` counts them): BN1's
+statistics come from the input's [C_in, C_in] covariance, BN1 + ReLU is the depthwise's
+prologue and BN2's statistics its epilogue; in the backward the depthwise leaves the gradient at
+BN1 (ReLU mask applied) with BN1's sums, and the first 1x1's backward takes BN1's backward
+apart instead of writing its output; the mask-weighted combine and BN3's backward are C++
+passes over all candidates' second 1x1 outputs at once. The backward recomputes the
+intermediates from x, so only x, the mask, the weights and the BN batch statistics are
 saved. Both ops are registered with fake kernels, so torch.compile and export trace them.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
 they hold about the largest layer's peak, ``clear_workspace()`` frees them).
@@ -20,7 +26,8 @@ import torch
 from torch import Tensor
 
 from . import jit
-from .plan import FusedPlan, Geometry, bn_coef, bn_grad, dw_weights, plan_for, update_running
+from .plan import (BNGrad, FusedPlan, Geometry, bn_coef, bn_grad, dw_weights, plan_for,
+                   update_running)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -118,19 +125,26 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x))
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
+    elif training:
+        m1, v1 = _pw_stats(X, W1)
     else:
-        m1, v1 = _stats(A, training, p.shuffle(running[0]), p.shuffle(running[1]))
+        m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef(m1, v1, g1, b1)
-    H1 = _scale_shift(A, r.bn1.scale, r.bn1.shift, out=_ws.get("H1", (M1, T), x) if keep else A)
+    # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
     Dm = _ws.get("D", (M2, T), x)
-    torch.ops.fbnet_fast.dw_conv_out.default(geo.image_in(H1), dw_weights(dw, p.dw_runs), s,
-                                             geo.image_out(Dm))
+    dw_args = (geo.image_in(A), dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift,
+               geo.image_out(Dm))
     if stats_in is not None:
-        m2, v2 = stats_in["bn2"]
+        # the backward's recomputation: BN2 is known, so the epilogue also writes H2
+        r.bn2 = bn_coef(*stats_in["bn2"], g2, b2)
+        H2 = _ws.get("H2", (M2, T), x)
+        torch.ops.fbnet_fast.dw_conv_bn_out.default(*dw_args, r.bn2.scale, r.bn2.shift,
+                                                    geo.image_out(H2))
     else:
-        m2, v2 = _stats(Dm, training, running[2], running[3])
-    r.bn2 = bn_coef(m2, v2, g2, b2)
-    H2 = _scale_shift(Dm, r.bn2.scale, r.bn2.shift, out=_ws.get("H2", (M2, T), x) if keep else Dm)
+        stats2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(*dw_args)
+        m2, v2 = stats2 if training else (running[2], running[3])
+        r.bn2 = bn_coef(m2, v2, g2, b2)
+        H2 = _scale_shift(Dm, r.bn2.scale, r.bn2.shift, out=Dm)  # in place: D is not needed
     W2 = p.dense_pw2(pw2)
     k = p.n_conv
     Z = _ws.get("Z", (M2, k * O), x)           # slot i's output in columns [i*O, (i+1)*O)
@@ -149,10 +163,25 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         st = stats_in["skip"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
     if keep:  # the backward needs them; the forward lets them go as soon as it can
-        r.A, r.H1, r.D, r.H2 = A, H1, Dm, H2
-        r.g1, r.b1 = g1, b1
+        r.A, r.D, r.H2, r.W1 = A, Dm, H2, W1
+        r.g1 = g1
     r.shape, r.geo = (n, C, h, w, ho, wo), geo
     return r
+
+
+def _centered(X: Tensor):
+    """(mean, X - mean, (X - mean)^T (X - mean)) of the [M, C] input: C is narrow, so these
+    cost a few passes over X, about 1/22 of one over the expanded tensor each."""
+    mx = X.mean(0)
+    Xc = torch.sub(X, mx, out=_ws.get("Xc", X.shape, X))
+    return mx, Xc, Xc.t() @ Xc
+
+
+def _pw_stats(X: Tensor, W1: Tensor):
+    """BN1's batch statistics of A = X W1^T without a pass over A: mean W1 mean(x), biased
+    variance diag(W1 cov(x) W1^T), from the [C_in, C_in] covariance of the input."""
+    mx, _, cov = _centered(X)
+    return W1 @ mx, ((W1 @ cov) * W1).sum(1).div_(X.shape[0]).clamp_min_(0)
 
 
 def _mask_rows(mask: Tensor, n: int) -> Tensor:
@@ -207,10 +236,11 @@ def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tenso
         k = p.n_conv
         conv_cols = list(p.mask_cols[:k])
         bn3 = bn_coef(*r.bn3, bn3_weight, bn3_bias)
-        mk = mr[:, conv_cols].view(nm, 1, k, 1)
-        # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one scaled copy of Z, one sum over slots
-        t = torch.mul(r.Z, mk * bn3.scale.view(1, 1, k, O), out=_ws.get("ZT", r.Z.shape, x))
-        out = t.sum(2).add_((mk * bn3.shift.view(1, 1, k, O)).sum(2))
+        mk = mr[:, conv_cols].view(nm, k, 1)
+        # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one pass over Z
+        out = x.new_empty(n, ho * wo, O)
+        torch.ops.fbnet_fast.combine_out.default(r.Z, mk * bn3.scale.view(1, k, O),
+                                                 (mk * bn3.shift.view(1, k, O)).sum(1), out)
         res = mr[:, conv_cols].sum(1) if L.residual else None
         if L.skip_index >= 0:
             ms = mr[:, L.skip_index]
@@ -271,18 +301,13 @@ def mixed_block_cpu_backward(
         # gradient is g = m_i * dy, so the sums below weight each example by its mask
         g3 = bn3_weight.view(k, O)
         bn3 = bn_coef(*(v.view(k, O) for v in r.bn3), g3, bn3_bias.view(k, O))
-        mk = mr[:, conv_cols].view(nm, 1, k, 1)
-        dZ = _ws.get("ZT", r.Z.shape, x)
-        dY4 = dY.view(n, ho * wo, 1, O)
-        Pz = torch.mul(r.Z, dY4, out=dZ).sum(1)                 # [n, k, O]: sum of dy * z
+        mk3 = mr[:, conv_cols].view(nm, k, 1)
+        Pz = torch.ops.fbnet_fast.zdot.default(r.Z, dY)         # [n, k, O]: sum of dy * z
         dm[:, conv_cols] = (Pz * bn3.scale).sum(2) + Sdy @ bn3.shift.t()
-        mk3 = mk.view(nm, k, 1)
         c3 = bn_grad(bn3, g3, (mk3 * Sdy.view(n, 1, O)).sum(0), (mk3 * Pz).sum(0), M2, training)
-        a = c3.alpha.view(1, 1, k, O) * mk
-        if training:
-            torch.mul(r.Z, c3.beta, out=dZ).add_(c3.delta).addcmul_(dY4, a)
-        else:
-            torch.mul(dY4, a, out=dZ)
+        dZ = _ws.get("ZT", r.Z.shape, x)                        # one pass over Z
+        torch.ops.fbnet_fast.bn3_backward_out.default(r.Z, dY, c3.beta, c3.delta,
+                                                      c3.alpha.view(1, k, O) * mk3, dZ)
         dZm = dZ.view(M2, k * O)
         for i, sl in enumerate(L.slots):
             dZi = dZm[:, i * O:(i + 1) * O]
@@ -317,18 +342,19 @@ def mixed_block_cpu_backward(
                 dX[:, ::L.stride, ::L.stride] = dXs.view(n, ho, wo, C)
                 dX = dX.view(M1, C)
         # BN2 + ReLU, depthwise, BN1 + ReLU, first GEMM.
-        # (in place: dD over dH2, dA over dH1)
+        # (in place: dD over dH2)
         dD, dg2, db2 = _bn_bwd(dH2, r.D, r.bn2.mean, r.bn2.rstd, bn2_weight, bn2_bias, True,
                                training, out=dH2)
-        dH1 = _ws.get("dH1", (M1, T), x)
-        dws = torch.ops.fbnet_fast.dw_conv_backward_out.default(
-            r.geo.image_out(dD), r.geo.image_in(r.H1), dw_weights(dw, p.dw_runs), L.stride,
-            r.geo.image_in(dH1))
-        dA, dg1, db1 = _bn_bwd(dH1, r.A, r.bn1.mean, r.bn1.rstd, r.g1, r.b1, True, training,
-                               out=dH1)
-        W1 = p.dense_pw1(pw1).view(T, C)
-        dpw1 = p.packed_pw1((dA.t() @ r.X).flatten())
-        dX = dA @ W1 if dX is None else torch.addmm(dX, dA, W1)
+        # the depthwise backward leaves g = dL/d(BN1 output before the ReLU) with BN1's two
+        # sums; dA = alpha g + beta A + delta is never written: its two GEMMs take it apart
+        g = _ws.get("dH1", (M1, T), x)
+        dws, sums1 = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
+            r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
+            r.bn1.scale, r.bn1.shift, r.bn1.mean, r.geo.image_in(g))
+        c1 = _bn1_grad(r, sums1, M1, training)
+        dW1, dX = _pw1_backward(g, r.X, r.W1, c1, dX, training)
+        dg1, db1 = c1.dgamma, c1.dbeta
+        dpw1 = p.packed_pw1(dW1.flatten())
         if res is not None:
             dX = dX.view(n, h * w, C).addcmul_(dY, res.view(nm, 1, 1)).view(M1, C)
         dg1, db1 = p.unshuffle(dg1), p.unshuffle(db1)
@@ -337,9 +363,36 @@ def mixed_block_cpu_backward(
         if not x.is_contiguous(memory_format=torch.channels_last):
             dx = dx.contiguous()
         dmask = dm if mask.dim() == 2 else dm.sum(0)
-        ddw = torch.cat([g.reshape(-1) for g in dws])
+        ddw = torch.cat([t.reshape(-1) for t in dws])
         return [dx, dmask, dpw1, ddw, dpw2, dg1, db1, dg2, db2,
                 c3.dgamma.flatten(), c3.dbeta.flatten(), dsw, dsg, dsb]
+
+
+def _bn1_grad(r: _Fwd, sums: Tensor, count: int, training: bool) -> BNGrad:
+    """BN1's backward coefficients from the depthwise backward's float64 sums of g and of
+    g * (A - mean), computed in float64 (no cancellation), returned in x's dtype."""
+    bn = r.bn1._replace(mean=r.bn1.mean.double(), rstd=r.bn1.rstd.double())  # what it reads
+    c = bn_grad(bn, r.g1.double(), sums[0], sums[1] + bn.mean * sums[0], count, training)
+    return BNGrad(*(t.to(r.X.dtype) for t in c))
+
+
+def _pw1_backward(g: Tensor, X: Tensor, W1: Tensor, c: BNGrad, dX: Optional[Tensor],
+                  training: bool):
+    """(dW1, dX) of A = X W1^T given dA = alpha g + beta A + delta per channel, from g and
+    the narrow X only: with A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)),
+    dA = alpha g + beta Xc W1^T + e, e = delta + beta W1 mean(x), so
+    dW1 = alpha g^T X + beta W1 Xc^T Xc + e sum(X) and dX = g (alpha W1) + Xc W1^T (beta W1)
+    + e W1. ``dX`` (the skip's part) is added to."""
+    aW1 = c.alpha[:, None] * W1
+    dW1 = torch.mm(g.t(), X).mul_(c.alpha[:, None])
+    dX = torch.mm(g, aW1) if dX is None else torch.addmm(dX, g, aW1)
+    if training:
+        mx, Xc, XcXc = _centered(X)
+        bW1 = c.beta[:, None] * W1
+        e = c.delta + bW1 @ mx
+        dW1.add_(bW1 @ XcXc).addr_(e, X.sum(0))
+        dX.addmm_(Xc, W1.t() @ bW1).add_(e @ W1)
+    return dW1, dX
 
 
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu_backward")

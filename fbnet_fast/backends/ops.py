@@ -13,8 +13,8 @@ from torch import Tensor
 from . import jit
 from ..nn.space import conv_out
 
-__all__ = ["depthwise_conv2d", "dw_conv", "dw_conv_backward", "channel_stats", "scale_shift",
-           "bn_backward", "AVAILABLE"]
+__all__ = ["depthwise_conv2d", "dw_conv", "dw_conv_backward", "dw_conv_bn", "dw_conv_bn_backward",
+           "channel_stats", "scale_shift", "bn_backward", "AVAILABLE"]
 
 AVAILABLE = jit.load()
 
@@ -43,6 +43,32 @@ def dw_conv_backward(grad: Tensor, x: Tensor, weights: Sequence[Tensor], stride:
 def depthwise_conv2d(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=K//2, groups=C)`` for weight Tensor[C, 1, K, K]."""
     return dw_conv(x, [weight], stride)
+
+
+def dw_conv_bn(a: Tensor, weights: Sequence[Tensor], stride: int, scale: Tensor,
+               shift: Tensor) -> tuple:
+    """(out, stats): out = ``dw_conv(relu(a * scale + shift), weights, stride)`` (BN + ReLU
+    applied as the conv reads its input) and stats Tensor[2, C], the per-channel mean and
+    biased variance of out (its batch statistics, taken as it is written)."""
+    _require()
+    n, c, h, w = a.shape
+    out = a.new_empty((n, c, conv_out(h, stride), conv_out(w, stride))).contiguous(
+        memory_format=torch.channels_last)
+    stats = torch.ops.fbnet_fast.dw_conv_bn_out.default(a, list(weights), stride, scale, shift,
+                                                        out)
+    return out, stats
+
+
+def dw_conv_bn_backward(grad: Tensor, a: Tensor, weights: Sequence[Tensor], stride: int,
+                        scale: Tensor, shift: Tensor, mean: Tensor) -> tuple:
+    """(g, grad_weights, sums) of ``dw_conv_bn``: g = dL/d(a * scale + shift) (channels_last),
+    the weights' grads, and sums Tensor[2, C] float64, per channel sum(g) and
+    sum(g * (a - mean)) (what the backward of a BN with that mean needs)."""
+    _require()
+    g = torch.empty_like(a, memory_format=torch.channels_last)
+    gws, sums = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
+        grad, a, list(weights), stride, scale, shift, mean, g)
+    return g, gws, sums
 
 
 def channel_stats(x: Tensor) -> tuple:
@@ -79,6 +105,28 @@ if AVAILABLE:
     def _(grad, x, weights, stride):
         gx = torch.empty_like(x, memory_format=torch.channels_last)
         return gx, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+    @torch.library.register_fake("fbnet_fast::dw_conv_bn_out")
+    def _(a, weights, stride, scale, shift, out, out_scale=None, out_shift=None, out2=None):
+        return a.new_empty((2, a.shape[1]))
+
+    @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
+    def _(grad, a, weights, stride, scale, shift, mean, grad_a):
+        return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
+                a.new_empty((2, a.shape[1]), dtype=torch.float64))
+
+    @torch.library.register_fake("fbnet_fast::combine_out")
+    def _(z, coef, shift, out):
+        torch._check(z.dim() == 4, lambda: "combine_out: z must be [N, P, k, O]")
+
+    @torch.library.register_fake("fbnet_fast::zdot")
+    def _(z, dy):
+        torch._check(z.dim() == 4, lambda: "zdot: z must be [N, P, k, O]")
+        return z.new_empty(z.shape[0], z.shape[2], z.shape[3])
+
+    @torch.library.register_fake("fbnet_fast::bn3_backward_out")
+    def _(z, dy, beta, delta, alpha, dz):
+        torch._check(z.dim() == 4, lambda: "bn3_backward_out: z must be [N, P, k, O]")
 
     @torch.library.register_fake("fbnet_fast::channel_stats")
     def _(x):

@@ -1,0 +1,251 @@
+// The depthwise conv of the fused MixedBlock with the batch norms around it folded in, so
+// the wide [N*H*W, 22*C] tensors between them are read and written fewer times:
+//   forward: its input is relu(a * scale + shift) (BN1 + ReLU), applied to a tile of input
+//     rows in a per-thread scratch buffer as the conv reads them (the prologue), so BN1's
+//     output is never written; it returns the per-channel mean and variance of its output
+//     (the epilogue: BN2's batch statistics, summed while the output rows are in cache);
+//   backward: grad-weight reads its input through the same prologue; grad-input leaves the
+//     gradient at BN1's output before the ReLU (zero where a * scale + shift <= 0) and
+//     returns the two sums BN1's backward needs.
+#include "channel_sums.h"
+#include "depthwise_kernels.h"
+
+namespace fbnet_fast {
+namespace {
+
+// Cache bytes per thread for the prologue's tile of one group's input rows (L2 is 2 MiB
+// per core on the project's machines): the larger the tile, the fewer halo rows are
+// transformed twice.
+constexpr int64_t kTileBytes = 1 << 20;
+
+// relu(a * scale + shift) of group g's channels of input rows [lo, hi) of image n into buf
+// (laid out [rows][W][C], only g's channels written); returns S re-pointed at buf.
+template <typename T>
+Shape bn_relu_rows(const Shape& S, const Group<T>& g, const T* a, const T* sc, const T* sh,
+                   int64_t n, int64_t lo, int64_t hi, T* buf) {
+  for (int64_t ih = lo; ih < hi; ++ih)
+    for (int64_t iw = 0; iw < S.W; ++iw) {
+      const T* src = a + n * S.xn + ih * S.xh + iw * S.xw;
+      T* d = buf + ((ih - lo) * S.W + iw) * S.C;
+#pragma omp simd
+      for (int64_t c = g.c0; c < g.c0 + g.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
+    }
+  Shape t = S;
+  t.xn = 0; t.xh = S.W * S.C; t.xw = S.C; t.h0 = lo;
+  return t;
+}
+
+// Calls f(n, oh0, oh1, St, buf) for tiles of the output rows [r0, r1) (row = n * Ho + oh)
+// of group g: a tile stays inside one image, and buf (addressed by St) holds
+// relu(a * scale + shift) of g's channels of every input row the tile reads.
+template <typename T, typename F>
+void for_bn_relu_tiles(const Shape& S, const Group<T>& g, const T* a, const T* sc, const T* sh,
+                       int64_t r0, int64_t r1, F&& f) {
+  static thread_local std::vector<T> buf;  // kept: no allocation per call
+  const int64_t pad = g.k / 2;
+  const int64_t fit = kTileBytes / static_cast<int64_t>(sizeof(T)) / (S.W * g.C);  // input rows
+  const int64_t tile = std::max<int64_t>(1, (fit - 2 * pad - 1) / S.s + 1);  // output rows
+  const auto need = static_cast<size_t>(
+      std::min((tile - 1) * S.s + 2 * pad + 1, S.H) * S.W * S.C);
+  if (buf.size() < need) buf.resize(need);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t n = r / S.Ho, oh0 = r % S.Ho;
+    const int64_t oh1 = std::min({S.Ho, oh0 + tile, oh0 + r1 - r});
+    const int64_t lo = std::max<int64_t>(0, oh0 * S.s - pad);
+    const int64_t hi = std::min<int64_t>(S.H, (oh1 - 1) * S.s + pad + 1);
+    f(n, oh0, oh1, bn_relu_rows(S, g, a, sc, sh, n, lo, hi, buf.data()), buf.data());
+    r += oh1 - oh0;
+  }
+}
+
+// The sums as Tensor[2, C] float64.
+at::Tensor sums_tensor(const std::vector<double>& acc, int64_t parts, int64_t C) {
+  auto out = at::empty({2, C}, at::dtype(at::kDouble));
+  double* p = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) std::tie(p[c], p[C + c]) = sum_parts(acc, parts, C, c);
+  return out;
+}
+
+// (mean, biased variance) per channel as Tensor[2, C] of dtype `type`, from the sums of x
+// and x^2 over `count` rows (in double, the variance clamped at 0 against rounding).
+at::Tensor stats_tensor(const std::vector<double>& acc, int64_t parts, int64_t C, int64_t count,
+                        at::ScalarType type) {
+  auto out = sums_tensor(acc, parts, C);
+  double* p = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = p[c] / count;
+    p[c] = m;
+    p[C + c] = std::max(0.0, p[C + c] / count - m * m);
+  }
+  return out.to(type);
+}
+
+void check_bn(const at::Tensor& a, const Shape& S, const char* op,
+              std::initializer_list<std::pair<const at::Tensor*, const char*>> vs) {
+  for (auto [v, name] : vs) check_vec(*v, S.C, a, op, name);
+}
+
+// out = dw_conv(relu(a * scale + shift)); returns Tensor[2, C] in a's dtype: per channel, the
+// mean and biased variance of out (BN2's batch statistics). With out2 (the backward's recomputation, where BN2's statistics are
+// known) it also writes out2 = relu(out * out_scale + out_shift) while out is in cache.
+at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, int64_t stride,
+                              const at::Tensor& scale, const at::Tensor& shift,
+                              const at::Tensor& out, const std::optional<at::Tensor>& out_scale,
+                              const std::optional<at::Tensor>& out_shift,
+                              const std::optional<at::Tensor>& out2) {
+  auto r = check_inputs(a_in, weights, stride);
+  auto a = channel_contiguous(a_in);
+  auto& S = r.S;
+  S.xn = a.stride(0); S.xh = a.stride(2); S.xw = a.stride(3);
+  check_bn(a, S, "dw_conv_bn_out", {{&scale, "scale"}, {&shift, "shift"}});
+  check_out(out, a, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_bn_out", "out");
+  const bool second = out2.has_value();
+  TORCH_CHECK(second == out_scale.has_value() && second == out_shift.has_value(),
+              "dw_conv_bn_out: out2 needs out_scale and out_shift, and they need out2");
+  at::Tensor sc2, sh2;
+  if (second) {
+    check_out(*out2, a, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_bn_out", "out2");
+    check_bn(a, S, "dw_conv_bn_out", {{&*out_scale, "out_scale"}, {&*out_shift, "out_shift"}});
+    sc2 = out_scale->contiguous(), sh2 = out_shift->contiguous();
+  }
+  auto wt = taps_major(weights, r);
+  auto sc = scale.contiguous(), sh = shift.contiguous();
+  const int64_t rows = S.N * S.Ho, parts = num_parts(rows), C = S.C;
+  std::vector<double> acc(parts * 2 * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn", [&] {
+    using T = scalar_t;
+    const auto gs = make_groups<T>(r, wt.const_data_ptr<T>(), nullptr);
+    T* op = out.mutable_data_ptr<T>();
+    T* op2 = second ? out2->mutable_data_ptr<T>() : nullptr;
+    const T* a2 = second ? sc2.const_data_ptr<T>() : nullptr;
+    const T* b2 = second ? sh2.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const auto [r0, r1] = share(rows, parts, t);
+        double* s1 = acc.data() + t * 2 * C;
+        double* s2 = s1 + C;
+        std::vector<T> part(2 * C);
+        T* p1 = part.data();
+        T* p2 = p1 + C;
+        for (const auto& g : gs)
+          for_bn_relu_tiles<T>(S, g, a.const_data_ptr<T>(), sc.const_data_ptr<T>(),
+                               sh.const_data_ptr<T>(), r0, r1,
+                               [&](int64_t n, int64_t oh0, int64_t oh1, const Shape& St,
+                                   const T* buf) {
+            for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, buf, op, n, oh);
+            // the epilogue, over the tile's output while it is in cache: BN2's sums (in T
+            // per output row, vectorized, then into double), and BN2 + ReLU into out2
+            for (int64_t oh = oh0; oh < oh1; ++oh) {
+              std::fill(p1, p1 + C, T(0));
+              std::fill(p2, p2 + C, T(0));
+              for (int64_t ow = 0; ow < S.Wo; ++ow) {
+                const int64_t px = ((n * S.Ho + oh) * S.Wo + ow) * C;
+                const T* o = op + px;
+                _Pragma("omp simd")
+                for (int64_t c = g.c0; c < g.c0 + g.C; ++c) {
+                  p1[c] += o[c];
+                  p2[c] += o[c] * o[c];
+                }
+                if (!second) continue;
+                T* o2 = op2 + px;
+                _Pragma("omp simd")
+                for (int64_t c = g.c0; c < g.c0 + g.C; ++c)
+                  o2[c] = std::max(o[c] * a2[c] + b2[c], T(0));
+              }
+              for (int64_t c = g.c0; c < g.c0 + g.C; ++c) {
+                s1[c] += p1[c];
+                s2[c] += p2[c];
+              }
+            }
+          });
+      }
+    });
+  });
+  return stats_tensor(acc, parts, C, rows * S.Wo, a.scalar_type());
+}
+
+// Backward of dw_conv_bn_out's conv given grad (dL/dout). Writes into grad_a
+// g = dL/d(a * scale + shift): the conv's grad-input where a * scale + shift > 0, else 0.
+// Returns the grad of each weight and Tensor[2, C] float64: per channel, the sum of g and of
+// g * (a - mean) (BN1's backward sums).
+std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
+    const at::Tensor& grad_in, const at::Tensor& a_in, at::TensorList weights, int64_t stride,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& ga) {
+  const auto in = backward_inputs(grad_in, a_in, weights, stride, ga,
+                                  "dw_conv_bn_backward_out", "grad_a");
+  const auto& r = in.r;
+  const auto& S = r.S;
+  const auto &a = in.x, &gy = in.gy, &wt = in.wt, &wi = in.wi;
+  check_bn(a, S, "dw_conv_bn_backward_out", {{&scale, "scale"}, {&shift, "shift"},
+                                              {&mean, "mean"}});
+  auto sc = scale.contiguous(), sh = shift.contiguous(), mu = mean.contiguous();
+  const int64_t C = S.C, rows_in = S.N * S.H, parts_in = num_parts(rows_in);
+  const int64_t rows = S.N * S.Ho, parts = num_parts(rows);
+  std::vector<double> acc(parts_in * 2 * C, 0.0);
+  auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_backward", [&] {
+    using T = scalar_t;
+    const T* ap = a.const_data_ptr<T>();
+    const T* gp = gy.const_data_ptr<T>();
+    const T* scp = sc.const_data_ptr<T>();
+    const T* shp = sh.const_data_ptr<T>();
+    const T* mp = mu.const_data_ptr<T>();
+    T* gap = ga.mutable_data_ptr<T>();
+    const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
+    at::parallel_for(0, parts_in, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const auto [r0, r1] = share(rows_in, parts_in, t);
+        double* s1 = acc.data() + t * 2 * C;
+        double* s2 = s1 + C;
+        std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
+        T* p1 = part.data();
+        T* p2 = p1 + C;
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t n = row / S.H, ih = row % S.H;
+          for (const auto& g : gi) grad_input_row<T>(S, g, gp, gap, n, ih);
+          std::fill(p1, p1 + 2 * C, T(0));
+          for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
+            T* o = gap + (row * S.W + iw) * C;
+            const T* z = ap + n * S.xn + ih * S.xh + iw * S.xw;
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c) {
+              const T gv = z[c] * scp[c] + shp[c] > T(0) ? o[c] : T(0);
+              o[c] = gv;
+              p1[c] += gv;
+              p2[c] += gv * (z[c] - mp[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            s1[c] += p1[c];
+            s2[c] += p2[c];
+          }
+        }
+      }
+    });
+    const T* wp = wt.const_data_ptr<T>();
+    T* gwp = gw_parts.mutable_data_ptr<T>();
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const auto gs_t = make_groups<T>(r, wp, gwp + t * wt.numel());
+        const auto [r0, r1] = share(rows, parts, t);
+        for (const auto& g : gs_t)
+          for_bn_relu_tiles<T>(S, g, ap, scp, shp, r0, r1,
+                               [&](int64_t n, int64_t oh0, int64_t oh1, const Shape& St,
+                                   const T* buf) {
+            for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gp, buf, n, oh);
+          });
+      }
+    });
+  });
+  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts_in, C)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
+  m.impl("dw_conv_bn_out", &dw_conv_bn_out_cpu);
+  m.impl("dw_conv_bn_backward_out", &dw_conv_bn_backward_out_cpu);
+}
+
+}  // namespace fbnet_fast

@@ -1,0 +1,468 @@
+// Depthwise KxK conv on the CPU over channels-last (NHWC) data.
+//
+// Channels are contiguous, so every inner loop runs over a 64-byte vector of channels with
+// the accumulators in registers. K = 3 and 5 have register-tiled row kernels (4 output
+// pixels per weight load in the forward; K accumulators per kernel row over a whole output
+// row in grad-weight); edges, channel tails and other K go pixel by pixel. Grad-input is
+// the forward with flipped kernels at stride 1 and, at stride 2, a gather of only the taps
+// of matching parity (no atomics);
+// grad-weight sums per thread over its share of the N*H_out rows into a private [K*K, C]
+// partial, then the partials are reduced.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace fbnet_fast {
+namespace {
+
+using at::IntArrayRef;
+
+// Channel block held in registers: 64 floats or 32 doubles (four 512-bit registers).
+template <typename T>
+constexpr int kBlock = 256 / sizeof(T);
+
+struct Shape {
+  int64_t N, H, W, C, Ho, Wo, s;
+  int64_t xn, xh, xw;  // input strides (channel stride is 1)
+  int64_t h0 = 0;      // the first input row x holds (a tile of rows in a scratch buffer)
+};
+
+template <typename T>
+struct Group {
+  int64_t c0, C, k;
+  const T* w;  // [k*k][C]: tap-major so channels are contiguous
+  T* gw;       // grad partial, same layout (grad-weight only)
+};
+
+// One 64-byte vector (16 floats / 8 doubles) via GCC vector extensions: stays in a register
+// (AVX-512 with -march=native, pairs or quads of narrower registers otherwise).
+template <typename T> struct Vec;
+template <> struct Vec<float> { typedef float t __attribute__((vector_size(64))); };
+template <> struct Vec<double> { typedef double t __attribute__((vector_size(64))); };
+template <typename T> using vec_t = typename Vec<T>::t;
+template <typename T> constexpr int kLanes = 64 / sizeof(T);
+template <typename T> inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T> inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof v); }
+
+// Taps [lo, hi) of a k-tap window that starts at input index i0 and stay inside [0, size).
+struct Taps {
+  int64_t lo, hi;
+};
+inline Taps taps_inside(int64_t i0, int64_t k, int64_t size) {
+  return {std::max<int64_t>(0, -i0), std::min<int64_t>(k, size - i0)};
+}
+
+// out[n, oh, ow, block] for one channel block of one group.
+template <typename T, int L>
+inline void fwd_px(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh,
+                   int64_t ow, int64_t cb, int len_rt) {
+  const int len = L > 0 ? L : len_rt;
+  const int64_t p = g.k / 2;
+  const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
+  const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
+  const T* xb = x + n * S.xn + g.c0 + cb;
+  T acc[kBlock<T>] = {};
+  for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+    for (int64_t kw = tw.lo; kw < tw.hi; ++kw) {
+      const T* xp = xb + (ih0 + kh - S.h0) * S.xh + (iw0 + kw) * S.xw;
+      const T* wp = g.w + (kh * g.k + kw) * g.C + cb;
+#pragma omp simd
+      for (int c = 0; c < len; ++c) acc[c] += xp[c] * wp[c];
+    }
+  }
+  T* op = out + ((n * S.Ho + oh) * S.Wo + ow) * S.C + g.c0 + cb;
+#pragma omp simd
+  for (int c = 0; c < len; ++c) op[c] = acc[c];
+}
+
+// gx[n, ih, iw, block]: the transposed conv as a gather.
+template <typename T, int L>
+inline void bwd_input_px(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                         int64_t ih, int64_t iw, int64_t cb, int len_rt) {
+  const int len = L > 0 ? L : len_rt;
+  const int64_t p = g.k / 2;
+  const T* gb = gy + n * S.Ho * S.Wo * S.C + g.c0 + cb;
+  T acc[kBlock<T>] = {};
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    const int64_t a = ih + p - kh;  // = oh * s
+    if (a < 0 || a % S.s) continue;
+    const int64_t oh = a / S.s;
+    if (oh >= S.Ho) continue;
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const int64_t b = iw + p - kw;
+      if (b < 0 || b % S.s) continue;
+      const int64_t ow = b / S.s;
+      if (ow >= S.Wo) continue;
+      const T* gp = gb + (oh * S.Wo + ow) * S.C;
+      const T* wp = g.w + (kh * g.k + kw) * g.C + cb;
+#pragma omp simd
+      for (int c = 0; c < len; ++c) acc[c] += gp[c] * wp[c];
+    }
+  }
+  T* xp = gx + ((n * S.H + ih) * S.W + iw) * S.C + g.c0 + cb;
+#pragma omp simd
+  for (int c = 0; c < len; ++c) xp[c] = acc[c];
+}
+
+// gw[tap, block] += gy[n, oh, ow, block] * x[tap's input pixel, block], for every tap.
+template <typename T, int L>
+inline void bwd_weight_px(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
+                          int64_t oh, int64_t ow, int64_t cb, int len_rt) {
+  const int len = L > 0 ? L : len_rt;
+  const int64_t p = g.k / 2;
+  const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
+  const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
+  const T* gp = gy + ((n * S.Ho + oh) * S.Wo + ow) * S.C + g.c0 + cb;
+  T gv[kBlock<T>];
+#pragma omp simd
+  for (int c = 0; c < len; ++c) gv[c] = gp[c];
+  const T* xb = x + n * S.xn + g.c0 + cb;
+  for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+    for (int64_t kw = tw.lo; kw < tw.hi; ++kw) {
+      const T* xp = xb + (ih0 + kh - S.h0) * S.xh + (iw0 + kw) * S.xw;
+      T* wp = g.gw + (kh * g.k + kw) * g.C + cb;
+#pragma omp simd
+      for (int c = 0; c < len; ++c) wp[c] += gv[c] * xp[c];
+    }
+  }
+}
+
+// Calls f<L>(cb, len) for every channel block of a group: full blocks at compile-time length.
+template <typename T, typename F>
+inline void for_blocks(int64_t C, F&& f) {
+  constexpr int B = kBlock<T>;
+  int64_t cb = 0;
+  for (; cb + B <= C; cb += B) f(std::integral_constant<int, B>{}, cb, B);
+  if (cb < C) f(std::integral_constant<int, 0>{}, cb, static_cast<int>(C - cb));
+}
+
+// Output columns [lo, hi) whose K taps all fall inside the input row.
+inline std::pair<int64_t, int64_t> interior(int64_t W, int64_t Wo, int64_t s, int64_t K) {
+  const int64_t P = K / 2;
+  const int64_t lo = std::min<int64_t>(Wo, (P + s - 1) / s);
+  const int64_t hi = W - 1 - P >= 0 ? std::min<int64_t>(Wo, (W - 1 - P) / s + 1) : 0;
+  return {lo, std::max(lo, hi)};
+}
+
+// One output row of one group with K known at compile time: 4 output pixels per step share
+// each weight load (1.25 loads per FMA instead of 2); edges and the channel tail go per pixel.
+template <typename T, int K>
+void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh) {
+  constexpr int P = K / 2, VL = kLanes<T>;
+  using vt = vec_t<T>;
+  const int64_t s = S.s, ih0 = oh * s - P;
+  const Taps th = taps_inside(ih0, K, S.H);
+  const auto [lo, hi] = interior(S.W, S.Wo, s, K);
+  const int64_t cv = g.C / VL * VL;
+  for (int64_t cb = 0; cb < cv; cb += VL) {
+    const T* xb = x + n * S.xn + g.c0 + cb;
+    T* ob = out + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+    // One output pixel, taps outside the row skipped: the edges and the interior's remainder.
+    auto one = [&](int64_t ow) {
+      vt a = {};
+      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+        const T* xr = xb + (ih0 + kh - S.h0) * S.xh;
+        const T* wr = g.w + kh * K * g.C + cb;
+#pragma GCC unroll 8
+        for (int kw = 0; kw < K; ++kw) {
+          const int64_t iw = ow * s - P + kw;
+          if (iw >= 0 && iw < S.W) a += vload(xr + iw * S.xw) * vload(wr + kw * g.C);
+        }
+      }
+      vstore(ob + ow * S.C, a);
+    };
+    int64_t ow = 0;
+    for (; ow < lo; ++ow) one(ow);
+    for (; ow + 4 <= hi; ow += 4) {
+      vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+        const T* xr = xb + (ih0 + kh - S.h0) * S.xh + (ow * s - P) * S.xw;
+        const T* wr = g.w + kh * K * g.C + cb;
+#pragma GCC unroll 8
+        for (int kw = 0; kw < K; ++kw) {
+          const vt wv = vload(wr + kw * g.C);
+          const T* xp = xr + kw * S.xw;
+          a0 += vload(xp) * wv;
+          a1 += vload(xp + s * S.xw) * wv;
+          a2 += vload(xp + 2 * s * S.xw) * wv;
+          a3 += vload(xp + 3 * s * S.xw) * wv;
+        }
+      }
+      vstore(ob + ow * S.C, a0);
+      vstore(ob + (ow + 1) * S.C, a1);
+      vstore(ob + (ow + 2) * S.C, a2);
+      vstore(ob + (ow + 3) * S.C, a3);
+    }
+    for (; ow < S.Wo; ++ow) one(ow);
+  }
+  if (cv < g.C)
+    for (int64_t ow = 0; ow < S.Wo; ++ow)
+      fwd_px<T, 0>(S, g, x, out, n, oh, ow, cv, static_cast<int>(g.C - cv));
+}
+
+// Grad-weight of one output row with K known: per kernel row, K accumulators stay in
+// registers over the whole output row, and each grad vector serves K taps.
+template <typename T, int K>
+void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
+                         int64_t oh) {
+  constexpr int P = K / 2, VL = kLanes<T>;
+  using vt = vec_t<T>;
+  const int64_t s = S.s, ih0 = oh * s - P;
+  const Taps th = taps_inside(ih0, K, S.H);
+  const auto [lo, hi] = interior(S.W, S.Wo, s, K);
+  const int64_t cv = g.C / VL * VL;
+  for (int64_t cb = 0; cb < cv; cb += VL) {
+    const T* gb = gy + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+    for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+      const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
+      vt acc[K] = {};
+      for (int64_t ow = 0; ow < S.Wo; ++ow) {
+        const vt gv = vload(gb + ow * S.C);
+        const T* xp = xr + (ow * s - P) * S.xw;
+        if (ow >= lo && ow < hi) {
+#pragma GCC unroll 8
+          for (int kw = 0; kw < K; ++kw) acc[kw] += gv * vload(xp + kw * S.xw);
+        } else {
+#pragma GCC unroll 8
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t iw = ow * s - P + kw;
+            if (iw >= 0 && iw < S.W) acc[kw] += gv * vload(xp + kw * S.xw);
+          }
+        }
+      }
+      T* wp = g.gw + kh * K * g.C + cb;
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw) vstore(wp + kw * g.C, vload(wp + kw * g.C) + acc[kw]);
+    }
+  }
+  if (cv < g.C)
+    for (int64_t ow = 0; ow < S.Wo; ++ow)
+      bwd_weight_px<T, 0>(S, g, gy, x, n, oh, ow, cv, static_cast<int>(g.C - cv));
+}
+
+// Grad-input of one input row at stride 2 with K known: input column iw gathers only the
+// taps kw of parity (iw + P) % 2 (output column ow = (iw + P - kw) / 2), and row ih only the
+// taps kh of parity (ih + P) % 2, so a pixel needs about K*K/4 FMAs; the accumulator stays in
+// a register and the tap loops unroll. The channel tail goes per pixel.
+template <typename T, int K>
+void bwd_input_row_s2(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                      int64_t ih) {
+  constexpr int P = K / 2, VL = kLanes<T>;
+  using vt = vec_t<T>;
+  int64_t khs[K], ohs[K];
+  int nk = 0;
+  for (int kh = (ih + P) % 2; kh < K; kh += 2) {
+    const int64_t oh = (ih + P - kh) / 2;
+    if (ih + P - kh >= 0 && oh < S.Ho) khs[nk] = kh, ohs[nk++] = oh;
+  }
+  const int64_t cv = g.C / VL * VL;
+  for (int64_t cb = 0; cb < cv; cb += VL) {
+    T* xb = gx + (n * S.H + ih) * S.W * S.C + g.c0 + cb;
+    for (int64_t iw = 0; iw < S.W; ++iw) {
+      vt acc = {};
+      const int kw0 = (iw + P) % 2;
+      for (int t = 0; t < nk; ++t) {
+        const T* gr = gy + (n * S.Ho + ohs[t]) * S.Wo * S.C + g.c0 + cb;
+        const T* wr = g.w + khs[t] * K * g.C + cb;
+#pragma GCC unroll 8
+        for (int kw = kw0; kw < K; kw += 2) {
+          const int64_t b = iw + P - kw, ow = b / 2;
+          if (b >= 0 && ow < S.Wo) acc += vload(gr + ow * S.C) * vload(wr + kw * g.C);
+        }
+      }
+      vstore(xb + iw * S.C, acc);
+    }
+  }
+  if (cv < g.C)
+    for (int64_t iw = 0; iw < S.W; ++iw)
+      bwd_input_px<T, 0>(S, g, gy, gx, n, ih, iw, cv, static_cast<int>(g.C - cv));
+}
+
+template <typename T>
+void bwd_input_row_s2_any(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                          int64_t ih) {
+  if (g.k == 3) return bwd_input_row_s2<T, 3>(S, g, gy, gx, n, ih);
+  if (g.k == 5) return bwd_input_row_s2<T, 5>(S, g, gy, gx, n, ih);
+  for (int64_t iw = 0; iw < S.W; ++iw)
+    for_blocks<T>(g.C, [&](auto L, int64_t cb, int len) {
+      bwd_input_px<T, decltype(L)::value>(S, g, gy, gx, n, ih, iw, cb, len);
+    });
+}
+
+// Row drivers: the fast paths for K = 3 and 5, the per-pixel loops for any other odd K.
+template <typename T>
+void fwd_row(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh) {
+  if (g.k == 3) return fwd_row_fast<T, 3>(S, g, x, out, n, oh);
+  if (g.k == 5) return fwd_row_fast<T, 5>(S, g, x, out, n, oh);
+  for (int64_t ow = 0; ow < S.Wo; ++ow)
+    for_blocks<T>(g.C, [&](auto L, int64_t cb, int len) {
+      fwd_px<T, decltype(L)::value>(S, g, x, out, n, oh, ow, cb, len);
+    });
+}
+
+template <typename T>
+void bwd_weight_row(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
+                    int64_t oh) {
+  if (g.k == 3) return bwd_weight_row_fast<T, 3>(S, g, gy, x, n, oh);
+  if (g.k == 5) return bwd_weight_row_fast<T, 5>(S, g, gy, x, n, oh);
+  for (int64_t ow = 0; ow < S.Wo; ++ow)
+    for_blocks<T>(g.C, [&](auto L, int64_t cb, int len) {
+      bwd_weight_px<T, decltype(L)::value>(S, g, gy, x, n, oh, ow, cb, len);
+    });
+}
+
+struct Checked {
+  Shape S;
+  std::vector<int64_t> ks, cs;
+};
+
+inline Checked check_inputs(const at::Tensor& x, at::TensorList weights, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4, "dw_conv: x must be Tensor[N, C, H, W], got ", x.dim(), " dims");
+  TORCH_CHECK(stride == 1 || stride == 2, "dw_conv: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(!weights.empty(), "dw_conv: weights must hold at least one tensor");
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  Checked r;
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "dw_conv: weights[", i, "] has dtype ",
+                w.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK((w.dim() == 3 || (w.dim() == 4 && w.size(1) == 1)) &&
+                    w.size(-1) == w.size(-2) && w.size(-1) % 2 == 1,
+                "dw_conv: weights[", i, "] must be Tensor[C_g, K, K] or [C_g, 1, K, K] with odd "
+                "K, got shape ", w.sizes());
+    r.cs.push_back(w.size(0));
+    r.ks.push_back(w.size(-1));
+    total += w.size(0);
+  }
+  TORCH_CHECK(total == x.size(1), "dw_conv: the weights cover ", total,
+              " channels but x has ", x.size(1), " (shape ", x.sizes(), ")");
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "dw_conv: empty spatial size ", x.sizes());
+  auto& S = r.S;
+  S.N = x.size(0); S.C = x.size(1); S.H = x.size(2); S.W = x.size(3); S.s = stride;
+  S.Ho = (S.H - 1) / stride + 1;  // = floor((H + 2*(K/2) - K) / s) + 1 for odd K
+  S.Wo = (S.W - 1) / stride + 1;
+  return r;
+}
+
+// Input in a layout with contiguous channels (channels_last or a channel slice of one).
+inline at::Tensor channel_contiguous(const at::Tensor& x) {
+  if (x.stride(1) == 1 && x.stride(2) >= x.size(1) && x.stride(3) >= x.size(1) && x.size(1) > 0)
+    return x;
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Each weight as [k*k, C_g] contiguous, concatenated.
+inline at::Tensor taps_major(at::TensorList weights, const Checked& r) {
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < weights.size(); ++i)
+    parts.push_back(weights[i].reshape({r.cs[i], r.ks[i] * r.ks[i]}).t().reshape({-1}));
+  return at::cat(parts).contiguous();
+}
+
+template <typename T>
+std::vector<Group<T>> make_groups(const Checked& r, const T* wt, T* gw) {
+  std::vector<Group<T>> gs;
+  int64_t c0 = 0, off = 0;
+  for (size_t i = 0; i < r.ks.size(); ++i) {
+    gs.push_back({c0, r.cs[i], r.ks[i], wt + off, gw ? gw + off : nullptr});
+    c0 += r.cs[i];
+    off += r.cs[i] * r.ks[i] * r.ks[i];
+  }
+  return gs;
+}
+
+// A preallocated output must be channels_last-contiguous with the expected shape and dtype.
+inline void check_out(const at::Tensor& out, const at::Tensor& x, IntArrayRef sizes, const char* op,
+               const char* name) {
+  TORCH_CHECK(out.sizes() == sizes && out.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": ", name, " must be a channels_last-contiguous Tensor", sizes, ", got shape ",
+              out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+              out.scalar_type(), ", expected ", x.scalar_type());
+}
+
+// grad must match the conv's output shape and x's dtype.
+inline void check_grad(const at::Tensor& grad, const at::Tensor& x, const Shape& S,
+                       const char* op) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == S.N && grad.size(1) == S.C &&
+                  grad.size(2) == S.Ho && grad.size(3) == S.Wo,
+              op, ": grad must have shape [", S.N, ", ", S.C, ", ", S.Ho, ", ", S.Wo, "], got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+}
+
+// The weights grad-input reads (as taps_major): flipped at stride 1, where grad-input is the
+// forward conv of grad; as they are at stride 2.
+inline at::Tensor grad_input_taps(at::TensorList weights, const Checked& r) {
+  if (r.S.s != 1) return taps_major(weights, r);
+  std::vector<at::Tensor> flipped;
+  for (size_t i = 0; i < weights.size(); ++i)
+    flipped.push_back(weights[i].reshape({r.cs[i], r.ks[i], r.ks[i]}).flip({1, 2}));
+  return taps_major(flipped, r);
+}
+
+// A backward's checked inputs: the shapes (with x's strides), x with contiguous channels,
+// grad channels_last, the weights taps-major and as grad-input reads them; grad_x (named
+// `name` in errors) must be a channels_last Tensor of x's shape.
+struct BackwardInputs {
+  Checked r;
+  at::Tensor x, gy, wt, wi;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x_in,
+                                      at::TensorList weights, int64_t stride,
+                                      const at::Tensor& grad_x, const char* op,
+                                      const char* name) {
+  BackwardInputs b{check_inputs(x_in, weights, stride)};
+  auto& S = b.r.S;
+  check_grad(grad, x_in, S, op);
+  b.x = channel_contiguous(x_in);
+  b.gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  S.xn = b.x.stride(0); S.xh = b.x.stride(2); S.xw = b.x.stride(3);
+  check_out(grad_x, b.x, {S.N, S.C, S.H, S.W}, op, name);
+  b.wt = taps_major(weights, b.r);
+  b.wi = grad_input_taps(weights, b.r);
+  return b;
+}
+
+// Grad-input of input row ih of image n for one group (g holds grad_input_taps).
+template <typename T>
+void grad_input_row(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
+                    int64_t ih) {
+  if (S.s == 1) {
+    Shape Sg = S;  // grad as the conv's input
+    Sg.xn = S.Ho * S.Wo * S.C; Sg.xh = S.Wo * S.C; Sg.xw = S.C; Sg.h0 = 0;
+    return fwd_row<T>(Sg, g, gy, gx, n, ih);
+  }
+  bwd_input_row_s2_any<T>(S, g, gy, gx, n, ih);
+}
+
+// The per-thread grad-weight partials [parts, K*K*C taps-major] summed, as one
+// Tensor[C_g, K, K] (the weight's own shape) per group.
+inline std::vector<at::Tensor> split_grad_weights(const at::Tensor& gw_parts,
+                                                  at::TensorList weights, const Checked& r) {
+  auto gw_flat = gw_parts.sum(0);
+  std::vector<at::Tensor> gws;
+  int64_t off = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t kk = r.ks[i] * r.ks[i], n = r.cs[i] * kk;
+    gws.push_back(gw_flat.narrow(0, off, n).view({kk, r.cs[i]}).t().contiguous()
+                      .view(weights[i].sizes()));
+    off += n;
+  }
+  return gws;
+}
+
+}  // namespace
+}  // namespace fbnet_fast
