@@ -64,11 +64,13 @@ def build_dir(name: str, key: str = "") -> Path:
 
 
 def _needs_compile(build: Path, name: str, sources: list) -> bool:
+    """Whether a build is due (only to say so: ninja tracks the headers itself)."""
     libs = list(build.glob(f"{name}*.so")) + list(build.glob(f"{name}*.pyd"))
     if not libs:
         return True
     newest = max(p.stat().st_mtime for p in libs)
-    return any(Path(s).stat().st_mtime > newest for s in sources)
+    headers = {h for s in sources for h in Path(s).parent.glob("*.h")}
+    return any(Path(s).stat().st_mtime > newest for s in [*sources, *headers])
 
 
 def compile_library(name: str, what: str, sources: list, key: str = "", **load_kw) -> None:
