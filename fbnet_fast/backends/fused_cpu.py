@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from . import jit
-from .plan import (BNGrad, FusedPlan, Geometry, bn_coef, bn_grad, dw_weights, plan_for,
-                   update_running)
+from .plan import (BNGrad, FusedPlan, bn_coef, bn_grad, call_fused_op, dw_weights,
+                   plan_for)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -160,7 +160,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if L.skip_index >= 0 and L.skip_is_conv:
         Xs = X if s == 1 else _nhwc(x[:, :, ::s, ::s])
         S = Xs @ sw.view(O, C).t()
-        st = stats_in["skip"] if stats_in is not None else _stats(S, training, running[6], running[7])
+        st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
     if keep:  # the backward needs them; the forward lets them go as soon as it can
         r.A, r.D, r.H2, r.W1 = A, Dm, H2, W1
@@ -187,27 +187,6 @@ def _pw_stats(X: Tensor, W1: Tensor):
 def _mask_rows(mask: Tensor, n: int) -> Tensor:
     """Tensor[Nm, K]: one row per batch (Nm = 1) or per example (Nm = N)."""
     return mask.view(1, -1) if mask.dim() == 1 else mask
-
-
-def _pack(p: FusedPlan, r: _Fwd) -> Tensor:
-    bns = [r.bn1._replace(mean=p.unshuffle(r.bn1.mean), var=p.unshuffle(r.bn1.var)), r.bn2]
-    means = [b.mean for b in bns] + [r.bn3[0]]
-    vars_ = [b.var for b in bns] + [r.bn3[1]]
-    if r.skip is not None:
-        means.append(r.skip[2].mean)
-        vars_.append(r.skip[2].var)
-    return torch.stack([torch.cat(means), torch.cat(vars_)])
-
-
-def _unpack(p: FusedPlan, stats: Tensor) -> dict:
-    T, _, n3, ns = p.stat_sizes
-    mean, var = stats[0], stats[1]
-    bn3 = (mean[2 * T:2 * T + n3], var[2 * T:2 * T + n3])
-    out = {"bn1": (p.shuffle(mean[:T]), p.shuffle(var[:T])), "bn2": (mean[T:2 * T], var[T:2 * T]),
-           "bn3": bn3}
-    if ns:
-        out["skip"] = (mean[2 * T + n3:], var[2 * T + n3:])
-    return out
 
 
 # --- the ops ----------------------------------------------------------------------------
@@ -255,7 +234,10 @@ def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tenso
         y = r.geo.image_out(out.view(n * ho * wo, O))
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
-        return y, _pack(p, r)
+        stats = {"bn1": (r.bn1.mean, r.bn1.var), "bn2": (r.bn2.mean, r.bn2.var), "bn3": r.bn3}
+        if r.skip is not None:
+            stats["skip_bn"] = (r.skip[2].mean, r.skip[2].var)
+        return y, p.pack_stats(stats)
 
 
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu")
@@ -284,7 +266,7 @@ def mixed_block_cpu_backward(
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, None,
-                     training, stats_in=_unpack(p, stats), keep=True)
+                     training, stats_in=p.unpack_stats(stats), keep=True)
         n, C, h, w, ho, wo = r.shape
         O, T, K = L.out_channels, L.total_mid, mask.shape[-1]
         M1, M2 = n * h * w, n * ho * wo
@@ -429,33 +411,6 @@ torch.library.register_autograd("fbnet_fast::mixed_block_cpu", _backward,
 
 # --- the backend entry point --------------------------------------------------------------
 
-_BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")
-
-
 def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:
     """``MixedBlock`` forward on the fused op; updates the BN running statistics in training."""
-    L = block.layout
-    n, _, h, w = x.shape
-    geo = Geometry(n, h, w, L.stride)   # not the plan: torch.compile traces this function
-    if block.training and min(geo.rows_in, geo.rows_out) <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    has_skip = block.skip_weight is not None
-    roles = _BN_ROLES if has_skip else _BN_ROLES[:3]
-    running = [getattr(block, f"{r}_running_{k}") for r in roles for k in ("mean", "var")]
-    skip = ((block.skip_weight, block.skip_bn_weight, block.skip_bn_bias) if has_skip
-            else (None, None, None))
-    y, stats = torch.ops.fbnet_fast.mixed_block_cpu(
-        x, weights.to(x.dtype), block.pw1_weight, block.dw_weight, block.pw2_weight,
-        block.bn1_weight, block.bn1_bias, block.bn2_weight, block.bn2_bias,
-        block.bn3_weight, block.bn3_bias, *skip, running, L.key(), block.training)
-    if block.training:
-        counts = (geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out)
-        off = 0
-        for role, count in zip(roles, counts):
-            rm = getattr(block, f"{role}_running_mean")
-            c = rm.shape[0]
-            update_running(rm, getattr(block, f"{role}_running_var"), stats[0, off:off + c],
-                           stats[1, off:off + c], count)
-            off += c
-    return y
+    return call_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, block, x, weights.to(x.dtype))
