@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiles import pixel_channel_tile
-from .utils import acc_dtype, check_nhwc, num_warps_for, tile_blocks
+from .utils import acc_dtype, check_nhwc, launch, num_warps_for, tile_blocks
 
 __all__ = ["SKIP_NONE", "SKIP_IDENTITY", "SKIP_CONV", "combine_forward", "combine_backward",
            "combine_grad_inputs"]
@@ -186,13 +186,13 @@ def combine_forward(z, scale, shift, mask, n, hw, c, res=None, skip=None,
     x, s, ss, sb = _skip_args(skip_mode, res, skip, skip_scale, skip_shift, dummy)
     grid, bp, bc, warps = _launch_args(n, hw, c)
     msum = mask[:, :n_conv].sum(1).contiguous()
-    _combine_fwd_kernel[grid](
-        z, scale, shift, mask, msum, x, s, ss, sb, y,
-        hw, c, n_conv, z.stride(0), x.stride(0) if x.dim() == 2 else 0,
-        s.stride(0) if s.dim() == 2 else 0, mask.stride(0) if mask.shape[0] > 1 else 0,
-        1 if mask.shape[0] > 1 else 0,
-        HAS_RES=res is not None, SKIP_MODE=skip_mode,
-        IS_FP64=acc_dtype(z.dtype) == torch.float64, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    launch(_combine_fwd_kernel, grid,
+           (z, scale, shift, mask, msum, x, s, ss, sb, y,
+            hw, c, n_conv, z.stride(0), x.stride(0) if x.dim() == 2 else 0,
+            s.stride(0) if s.dim() == 2 else 0, mask.stride(0) if mask.shape[0] > 1 else 0,
+            1 if mask.shape[0] > 1 else 0), warps,
+           HAS_RES=res is not None, SKIP_MODE=skip_mode,
+           IS_FP64=acc_dtype(z.dtype) == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return y
 
 
@@ -214,12 +214,12 @@ def combine_backward(dy, z, scale, shift, mask, n, hw, c, res=None, skip=None,
         return dm, sg, sgz, sgs, sgss
     x, s, ss, sb = _skip_args(skip_mode, res, skip, skip_scale, skip_shift, scale)
     grid, bp, bc, warps = _launch_args(n, hw, c)
-    _combine_bwd_kernel[grid](
-        dy, z, scale, shift, mask, x, s, ss, sb, dm, sg, sgz, sgs, sgss,
-        hw, c, n_conv, z.stride(0), x.stride(0) if x.dim() == 2 else 0,
-        s.stride(0) if s.dim() == 2 else 0, mask.stride(0) if mask.shape[0] > 1 else 0,
-        dm.stride(0), HAS_RES=res is not None, SKIP_MODE=skip_mode,
-        IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    launch(_combine_bwd_kernel, grid,
+           (dy, z, scale, shift, mask, x, s, ss, sb, dm, sg, sgz, sgs, sgss,
+            hw, c, n_conv, z.stride(0), x.stride(0) if x.dim() == 2 else 0,
+            s.stride(0) if s.dim() == 2 else 0, mask.stride(0) if mask.shape[0] > 1 else 0,
+            dm.stride(0)), warps, HAS_RES=res is not None, SKIP_MODE=skip_mode,
+           IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return dm, sg, sgz, sgs, sgss
 
 
@@ -239,13 +239,13 @@ def combine_grad_inputs(dy, z, mask, alpha, beta, delta, n, hw, c, skip=None,
     dummy = alpha
     sa, sbeta, sdelta = skip_coeffs if skip is not None else (dummy, dummy, dummy)
     grid, bp, bc, warps = _launch_args(n, hw, c)
-    _combine_grad_inputs_kernel[grid](
-        dy, z, mask, alpha, beta, delta, dz,
-        skip if skip is not None else dummy, skip_scale if skip is not None else dummy,
-        skip_shift if skip is not None else dummy, sa, sbeta, sdelta,
-        ds if ds is not None else dummy,
-        hw, c, n_conv, z.stride(0), skip.stride(0) if skip is not None else 0,
-        mask.stride(0) if mask.shape[0] > 1 else 0,
-        SKIP_CONV=skip is not None, IS_FP64=acc_dtype(z.dtype) == torch.float64,
-        BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    launch(_combine_grad_inputs_kernel, grid,
+           (dy, z, mask, alpha, beta, delta, dz,
+            skip if skip is not None else dummy, skip_scale if skip is not None else dummy,
+            skip_shift if skip is not None else dummy, sa, sbeta, sdelta,
+            ds if ds is not None else dummy,
+            hw, c, n_conv, z.stride(0), skip.stride(0) if skip is not None else 0,
+            mask.stride(0) if mask.shape[0] > 1 else 0), warps,
+           SKIP_CONV=skip is not None, IS_FP64=acc_dtype(z.dtype) == torch.float64,
+           BLOCK_P=bp, BLOCK_C=bc)
     return dz, ds

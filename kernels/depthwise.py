@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..nn.space import conv_out   # the one output-size rule (kernels/ is fbnet_fast.kernels)
 from .tiles import add_channel_stats, pixel_channel_tile
-from .utils import acc_dtype, check_nhwc, interpreting, num_warps_for, tile_blocks
+from .utils import acc_dtype, check_nhwc, interpreting, launch, num_warps_for, tile_blocks
 
 __all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
@@ -157,6 +157,18 @@ def _dw_grad_weight_kernel(
     tl.atomic_add(dw_ptr + w_off + cc * (K * K) + tap, acc, mask=mask_c)
 
 
+def tap_tile(pixels: int, channels: int, kernel: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_P, BLOCK_C, num_warps) of the forward and grad-input, whose K*K taps are
+    unrolled. On sm_90 ptxas spills 0.1-10 KB a thread once a thread holds more than 16
+    accumulators at K = 3 or 8 at K = 5 (half that in float64): the pixel block shrinks."""
+    bp, bc = tile_blocks(pixels, channels)
+    warps = num_warps_for(bp * bc)
+    if not interpreting():
+        per_thread = (16 if kernel <= 3 else 8) // (2 if dtype == torch.float64 else 1)
+        bp = max(1, min(bp, per_thread * 32 * warps // bc))
+    return bp, bc, warps
+
+
 def _check(name, x, rows, runs):
     check_nhwc(name, x)
     if x.shape[0] != rows:
@@ -183,14 +195,13 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
     s1 = torch.zeros(x.shape[1] if stats else 1, dtype=acc, device=x.device)
     s2 = torch.zeros_like(s1)
     for r in runs:
-        bp, bc = tile_blocks(ho * wo, r.channels)
+        bp, bc, warps = tap_tile(ho * wo, r.channels, r.kernel, acc)
         grid = (n * triton.cdiv(ho * wo, bp), triton.cdiv(r.channels, bc))
-        _dw_fwd_kernel[grid](
-            x, w, y, _acc_vec(scale, x), _acc_vec(shift, x), s1, s2,
-            h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset,
-            STRIDE=stride, K=r.kernel, PROLOGUE=scale is not None, STATS=stats,
-            IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc,
-            num_warps=num_warps_for(bp * bc))
+        launch(_dw_fwd_kernel, grid,
+               (x, w, y, _acc_vec(scale, x), _acc_vec(shift, x), s1, s2,
+                h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset),
+               warps, STRIDE=stride, K=r.kernel, PROLOGUE=scale is not None,
+               STATS=stats, IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return (y, s1, s2) if stats else (y, None, None)
 
 
@@ -207,13 +218,13 @@ def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shif
     s1 = torch.zeros(dy.shape[1] if epi else 1, dtype=acc, device=dy.device)
     s2 = torch.zeros_like(s1)
     for r in runs:
-        bp, bc = tile_blocks(h * wd, r.channels)
+        bp, bc, warps = tap_tile(h * wd, r.channels, r.kernel, acc)
         grid = (n * triton.cdiv(h * wd, bp), triton.cdiv(r.channels, bc))
-        _dw_grad_input_kernel[grid](
-            dy, w, dx, a if epi else dy, _acc_vec(scale, dy), _acc_vec(shift, dy), s1, s2,
-            h, wd, ho, wo, dy.stride(0), r.channel_start, r.channels, r.w_offset,
-            STRIDE=stride, K=r.kernel, RELU_BN_EPILOGUE=epi, IS_FP64=acc == torch.float64,
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=num_warps_for(bp * bc))
+        launch(_dw_grad_input_kernel, grid,
+               (dy, w, dx, a if epi else dy, _acc_vec(scale, dy), _acc_vec(shift, dy), s1, s2,
+                h, wd, ho, wo, dy.stride(0), r.channel_start, r.channels, r.w_offset),
+               warps, STRIDE=stride, K=r.kernel, RELU_BN_EPILOGUE=epi,
+               IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return (dx, s1, s2) if epi else (dx,)
 
 
@@ -229,10 +240,9 @@ def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, sh
         total = n * triton.cdiv(ho * wo, bp)
         per = total if interpreting() else max(1, triton.cdiv(total, 64))
         grid = (triton.cdiv(total, per), triton.cdiv(r.channels, bc), r.kernel * r.kernel)
-        _dw_grad_weight_kernel[grid](
-            dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
-            n, h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset, per,
-            STRIDE=stride, K=r.kernel, PROLOGUE=scale is not None,
-            IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc,
-            num_warps=num_warps_for(bp * bc))
+        launch(_dw_grad_weight_kernel, grid,
+               (dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
+                n, h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset, per),
+               num_warps_for(bp * bc), STRIDE=stride, K=r.kernel, PROLOGUE=scale is not None,
+               IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return dw

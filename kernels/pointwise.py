@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .tiles import add_channel_stats
-from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, interpreting,
-                    num_warps_for)
+from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, gemm_warps,
+                    ieee_fp32_dots, interpreting, launch)
 
 __all__ = ["Segment", "pointwise_forward", "pointwise_grad_input", "pointwise_grad_weight"]
 
@@ -182,16 +182,14 @@ def pointwise_forward(x, w, segments, out_channels, scale=None, shift=None, stat
     s2 = torch.zeros_like(s1)
     max_out = max(s.out_len for s in segments)
     max_in = max(s.in_len for s in segments)
-    bm, bn, bk = gemm_blocks(M, max_out, max_in)
+    bm, bn, bk = fwd_blocks(M, max_out, max_in, w.dtype)
     tiles = _fwd_tiles(segments, bn, False, str(x.device))
     if M > 0:
-        grid = (triton.cdiv(M, bm), tiles.shape[0])
-        _pointwise_fwd_kernel[grid](
-            x, w, y, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), s1, s2, tiles,
-            M, x.stride(0), y.stride(0),
-            PROLOGUE=prologue, STATS=stats, IS_FP64=acc == torch.float64,
-            PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=num_warps_for(bm * bn))
+        launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
+               (x, w, y, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), s1, s2,
+                tiles, M, x.stride(0), y.stride(0)), gemm_warps(bm, bn),
+               PROLOGUE=prologue, STATS=stats, IS_FP64=acc == torch.float64,
+               PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return (y, s1, s2) if stats else (y, None, None)
 
 
@@ -209,15 +207,16 @@ def pointwise_grad_input(dy, w, segments, in_channels, out_dtype=None):
     covered = sum(s.in_len for s in segments)
     alloc = torch.empty if covered >= in_channels else torch.zeros
     dx = alloc(M, in_channels, dtype=out_dtype or dy.dtype, device=dy.device)
-    bm, bn, bk = gemm_blocks(M, max(s.in_len for s in segments), max(s.out_len for s in segments))
+    bm, bn, bk = fwd_blocks(M, max(s.in_len for s in segments), max(s.out_len for s in segments),
+                            w.dtype)
     tiles = _fwd_tiles(segments, bn, True, str(dy.device))
     if M > 0:
         dummy = torch.empty(1, dtype=acc, device=dy.device)
-        _pointwise_fwd_kernel[(triton.cdiv(M, bm), tiles.shape[0])](
-            dy, w, dx, dummy, dummy, dummy, dummy, tiles, M, dy.stride(0), dx.stride(0),
-            PROLOGUE=False, STATS=False, IS_FP64=acc == torch.float64,
-            PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=num_warps_for(bm * bn))
+        launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
+               (dy, w, dx, dummy, dummy, dummy, dummy, tiles, M, dy.stride(0), dx.stride(0)),
+               gemm_warps(bm, bn), PROLOGUE=False, STATS=False,
+               IS_FP64=acc == torch.float64, PRECISION=dot_precision(w.dtype),
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return dx
 
 
@@ -232,6 +231,23 @@ def _row_splits(M: int, block_m: int, tiles: int) -> tuple:
     return triton.cdiv(max(M, 1), per), per
 
 
+def fwd_blocks(rows: int, out_len: int, in_len: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of y = x @ W^T (and of dx = dy @ W). IEEE float32 dots
+    spill 16-40 B a thread at 128 x 64 x 32: 64 rows then."""
+    bm, bn, bk = gemm_blocks(rows, out_len, in_len)
+    return (min(bm, 64) if ieee_fp32_dots(dtype) else bm), bn, bk
+
+
+def grad_weight_blocks(rows: int, out_len: int, in_len: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, BLOCK_O, BLOCK_R) of dW = dy^T @ x, reducing over BLOCK_M rows a step.
+    128 rows spill 2-4 KB a thread with IEEE float32 dots, and need up to 229 KB of shared
+    memory in float64 (over sm_80's 163 KB): 32 rows then."""
+    bm, bo, br = gemm_blocks(rows, out_len, in_len)
+    if ieee_fp32_dots(dtype) or (dtype == torch.float64 and not interpreting()):
+        bm = min(bm, 32)
+    return bm, bo, br
+
+
 def pointwise_grad_weight(dy, x, segments, w_numel, scale=None, shift=None):
     """Flat dW (accumulator dtype, w_numel elements) = dy^T @ prologue(x) per segment."""
     check_nhwc("pointwise dy", dy)
@@ -242,14 +258,14 @@ def pointwise_grad_weight(dy, x, segments, w_numel, scale=None, shift=None):
     M = x.shape[0]
     acc = acc_dtype(x.dtype)
     dw = torch.zeros(w_numel, dtype=acc, device=x.device)
-    bm, bo, br = gemm_blocks(M, max(s.out_len for s in segments), max(s.in_len for s in segments))
+    bm, bo, br = grad_weight_blocks(M, max(s.out_len for s in segments),
+                                    max(s.in_len for s in segments), x.dtype)
     tiles = _grad_weight_tiles(segments, bo, br, str(x.device))
     splits, per = _row_splits(M, bm, tiles.shape[0])
     if M > 0:
-        _pointwise_grad_weight_kernel[(tiles.shape[0], splits)](
-            dy, x, dw, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), tiles,
-            M, dy.stride(0), x.stride(0), per,
-            PROLOGUE=scale is not None, IS_FP64=acc == torch.float64,
-            PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_O=bo, BLOCK_R=br,
-            num_warps=num_warps_for(bo * br))
+        launch(_pointwise_grad_weight_kernel, (tiles.shape[0], splits),
+               (dy, x, dw, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), tiles,
+                M, dy.stride(0), x.stride(0), per), gemm_warps(bo, br),
+               PROLOGUE=scale is not None, IS_FP64=acc == torch.float64,
+               PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_O=bo, BLOCK_R=br)
     return dw

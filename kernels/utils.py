@@ -7,11 +7,50 @@ blocks mean fewer interpreted programs, which is what makes the CPU tests afford
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import triton
 
 MAX_FUSED_SIZE = 65536
+
+
+class Launch(NamedTuple):
+    """One kernel launch exactly as a launcher decided it (tile sizes, warps, flags)."""
+
+    kernel: Any          # the @triton.jit function
+    grid: tuple
+    args: tuple          # the runtime arguments, in the kernel's order
+    constexprs: dict     # the constexpr arguments by name
+    num_warps: int
+
+
+_recorded: list | None = None
+_run_recorded = False
+
+
+@contextmanager
+def recording(run: bool = False):
+    """Inside, launchers append their ``Launch`` to the yielded list, and run it only if
+    ``run``. Called with meta tensors, the launchers say what they would run on a GPU
+    without one: the ahead-of-time compile check (bench/triton_resources.py) compiles that.
+    """
+    global _recorded, _run_recorded
+    previous, _recorded, _run_recorded = (_recorded, _run_recorded), [], run
+    try:
+        yield _recorded
+    finally:
+        _recorded, _run_recorded = previous
+
+
+def launch(kernel, grid, args, num_warps: int, **constexprs) -> None:
+    """Run one kernel (and record it, see ``recording``): every launcher launches here."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, tuple(grid), tuple(args), constexprs, num_warps))
+        if not _run_recorded:
+            return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
 
 
 def interpreting() -> bool:
@@ -45,6 +84,18 @@ def gemm_blocks(m: int, n: int, k: int) -> tuple:
     if interpreting():  # each interpreted program costs a fixed overhead: few, big ones
         return pow2_clamp(m, 16, 512), pow2_clamp(n, 16, 512), pow2_clamp(k, 16, 512)
     return pow2_clamp(m, 16, 128), pow2_clamp(n, 16, 64), pow2_clamp(k, 16, 32)
+
+
+def gemm_warps(block_m: int, block_n: int) -> int:
+    """Warps for a GEMM tile: at most 8, since 16 warps leave 128 registers a thread and
+    the IEEE fp32 dots spill at 128x64 (bench/RESULTS.md, "Triton kernels compiled")."""
+    return min(8, num_warps_for(block_m * block_n))
+
+
+def ieee_fp32_dots(dtype: torch.dtype) -> bool:
+    """True when tl.dot runs float32 without TF32 on a GPU: on the FMA units, with the
+    operand tiles in registers."""
+    return dtype == torch.float32 and dot_precision(dtype) == "ieee" and not interpreting()
 
 
 def tile_blocks(pixels: int, channels: int) -> tuple:
