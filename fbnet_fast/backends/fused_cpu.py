@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import jit
 from .plan import (BNGrad, FusedPlan, bn_coef, bn_grad, call_fused_op, dw_weights,
-                   plan_for)
+                   plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -386,27 +386,7 @@ def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, la
             + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)] + skip)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running, layout,
-     training) = inputs
-    ctx.layout, ctx.training, ctx.has_skip = layout, training, sw is not None
-    ctx.n_running = len(running)
-    skip = (sw, sg, sb) if sw is not None else ()
-    ctx.save_for_backward(x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, output[1], *skip)
-
-
-def _backward(ctx, grad, _grad_stats):
-    x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, stats, *skip = ctx.saved_tensors
-    sw, sg, sb = skip if ctx.has_skip else (None, None, None)
-    grads = torch.ops.fbnet_fast.mixed_block_cpu_backward(
-        grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats,
-        ctx.layout, ctx.training)
-    skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
-    return (*grads[:11], *skip_grads, [None] * ctx.n_running, None, None)
-
-
-torch.library.register_autograd("fbnet_fast::mixed_block_cpu", _backward,
-                                setup_context=_setup_context)
+register_fused_autograd("mixed_block_cpu")
 
 
 # --- the backend entry point --------------------------------------------------------------

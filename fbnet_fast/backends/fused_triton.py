@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .plan import (BNCoef, FusedPlan, Geometry, Segment, apply_bn_grad, batch_stats, bn_coef,
-                   bn_grad, call_fused_op, plan_for, relu_grad_sums)
+                   bn_grad, call_fused_op, plan_for, register_fused_autograd, relu_grad_sums)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "load_kernels", "DepthwiseStep",
            "TritonDepthwise", "define_ops"]
@@ -421,19 +421,7 @@ def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
                 + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)]
                 + skip)
 
-    def setup_context(ctx, inputs, output):
-        x, mask, *params = inputs[:14]
-        ctx.layout, ctx.training, ctx.cdt = inputs[15:]
-        ctx.has_skip, ctx.n_running = params[-3] is not None, len(inputs[14])
-        ctx.save_for_backward(x, mask, output[1], *params)
-
-    def autograd_backward(ctx, grad, _grad_stats):
-        x, mask, stats, *params = ctx.saved_tensors
-        grads = backward(grad, x, mask, *params, stats, ctx.layout, ctx.training, ctx.cdt)
-        skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
-        return (*grads[:11], *skip_grads, [None] * ctx.n_running, None, None, None)
-
-    forward.register_autograd(autograd_backward, setup_context=setup_context)
+    register_fused_autograd(name)
     op = getattr(torch.ops.fbnet_fast, name).default
 
     def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ from ..nn.space import conv_out
 
 __all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
            "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "relu_grad_sums",
-           "apply_bn_grad", "update_running", "BN_ROLES", "fused_op_args", "call_fused_op"]
+           "apply_bn_grad", "update_running", "BN_ROLES", "fused_op_args", "call_fused_op",
+           "register_fused_autograd"]
 
 
 class Segment(NamedTuple):
@@ -357,3 +358,27 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra) -> Tensor:
             update_running(rm, rv, stats[0, off:off + c], stats[1, off:off + c], counts[i])
             off += c
     return y
+
+
+def register_fused_autograd(name: str) -> None:
+    """Autograd of the fused op ``fbnet_fast::<name>`` through ``fbnet_fast::<name>_backward``.
+
+    The forward takes ``fused_op_args`` and maybe more plain values after them; the backward
+    takes the output gradient, x, the mask, the twelve weights, the statistics the forward
+    returned, and the same plain values. Only x, the mask, the statistics and the weights
+    are saved: the backward recomputes the rest."""
+    backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
+
+    def setup_context(ctx, inputs, output):
+        x, mask, *params = inputs[:14]
+        ctx.has_skip, ctx.n_running = params[-3] is not None, len(inputs[14])
+        ctx.plain = inputs[15:]            # layout, training, and any extra value
+        ctx.save_for_backward(x, mask, output[1], *params)
+
+    def backward(ctx, grad, _grad_stats):
+        x, mask, stats, *params = ctx.saved_tensors
+        grads = backward_op(grad, x, mask, *params, stats, *ctx.plain)
+        skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
+        return (*grads[:11], *skip_grads, [None] * ctx.n_running, *[None] * len(ctx.plain))
+
+    torch.library.register_autograd(f"fbnet_fast::{name}", backward, setup_context=setup_context)
