@@ -102,3 +102,60 @@ def test_hard_per_batch_runs_only_the_sampled_blocks():
         got = torch.zeros_like(p) if p.grad is None else p.grad
         torch.testing.assert_close(got, grads[n], msg=n)
     assert grads["theta"].abs().sum() > 0
+
+
+def test_two_path_masks_mix_two_candidates_by_their_renormalised_probabilities():
+    net = make_net(mask="two-path")
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    masks = net.sample_masks(8, generator=torch.Generator().manual_seed(1))
+    nonzero = masks.detach() != 0
+    assert (nonzero.sum(-1) == 2).all()
+    p = net.probabilities().detach()
+    expect = torch.where(nonzero, p, torch.zeros_like(p))
+    torch.testing.assert_close(masks.detach(), expect / expect.sum(-1, keepdim=True))
+    # θ's gradient comes through the two drawn entries of each layer only
+    c = torch.randn(22, 9)
+    (g,) = torch.autograd.grad((c * masks).sum(), net.theta)
+    w = masks.detach()
+    expect_g = torch.where(nonzero, w * (c - (c * w).sum(-1, keepdim=True)), torch.zeros_like(w))
+    torch.testing.assert_close(g, expect_g)
+    # pairs follow softmax(θ): a dominant candidate is nearly always drawn
+    with torch.no_grad():
+        net.theta.zero_()
+        net.theta[:, 4] = 6.0
+    drawn = torch.stack([net.sample_masks(1)[:, 4] != 0 for _ in range(50)])
+    assert drawn.float().mean() > 0.95
+    with pytest.raises(ValueError, match="two-path.*per-batch"):
+        SuperNet(SPACE, gumbel="per-example", mask="two-path")
+
+
+def test_two_path_runs_only_the_two_blocks_and_matches_the_mixture():
+    """Output, weight and θ gradients equal the full mixture's under the same masks (whose
+    other entries are zero), while only the two drawn candidates of each layer run."""
+    torch.manual_seed(0)
+    net = SuperNet(SPACE, num_classes=5, backend="reference", mask="two-path").double()
+    with torch.no_grad():
+        net.theta.copy_(torch.randn_like(net.theta))
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = net(x, masks=_two_path_masks(net, 2))
+    y.square().sum().backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in net.named_parameters()}
+    assert any(p.grad is None for p in net.parameters())   # unsampled blocks never ran
+    net.zero_grad(set_to_none=False)
+    net.mask = "soft"
+    y_mix = net(x, masks=_two_path_masks(net, 2))
+    y_mix.square().sum().backward()
+    torch.testing.assert_close(y, y_mix)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    assert grads["theta"].abs().sum() > 0
+
+
+def _two_path_masks(net, seed):
+    mode, net.mask = net.mask, "two-path"
+    try:
+        return net.sample_masks(4, generator=torch.Generator().manual_seed(seed))
+    finally:
+        net.mask = mode

@@ -16,7 +16,7 @@ from .space import SearchSpace
 __all__ = ["SuperNet", "GUMBEL_MODES", "MASK_KINDS"]
 
 GUMBEL_MODES = ("per-batch", "per-example")
-MASK_KINDS = ("soft", "hard")
+MASK_KINDS = ("soft", "hard", "two-path")
 
 
 class SuperNet(nn.Module):
@@ -28,7 +28,10 @@ class SuperNet(nn.Module):
     makes each mask one-hot in the forward pass while θ gets the soft mask's gradient
     (straight-through, as in GDAS): the weights then learn single paths, which is what
     the extracted architectures run, and with per-batch masks only the sampled block of
-    each layer runs. The paper's soft masks (the default) train a mixture. In eval mode
+    each layer runs. ``mask="two-path"`` (ProxylessNAS) draws two candidates per layer
+    from softmax(θ) and mixes them by their renormalised probabilities; only those two
+    run, and θ's gradient comes through them. The paper's soft masks (the default) train
+    the whole mixture. In eval mode
     it runs the argmax architecture (``eval_arch = "argmax"``) or the expected mixture
     under softmax(θ) (``eval_arch = "softmax"``). ``net(x, arch=...)`` runs one
     discrete architecture, executing only the chosen block of each layer.
@@ -43,6 +46,9 @@ class SuperNet(nn.Module):
             raise ValueError(f"gumbel must be one of {GUMBEL_MODES}, got {gumbel!r}")
         if mask not in MASK_KINDS:
             raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+        if mask == "two-path" and gumbel != "per-batch":
+            raise ValueError("mask='two-path' draws one pair of candidates per layer and "
+                             "batch: use gumbel='per-batch'")
         self.gumbel = gumbel
         self.mask = mask
         self.temperature = float(temperature)
@@ -68,7 +74,13 @@ class SuperNet(nn.Module):
     def sample_masks(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """Gumbel-softmax masks: Tensor[L, K] (per batch) or Tensor[L, N, K] (per example).
 
-        Hard masks are exactly one-hot in value; their gradient is the soft mask's."""
+        Hard masks are exactly one-hot in value; their gradient is the soft mask's.
+        Two-path masks have two non-zero entries per layer, summing to 1."""
+        if self.mask == "two-path":
+            p = self.probabilities()
+            pair = torch.multinomial(p.detach(), 2, replacement=False, generator=generator)
+            chosen = p.gather(1, pair)
+            return torch.zeros_like(p).scatter(1, pair, chosen / chosen.sum(1, keepdim=True))
         shape = self.theta.shape if self.gumbel == "per-batch" else (
             self.theta.shape[0], batch, self.theta.shape[1])
         e = torch.empty(shape, device=self.theta.device, dtype=self.theta.dtype)
@@ -136,11 +148,14 @@ class SuperNet(nn.Module):
                 masks = (self.sample_masks(x.shape[0]) if self.training
                          else self.probabilities())
             self.last_masks = masks
-            if self.mask == "hard" and masks.dim() == 2:
-                # one-hot per batch: only the sampled block runs (GDAS); multiplying by its
-                # mask entry (exactly 1) passes θ's straight-through gradient
-                for l, (block, i) in enumerate(zip(self.blocks, masks.argmax(-1).tolist())):
-                    h = block(h, i) * masks[l, i]
+            if self.mask != "soft" and masks.dim() == 2:
+                # sparse per-batch masks: only the sampled blocks run (GDAS, ProxylessNAS);
+                # multiplying by their mask entries passes θ's gradient
+                active = (masks.detach() != 0).tolist()
+                for l, block in enumerate(self.blocks):
+                    terms = [block(h, i) * masks[l, i]
+                             for i, on in enumerate(active[l]) if on]
+                    h = terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
             else:
                 for l, block in enumerate(self.blocks):
                     h = block(h, masks[l])

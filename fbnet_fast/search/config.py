@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..latency.measuring import METHODS
 from ..nn.space import SearchSpace, Stage
+from ..nn.supernet import MASK_KINDS
 
 __all__ = ["SearchConfig", "FaultSettings", "PRESETS", "make_config", "config_field", "build_space",
            "parse_stages", "temperature_at", "cosine_lr", "flag_name"]
@@ -72,9 +73,11 @@ class SearchConfig(FaultSettings):
                                     float)
     gumbel: str = config_field("per-batch", "one Gumbel mask per batch or per example", str,
                                ("per-batch", "per-example"))
-    mask: str = config_field("soft", "soft: Gumbel-softmax weights (paper); hard: one-hot "
-                             "forward, soft gradient (straight-through), so single paths train",
-                             str, ("soft", "hard"))
+    mask: str = config_field("soft", "soft: Gumbel-softmax weights, every candidate runs "
+                             "(paper); hard: one-hot forward, soft gradient (straight-through, "
+                             "GDAS), one path runs; two-path: two candidates per layer drawn "
+                             "from softmax(θ), mixed by their renormalised probabilities "
+                             "(ProxylessNAS)", str, MASK_KINDS)
     lut: str | None = config_field(None, "latency table to use (default: measure one on the "
                                    "spot)", str)
     lut_method: str = config_field("calibrated", "how to measure the table when --lut is not "
@@ -128,6 +131,9 @@ class SearchConfig(FaultSettings):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{flag_name(name)} must be >= 1, got {v}")
+        if self.mask == "two-path" and self.gumbel != "per-batch":
+            raise ValueError("--mask two-path draws one pair of candidates per layer and "
+                             "batch: use --gumbel per-batch")
         if self.stages is not None:
             parse_stages(self.stages)
         self.validate_faults()
