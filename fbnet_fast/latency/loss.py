@@ -28,9 +28,45 @@ from torch import Tensor, nn
 from .formats import UNITS
 from .table import LatencyTable
 
-__all__ = ["FBNetLoss", "LossParts", "LOSS_MODES"]
+__all__ = ["FBNetLoss", "LossParts", "LOSS_MODES", "combine", "objective", "default_unit"]
 
 LOSS_MODES = ("mult", "add", "none")
+
+
+def default_unit(mode: str) -> str:
+    """The unit of LAT inside the formula: "us" for "mult" (the paper's alpha and beta go
+    with microseconds), "ms" for "add" (lam per millisecond) and "none"."""
+    return "ms" if mode == "add" else "us"
+
+
+def combine(ce, lat, mode: str, alpha: float, beta: float, lam: float):
+    """The loss from CE and LAT (already in the formula's unit), for tensors or floats.
+
+    "mult": ``ce * alpha * log(max(LAT, e)) ** beta``; "add": ``ce + lam * LAT``;
+    "none": ``ce``. The one place the formula is written (``FBNetLoss`` and ``objective``
+    both call it)."""
+    if mode == "mult":
+        log = (torch.log(lat.clamp(min=math.e)) if isinstance(lat, Tensor)
+               else math.log(max(float(lat), math.e)))
+        return ce * alpha * log ** beta
+    if mode == "add":
+        return ce + lam * lat
+    if mode == "none":
+        return ce
+    raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
+
+
+def objective(ce: float, latency_ms: float, mode: str = "mult", alpha: float = 0.2,
+              beta: float = 0.6, lam: float = 0.01, unit: str | None = None) -> float:
+    """The search loss of one discrete architecture as a number: its cross-entropy ``ce``
+    and its latency ``latency_ms`` (from the table, in ms) put through the same formula
+    as ``FBNetLoss`` (LAT converted to ``unit``, default ``default_unit(mode)``).
+    Lower is better."""
+    unit = unit or default_unit(mode)
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {sorted(UNITS)}, got {unit!r}")
+    scale = 1.0 / UNITS[unit]              # ms -> unit, as FBNetLoss.scale
+    return float(combine(float(ce), float(latency_ms) * scale, mode, alpha, beta, lam))
 
 
 class LossParts(NamedTuple):
@@ -58,7 +94,7 @@ class FBNetLoss(nn.Module):
         super().__init__()
         if mode not in LOSS_MODES:
             raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
-        unit = unit or ("ms" if mode == "add" else "us")
+        unit = unit or default_unit(mode)
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {sorted(UNITS)}, got {unit!r}")
         if mode != "none" and table is None:
@@ -94,12 +130,7 @@ class FBNetLoss(nn.Module):
                 raise ValueError(f"mode {self.mode!r} needs the masks (Tensor[L, K] or "
                                  "Tensor[L, N, K], e.g. SuperNet.last_masks)")
             lat = self.latency(masks)
-        if self.mode == "mult":
-            loss = ce * self.alpha * torch.log(lat.clamp(min=math.e)) ** self.beta
-        elif self.mode == "add":
-            loss = ce + self.lam * lat
-        else:
-            loss = ce
+        loss = combine(ce, lat, self.mode, self.alpha, self.beta, self.lam)
         self.last = LossParts(loss.detach(), ce.detach(), None if lat is None else lat.detach())
         return LossParts(loss, ce, lat)
 

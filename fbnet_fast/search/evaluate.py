@@ -11,21 +11,28 @@ __all__ = ["finetune", "arch_accuracy"]
 
 
 def finetune(model, data, steps: int, lr: float, batch_size: int, seed: int, device,
-             channels_last: bool, weight_decay: float = 1e-4) -> None:
-    """``steps`` SGD steps (cosine from ``lr``) of one extracted architecture on the weight split.
+             channels_last: bool, weight_decay: float = 1e-4, indices=None) -> None:
+    """``steps`` SGD steps (momentum 0.9, cosine from ``lr``) of ``model`` on ``indices`` of
+    ``data.train`` (default: the weight split); batches drawn by ``search.data.batches`` (stream 2),
+    epoch after epoch until the steps are done.
 
     Weights trained inside a supernet are co-adapted to the mixture of candidates; alone,
     a path scores near chance until it has been trained a little on its own. This is
-    one-shot NAS's usual "inherit, then fine-tune briefly" evaluation, not a full training."""
-    if steps and len(data.weight_idx) < batch_size:
-        raise ValueError(f"fine-tuning needs at least one batch of {batch_size} weight-split "
-                         f"images, the split holds {len(data.weight_idx)}: use a smaller "
-                         "--batch-size or --finetune-steps 0")
+    one-shot NAS's usual "inherit, then fine-tune briefly" evaluation, not a full training.
+    ``fbnet-fast baseline`` trains fresh models with it on all training images."""
+    if indices is None:
+        indices, what = data.weight_idx, "weight-split images"
+        hint = "use a smaller --batch-size or --finetune-steps 0"
+    else:
+        what, hint = "training images", "use a smaller --batch-size"
+    if steps and len(indices) < batch_size:
+        raise ValueError(f"fine-tuning needs at least one batch of {batch_size} {what}, "
+                         f"the split holds {len(indices)}: {hint}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     model.train()
     step, epoch = 0, 0
     while step < steps:
-        for x, y in data_mod.batches(data.train, data.weight_idx, batch_size, seed, epoch, 2,
+        for x, y in data_mod.batches(data.train, indices, batch_size, seed, epoch, 2,
                                      device=device, workers=0, channels_last=channels_last):
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, step, steps)

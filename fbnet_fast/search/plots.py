@@ -4,7 +4,9 @@
 ``probabilities_final.png`` (per-layer candidate probabilities, like the paper's Figure 4),
 ``probabilities_evolution.png`` (each layer's probabilities over epochs),
 ``curves.png`` (loss, accuracy, expected latency, temperature and mean entropy), and
-``archs.png`` (sampled architectures on the latency-accuracy plane) once the run is done.
+``archs.png`` (sampled architectures on the latency-accuracy plane) once the run is done,
+and ``baseline.png`` once ``fbnet-fast baseline`` has written ``baseline/baseline.json``
+(``plot_baseline``: architectures trained from scratch, searched against random).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 
 from .rundir import RunDir
 
-__all__ = ["make_plots", "load_run"]
+__all__ = ["make_plots", "load_run", "plot_baseline"]
 
 
 def load_run(run_dir: str) -> dict:
@@ -161,4 +163,63 @@ def make_plots(run_dir: str) -> list:
                      "(θ split, no retraining: cheap, not a from-scratch result)", fontsize=9)
         ax.legend()
         save(fig, "archs.png")
+    if os.path.exists(os.path.join(run_dir, "baseline", "baseline.json")):
+        written.append(plot_baseline(run_dir))
     return written
+
+
+def plot_baseline(run_dir: str) -> str:
+    """``plots/baseline.png``: validation top-1 against LUT latency of the architectures
+    trained from scratch by ``fbnet-fast baseline`` (``baseline/baseline.json``), random
+    ones as a cloud, searched ones marked and labelled; returns its path."""
+    import matplotlib  # deferred: slow to import, and only the plots need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(run_dir, "baseline", "baseline.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist: run fbnet-fast baseline {run_dir} "
+                                "first")
+    with open(path) as f:
+        b = json.load(f)
+    rows = [r for r in b["rows"] if r.get("val_acc") is not None]
+    rand = [r for r in rows if r["source"] == "random"]
+    found = [r for r in rows if r["source"] != "random"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if rand:
+        ax.scatter([r["latency_ms"] for r in rand], [r["val_acc"] for r in rand], s=18,
+                   color="grey", alpha=0.6, label=f"random ({len(rand)})")
+    for r in found:
+        main = r["name"] == "argmax"
+        ax.scatter(r["latency_ms"], r["val_acc"], s=90 if main else 40,
+                   marker="*" if main else "o", color="C3" if main else "C0",
+                   edgecolors="k", linewidths=0.5, zorder=3)
+        ax.annotate(r["name"], (r["latency_ms"], r["val_acc"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if any(r["name"] == "argmax" for r in found):
+        ax.scatter([], [], s=90, marker="*", color="C3", edgecolors="k", linewidths=0.5,
+                   label="argmax (searched)")
+    if any(r["name"] != "argmax" for r in found):
+        ax.scatter([], [], s=40, color="C0", edgecolors="k", linewidths=0.5,
+                   label="sampled (searched)")
+    n = b.get("settings", {}).get("num_classes")
+    if n:
+        ax.axhline(1.0 / n, color="grey", ls=":", label="chance")
+    s = b.get("summary", {})
+    st = b.get("settings", {})
+    ax.set_xlabel("LUT latency (ms)")
+    ax.set_ylabel("validation top-1")
+    title = "trained from scratch: searched vs random architectures"
+    if s.get("beats") is not None:
+        title += (f"\nargmax beats {s['beats']} of {s['random']} random on the {s['loss']} "
+                  f"objective; {s['dominated_by']} dominate it")
+    if st.get("epochs"):
+        title += f" ({st['epochs']} epoch{'s' * (st['epochs'] != 1)} each)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    out = RunDir(run_dir).plots
+    os.makedirs(out, exist_ok=True)
+    png = os.path.join(out, "baseline.png")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return png
