@@ -35,6 +35,10 @@ setup(
         "vision": ["torchvision"],
         # ONNX export and latency tables measured in ONNX Runtime (docs/latency.md)
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        # found architectures as timm models (fbnet-fast export --timm)
+        "timm": ["timm"],
+        # examples/digits_folder.py: a real data set shipped inside scikit-learn
+        "examples": ["scikit-learn"],
         "dev": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fbnet-fast = fbnet_fast.cli:main"]},

@@ -11,5 +11,5 @@ export PATH="$VENV/bin:$PATH"   # ninja for the just-in-time builds, the fbnet-f
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps .
-"$VENV/bin/python" -m pip install -q ".[dev,vision,onnx]"
+"$VENV/bin/python" -m pip install -q ".[dev,vision,onnx,timm,examples]"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/fbnet_fast/extensions}"

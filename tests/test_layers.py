@@ -16,7 +16,7 @@ PACKAGE = Path(fbnet_fast.__file__).resolve().parent
 # __init__ files are facades that re-export names; they are left out of the rank rule.
 LAYERS = [
     ("nn.space",),
-    ("nn.architecture", "nn.layout", "nn.blocks", "nn.models"),
+    ("nn.architecture", "nn.layout", "nn.blocks", "nn.models", "nn.timm_format"),
     ("backends",),
     ("nn.mixed_block", "nn.supernet"),
     ("latency",),
@@ -24,7 +24,7 @@ LAYERS = [
     ("cli", "testing"),
 ]
 # Imports allowed inside a function: heavy or optional dependencies, deferred on purpose.
-DEFERRED = ("triton", "matplotlib", "torchvision", "torch.utils.cpp_extension", "onnx", "onnxruntime", "onnxscript")
+DEFERRED = ("triton", "matplotlib", "torchvision", "torch.utils.cpp_extension", "onnx", "onnxruntime", "onnxscript", "timm")
 
 
 def modules() -> dict:
