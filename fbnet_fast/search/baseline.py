@@ -113,15 +113,16 @@ def run_baseline(run_dir: str, random: int = 10, epochs: int = 5, seed: int | No
     rows = []
     for src, a in archs:
         key = (src, tuple(a.blocks))
-        if key in done:
-            rows.append({**done[key], "name": a.name})
+        latency = round(table.latency(a, data.num_classes), 6)
+        if key in done:   # trained before; the latency is always the run's table's
+            rows.append({**done[key], "name": a.name, "latency_ms": latency})
             continue
         if bar is not None:
             bar.set_postfix_str(f"training {a.name}", refresh=True)
         acc, ce = _train_one(a, data, all_idx, settings, cfg, device, cl)
         rows.append(finite_or_none({
             "name": a.name, "source": src, "blocks": list(a.blocks),
-            "latency_ms": round(table.latency(a, data.num_classes), 6),
+            "latency_ms": latency,
             "val_acc": round(acc, 6), "val_ce": round(ce, 6) if math.isfinite(ce) else ce}))
         _write(path, rows, cfg, settings)
         if bar is not None:
