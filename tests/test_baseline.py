@@ -84,12 +84,14 @@ def test_rows_latency_summary_and_plot(run_dir, capsys):
     assert (st["epochs"], st["seed"], st["random"]) == (1, 0, 3)
     assert (st["steps"], st["batch_size"], st["lr"], st["train_images"], st["val_images"]) \
         == (2, 16, cfg["w_lr"], 160, 48)
-    # summary: the run's objective (mult) and the counts, as compare() computes them
+    # summary: the run's objective (its --latency-loss) and the counts, as compare() has them
     s = res["summary"]
-    assert s == compare(rows, "mult", cfg["alpha"], cfg["beta"], cfg["lam"])
+    mode = cfg["latency_loss"]
+    assert s["loss"] == mode
+    assert s == compare(rows, mode, cfg["alpha"], cfg["beta"], cfg["lam"])
     a = rows[0]
     assert s["objective"]["argmax"] == round(
-        objective(a["val_ce"], a["latency_ms"], "mult", cfg["alpha"], cfg["beta"]), 6)
+        objective(a["val_ce"], a["latency_ms"], mode, cfg["alpha"], cfg["beta"], cfg["lam"]), 6)
     assert s["random"] == 3 and 0 <= s["beats"] <= 3
     # the file holds what was returned; the plot is a PNG
     assert json.loads((run_dir / "baseline" / "baseline.json").read_text()) == res
