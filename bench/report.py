@@ -195,14 +195,16 @@ def copy_bandwidth(mb: int = 64, reps: int = 5) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def supernet_case(n: int, res: int, backend: str, channels_last: bool = True):
+def supernet_case(n: int, res: int, backend: str, channels_last: bool = True,
+                  mask: str = "soft", space: SearchSpace | None = None, classes: int = 100):
     torch.manual_seed(0)
-    net = fbnet_fast.SuperNet(SearchSpace(resolution=res), num_classes=100, backend=backend)
+    net = fbnet_fast.SuperNet(space or SearchSpace(resolution=res), num_classes=classes,
+                              backend=backend, mask=mask)
     x = torch.randn(n, 3, res, res)
     if channels_last:
         net = net.to(memory_format=CL)
         x = x.contiguous(memory_format=CL)
-    target = torch.randint(0, 100, (n,))
+    target = torch.randint(0, classes, (n,))
     net.train()
     one = torch.ones(())
 
@@ -345,6 +347,31 @@ def section_supernet(args) -> dict:
     return out
 
 
+MASK_SIZES = {  # name: (batch, resolution, space)
+    "quick": (32, 32, lambda: SearchSpace.small(resolution=32, width=0.25, head_channels=256)),
+    "224": (8, 224, lambda: SearchSpace(resolution=224)),
+}
+
+
+def section_masks(args) -> dict:
+    """Images/s of a weight step (forward + backward) with soft, hard and two-path masks:
+    what each sampling mode costs at the quick preset's size and at 224x224."""
+    out = {}
+    for size, (n, res, space) in MASK_SIZES.items():
+        if args.quick:
+            n = 2
+        fwds = {m: supernet_case(n, res, "auto", mask=m, space=space(), classes=10)
+                for m in ("soft", "hard", "two-path")}
+        times = ratios(steps(fwds), "soft", max(3, args.reps))
+        out[size] = {m: {"batch": n, "resolution": res, "step_s": t,
+                         "images_per_s": n / t, "speedup_vs_soft": 1 / r}
+                     for m, (t, r) in times.items()}
+        print(f"masks at {size} (batch {n}): " + ", ".join(
+            f"{m} {v['images_per_s']:.0f} img/s (x{v['speedup_vs_soft']:.2f})"
+            for m, v in out[size].items()), flush=True)
+    return out
+
+
 def peak_rss_mb(backend: str, n: int, res: int, steps_run: int = 2) -> float:
     """Peak RSS of a fresh process that runs ``steps_run`` SuperNet steps on one backend.
 
@@ -367,7 +394,8 @@ def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("budget", "dw", "mixed", "supernet"), action="append",
+    p.add_argument("--only", choices=("budget", "dw", "mixed", "supernet", "masks"),
+                   action="append",
                    help="sections to run (repeatable; default all)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     p.add_argument("--max-shapes", type=int, default=None, help="first N shapes per section")
@@ -381,7 +409,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    sections = args.only or ["budget", "dw", "mixed", "supernet"]
+    sections = args.only or ["budget", "dw", "mixed", "supernet", "masks"]
     rate, bandwidth = gemm_rate(), copy_bandwidth()
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -397,6 +425,8 @@ def main(argv=None) -> dict:
         out["mixed_block"] = section_mixed(args, rate, bandwidth)
     if "supernet" in sections:
         out["supernet"] = section_supernet(args)
+    if "masks" in sections:
+        out["masks"] = section_masks(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

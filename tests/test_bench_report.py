@@ -29,3 +29,10 @@ def test_report_quick_writes_every_section(tmp_path):
     assert (sn["resolution"], sn["batch"]) == (32, 2)
     assert sn["saved_MB_fused"] * 8 < sn["saved_MB_ref_cl"]
     assert sn["max_rss_MB_fused"] > 0 and sn["max_rss_MB_ref_cl"] > 0
+    masks = rep["masks"]
+    assert [(k, v["soft"]["resolution"]) for k, v in masks.items()] == [("quick", 32),
+                                                                         ("224", 224)]
+    for v in masks.values():
+        assert sorted(v) == ["hard", "soft", "two-path"]
+        assert v["soft"]["speedup_vs_soft"] == 1.0
+        assert all(m["images_per_s"] == 2 / m["step_s"] for m in v.values())
