@@ -1,6 +1,7 @@
 """Shared by the search tests: a tiny configuration and a hand-made latency table."""
 from __future__ import annotations
 
+from fbnet_fast.cli import main as cli_main
 from fbnet_fast.latency.keys import parse_block_key, required_keys
 from fbnet_fast.latency.table import LatencyTable
 from fbnet_fast.nn.models import block_cost
@@ -28,3 +29,15 @@ def macs_table(cfg, num_classes=10, per_mmac=1.0) -> LatencyTable:
             macs, _ = block_cost(*p)
             entries[k] = 0.001 + per_mmac * macs / 1e6
     return LatencyTable(entries, {"method": "macs"}, space.to_dict(), num_classes)
+
+
+def one_line_error(capsys, argv, match, prefix=""):
+    """The CLI fails on ``argv`` with exit code 2 and one line on stderr holding ``match``."""
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:          # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(prefix) and match in err, err

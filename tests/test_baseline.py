@@ -22,7 +22,7 @@ from fbnet_fast.search.evaluate import finetune
 from fbnet_fast.search.loop import run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
-from search_helpers import macs_table, tiny_config  # noqa: E402
+from search_helpers import macs_table, one_line_error, tiny_config  # noqa: E402
 
 # one search epoch of two weight and two θ batches: a finished run in about 2 s
 RUN = dict(epochs=1, warmup_epochs=0, max_batches=2, finetune_steps=0, builtin_train=160,
@@ -204,14 +204,7 @@ def test_resume_skips_trained_rows_and_settings_must_match(run_dir, monkeypatch,
 
 
 def _one_line_error(capsys, argv, match):
-    try:
-        code = cli_main(argv)
-    except SystemExit as e:          # argparse's own errors
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("fbnet-fast baseline: error: ") and match in err, err
+    one_line_error(capsys, argv, match, prefix="fbnet-fast baseline: error: ")
 
 
 def test_missing_files_and_bad_input(run_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ from fbnet_fast.search.evaluate import finetune
 from fbnet_fast.search.loop import run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
-from search_helpers import TINY, macs_table, tiny_config  # noqa: E402
+from search_helpers import TINY, macs_table, one_line_error, tiny_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,35 +247,24 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, lut):
 
 # --- bad input ---------------------------------------------------------------------------
 
-def _one_line_error(capsys, argv, match):
-    try:
-        code = cli_main(argv)
-    except SystemExit as e:          # argparse's own errors
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
-    assert match in err, err
-
-
 def test_bad_input_is_one_clear_line(tmp_path, capsys, lut):
     base = ["search", "--out", str(tmp_path / "r"), "--quiet"]
-    _one_line_error(capsys, base + ["--data", str(tmp_path / "missing")], "does not exist")
+    one_line_error(capsys, base + ["--data", str(tmp_path / "missing")], "does not exist")
     (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
-    _one_line_error(capsys, base + ["--data", str(tmp_path / "empty")], "no images")
-    _one_line_error(capsys, base + ["--gumbel", "sometimes"], "--gumbel must be one of")
-    _one_line_error(capsys, base + ["--latency-loss", "log"], "--latency-loss must be one of")
-    _one_line_error(capsys, base + ["--mask", "fuzzy"], "--mask must be one of")
-    _one_line_error(capsys, base + ["--mask", "two-path", "--gumbel", "per-example"],
+    one_line_error(capsys, base + ["--data", str(tmp_path / "empty")], "no images")
+    one_line_error(capsys, base + ["--gumbel", "sometimes"], "--gumbel must be one of")
+    one_line_error(capsys, base + ["--latency-loss", "log"], "--latency-loss must be one of")
+    one_line_error(capsys, base + ["--mask", "fuzzy"], "--mask must be one of")
+    one_line_error(capsys, base + ["--mask", "two-path", "--gumbel", "per-example"],
                     "use --gumbel per-batch")
-    _one_line_error(capsys, base + ["--finetune-steps", "-1"], "--finetune-steps must be >= 0")
-    _one_line_error(capsys, base + ["--epochs", "many"], "invalid int value")
-    _one_line_error(capsys, base + ["--lut", str(tmp_path / "no.json")], "does not exist")
+    one_line_error(capsys, base + ["--finetune-steps", "-1"], "--finetune-steps must be >= 0")
+    one_line_error(capsys, base + ["--epochs", "many"], "invalid int value")
+    one_line_error(capsys, base + ["--lut", str(tmp_path / "no.json")], "does not exist")
     # a table measured for another space does not cover this one: name the missing entry
-    _one_line_error(capsys, base + _cli_args({**TINY, "width": 2.0}) + ["--lut", lut],
+    one_line_error(capsys, base + _cli_args({**TINY, "width": 2.0}) + ["--lut", lut],
                     "has no entry")
-    _one_line_error(capsys, ["report", str(tmp_path / "nothing")], "does not exist")
-    _one_line_error(capsys, base + ["--resume"], "nothing to resume")
+    one_line_error(capsys, ["report", str(tmp_path / "nothing")], "does not exist")
+    one_line_error(capsys, base + ["--resume"], "nothing to resume")
 
 
 def test_finetune_trains_the_extracted_architecture_only():
@@ -319,7 +308,7 @@ def test_python_api_errors(tmp_path, lut, capsys):
     run_search(tiny_config(tmp_path / "c", **one_step), quiet=True, stop_after=1)
     with pytest.raises(ValueError, match="already holds a search"):
         run_search(tiny_config(tmp_path / "c", **one_step))
-    _one_line_error(capsys, ["search", "--out", str(tmp_path / "c"), "--resume", "--epochs",
+    one_line_error(capsys, ["search", "--out", str(tmp_path / "c"), "--resume", "--epochs",
                              "5"], "--epochs 5 differs from the run's 2")
 
 
@@ -337,7 +326,7 @@ def test_train_from_scratch_writes_result_and_resumes(full_run, tmp_path, capsys
     assert state["epoch"] == 2
     again = train(TrainConfig(**kw), resume=True, quiet=True)      # nothing left to do
     assert again["top1"] == res["top1"]
-    _one_line_error(capsys, ["train", arch, "--out", str(out), "--resume", "--epochs", "5"],
+    one_line_error(capsys, ["train", arch, "--out", str(out), "--resume", "--epochs", "5"],
                     "differs")
-    _one_line_error(capsys, ["train", "no_such_arch", "--out", str(tmp_path / "x")],
+    one_line_error(capsys, ["train", "no_such_arch", "--out", str(tmp_path / "x")],
                     "unknown architecture")
