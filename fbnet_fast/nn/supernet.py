@@ -155,7 +155,7 @@ class SuperNet(nn.Module):
                 for l, block in enumerate(self.blocks):
                     terms = [block(h, i) * masks[l, i]
                              for i, on in enumerate(active[l]) if on]
-                    h = terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
+                    h = sum(terms[1:], terms[0])
             else:
                 for l, block in enumerate(self.blocks):
                     h = block(h, masks[l])

@@ -35,7 +35,7 @@ from ..latency.table import LatencyTable
 from ..nn.architecture import Architecture, sample_architectures
 from ..nn.models import create_model
 from . import data as data_mod
-from .config import SearchConfig, build_space
+from .config import SearchConfig, build_space, uses_channels_last
 from .distributed import pick_device, seed_all
 from .evaluate import finetune
 from .faults import finite_or_none
@@ -43,14 +43,10 @@ from .plots import plot_baseline
 from .rundir import RunDir, atomic_write_text
 
 __all__ = ["run_baseline", "compare", "objective_formula", "format_baseline",
-           "load_searched", "baseline_path"]
+           "load_searched"]
 
 # settings a user chooses; a file made with other values is not continued (--fresh)
 _FLAGS = {"epochs": "--epochs", "seed": "--seed", "random": "--random"}
-
-
-def baseline_path(run_dir: str) -> str:
-    return os.path.join(run_dir, "baseline", "baseline.json")
 
 
 def run_baseline(run_dir: str, random: int = 10, epochs: int = 5, seed: int | None = None,
@@ -87,7 +83,7 @@ def run_baseline(run_dir: str, random: int = 10, epochs: int = 5, seed: int | No
     archs += [("random", dataclasses.replace(a, name=f"random_{i}"))
               for i, a in enumerate(drawn, 1)]
 
-    n_train = len(data.train[1]) if data.in_memory else len(data.train)
+    n_train = data_mod.dataset_size(data.train)
     all_idx = torch.arange(n_train)
     nb = data_mod.num_batches(n_train, cfg.batch_size)
     if nb == 0:
@@ -98,13 +94,13 @@ def run_baseline(run_dir: str, random: int = 10, epochs: int = 5, seed: int | No
     settings = {"epochs": epochs, "seed": seed, "random": random,
                 "steps": epochs * nb, "batches_per_epoch": nb, "batch_size": cfg.batch_size,
                 "lr": cfg.w_lr, "weight_decay": cfg.w_wd, "momentum": 0.9,
-                "train_images": n_train, "val_images": _size(data.val),
+                "train_images": n_train, "val_images": data_mod.dataset_size(data.val),
                 "data": data.name, "num_classes": data.num_classes}
-    path = baseline_path(run_dir)
+    path = rd.baseline
     done = {} if fresh else _previous(path, settings)
 
     device = pick_device(cfg.device)
-    cl = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu")
+    cl = uses_channels_last(cfg, device)
     todo = [(src, a) for src, a in archs if (src, tuple(a.blocks)) not in done]
     bar = None
     if not quiet and sys.stderr.isatty():
@@ -140,10 +136,6 @@ def run_baseline(run_dir: str, random: int = 10, epochs: int = 5, seed: int | No
     return result
 
 
-def _size(ds) -> int:
-    return len(ds[1]) if isinstance(ds, tuple) else len(ds)
-
-
 def _load_config(rd: RunDir) -> SearchConfig:
     out = rd.out
     if not os.path.isdir(out):
@@ -159,13 +151,11 @@ def _load_config(rd: RunDir) -> SearchConfig:
                 f"the search has not finished; finish it with fbnet-fast search --out {out} "
                 "--resume")
     try:
-        with open(rd.config) as f:
-            saved = json.load(f)
+        saved = rd.saved_config()
     except json.JSONDecodeError as e:
         raise ValueError(f"{rd.config!r} is not valid JSON: {e}") from None
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     cfg = SearchConfig(**{k: v for k, v in saved.items() if k in known})
-    cfg.out = out
     cfg.validate()
     return cfg
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 __all__ = ["SearchData", "load_data", "make_builtin", "builtin_data", "folder_data",
            "split_indices", "choose_classes", "batches", "num_batches", "BUILTIN_SHAPES",
            "BUILTIN_TEXTURES", "IMAGENET_MEAN", "IMAGENET_STD", "BadImage", "BadImageError",
-           "skipped_images"]
+           "skipped_images", "dataset_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,6 +63,11 @@ class SearchData:
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, tuple)
+
+
+def dataset_size(ds) -> int:
+    """Images in ``ds``: an in-memory ``(images, labels)`` pair or a ``Dataset``."""
+    return len(ds[1]) if isinstance(ds, tuple) else len(ds)
 
 
 def load_data(cfg, resolution: int) -> SearchData:

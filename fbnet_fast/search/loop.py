@@ -26,7 +26,8 @@ from ..latency.table import LatencyTable
 from ..nn.space import SearchSpace
 from ..nn.supernet import SuperNet
 from . import data as data_mod
-from .config import SearchConfig, build_space, cosine_lr, temperature_at
+from .config import (SearchConfig, build_space, cosine_lr, temperature_at,
+                     uses_channels_last)
 from .distributed import Dist, job, seed_all
 from .faults import Preempted, RunStopped, StepGuard
 from .rundir import RunDir
@@ -148,8 +149,7 @@ class _Search:
         seed_all(cfg.seed)                         # identical init on every rank
         net = SuperNet(space, data.num_classes, backend=cfg.backend, temperature=cfg.tau,
                        gumbel=cfg.gumbel, mask=cfg.mask).to(d.device)
-        self.cl = cfg.channels_last == "on" or (cfg.channels_last == "auto"
-                                                and d.device.type == "cpu")
+        self.cl = uses_channels_last(cfg, d.device)
         if self.cl:
             net = net.to(memory_format=torch.channels_last)
         self.net = net

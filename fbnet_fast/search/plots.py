@@ -163,7 +163,7 @@ def make_plots(run_dir: str) -> list:
                      "(θ split, no retraining: cheap, not a from-scratch result)", fontsize=9)
         ax.legend()
         save(fig, "archs.png")
-    if os.path.exists(os.path.join(run_dir, "baseline", "baseline.json")):
+    if os.path.exists(RunDir(run_dir).baseline):
         written.append(plot_baseline(run_dir))
     return written
 
@@ -176,7 +176,7 @@ def plot_baseline(run_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = os.path.join(run_dir, "baseline", "baseline.json")
+    path = RunDir(run_dir).baseline
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist: run fbnet-fast baseline {run_dir} "
                                 "first")

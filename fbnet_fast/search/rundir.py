@@ -43,6 +43,7 @@ class RunDir:
         self.archs = self.path("archs")
         self.summary = self.path("summary.json")
         self.plots = self.path("plots")
+        self.baseline = self.path("baseline", "baseline.json")    # fbnet-fast baseline
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)

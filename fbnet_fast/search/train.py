@@ -70,7 +70,7 @@ class TrainConfig(FaultSettings):
 def evaluate(model, val, batch_size, d: Dist, workers, channels_last) -> float:
     """Top-1 on ``val``; each rank takes a contiguous shard, counts are summed."""
     model.eval()
-    n_total = len(val[1]) if isinstance(val, tuple) else len(val)
+    n_total = data_mod.dataset_size(val)
     per = (n_total + d.world - 1) // d.world
     idx = torch.arange(d.rank * per, min(n_total, (d.rank + 1) * per))
     c = torch.zeros(2, dtype=torch.float64, device=d.device)
@@ -128,7 +128,7 @@ def _train(cfg: TrainConfig, d: Dist, resume, quiet: bool) -> dict:
         print(f"train {arch.name or cfg.arch}: {data.num_classes} classes ({data.name}), "
               f"{epochs} epochs, {d.world} process(es) on {d.device}"
               + (f", resuming at epoch {start + 1}" if start or position else ""), flush=True)
-    all_idx = torch.arange(len(data.train[1]) if data.in_memory else len(data.train))
+    all_idx = torch.arange(data_mod.dataset_size(data.train))
     nb = data_mod.num_batches(len(all_idx), cfg.batch_size, d.world)
     if nb == 0:
         raise ValueError(f"{len(all_idx)} images cannot fill one batch of {cfg.batch_size} "
