@@ -328,6 +328,12 @@ def section_mixed(args, rate, bandwidth) -> list:
     return rows
 
 
+MASK_SIZES = {  # name: (batch, resolution, space)
+    "quick": (32, 32, lambda: SearchSpace.small(resolution=32, width=0.25, head_channels=256)),
+    "224": (8, 224, lambda: SearchSpace(resolution=224)),
+}
+
+
 def section_supernet(args) -> dict:
     n, res = (2, 32) if args.quick else (args.supernet_batch, args.resolution)
     fwds = {"fused": supernet_case(n, res, "cpu"), "ref_cl": supernet_case(n, res, "reference")}
@@ -344,13 +350,23 @@ def section_supernet(args) -> dict:
           f"reference CL {out['ref_cl_s']:.3f} s (x{out['speedup_vs_ref_cl']:.2f}); saved MB "
           f"{out['saved_MB_fused']:.1f} vs {out['saved_MB_ref_cl']:.1f}; max RSS MB "
           f"{rss['fused']:.0f} vs {rss['ref_cl']:.0f}", flush=True)
+    out["quick_size"] = _quick_size_step(args)
     return out
 
 
-MASK_SIZES = {  # name: (batch, resolution, space)
-    "quick": (32, 32, lambda: SearchSpace.small(resolution=32, width=0.25, head_channels=256)),
-    "224": (8, 224, lambda: SearchSpace(resolution=224)),
-}
+def _quick_size_step(args) -> dict:
+    """The weight step the main job runs most (quick preset: 32x32 small-input macro, width
+    0.25, head 256, 10 classes, batch 32), fused against the channels-last reference."""
+    n, res, space = MASK_SIZES["quick"]
+    n = 2 if args.quick else n
+    fwds = {b: supernet_case(n, res, b, space=space(), classes=10) for b in ("cpu", "reference")}
+    times = ratios(steps(fwds), "cpu", max(3, args.reps))
+    out = {"batch": n, "resolution": res, "fused_s": times["cpu"][0],
+           "ref_cl_s": times["reference"][0], "speedup_vs_ref_cl": times["reference"][1]}
+    print(f"supernet at the quick preset's size (batch {n}): fused {out['fused_s'] * 1e3:.0f} ms,"
+          f" reference CL {out['ref_cl_s'] * 1e3:.0f} ms (x{out['speedup_vs_ref_cl']:.2f})",
+          flush=True)
+    return out
 
 
 def section_masks(args) -> dict:

@@ -29,6 +29,9 @@ def test_report_quick_writes_every_section(tmp_path):
     assert (sn["resolution"], sn["batch"]) == (32, 2)
     assert sn["saved_MB_fused"] * 8 < sn["saved_MB_ref_cl"]
     assert sn["max_rss_MB_fused"] > 0 and sn["max_rss_MB_ref_cl"] > 0
+    q = sn["quick_size"]
+    assert (q["resolution"], q["batch"]) == (32, 2)
+    assert min(q["fused_s"], q["ref_cl_s"], q["speedup_vs_ref_cl"]) > 0
     masks = rep["masks"]
     assert [(k, v["soft"]["resolution"]) for k, v in masks.items()] == [("quick", 32),
                                                                          ("224", 224)]
