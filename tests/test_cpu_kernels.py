@@ -346,3 +346,30 @@ def test_combine_ops(per_example):
     torch.library.opcheck(torch.ops.fbnet_fast.zdot.default, (z, dy))
     torch.library.opcheck(torch.ops.fbnet_fast.bn3_backward_out.default,
                           (z, dy, beta, delta, alpha, dz))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dw_conv_bn_float32_half_vector(stride):
+    """float32 runs of 88 channels (the quick space's first layers: 5 vectors of 16 and one
+    half-width vector of 8) against the float64 reference: forward, the weights' grads and
+    the gradient at BN1's output."""
+    g = torch.Generator().manual_seed(17 + stride)
+    n, c, h, w = 2, 176, 9, 8
+    a = (torch.randn(n, c, h, w, dtype=DT, generator=g) * 2 + 1).contiguous(
+        memory_format=torch.channels_last)
+    scale, shift = (torch.randn(c, dtype=DT, generator=g) for _ in range(2))
+    ws = [torch.randn(88, k, k, dtype=DT, generator=g) for k in (3, 5)]
+    pre = (a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).requires_grad_()
+    wr = [t.clone().requires_grad_() for t in ws]
+    y = reference(pre.relu(), wr, stride)
+    dy = torch.randn(y.shape, dtype=DT, generator=g)
+    y.backward(dy)
+    f32 = [t.float() for t in (a, scale, shift)]
+    out, _ = ops.dw_conv_bn(*f32[:1], [t.float() for t in ws], stride, *f32[1:])
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(out.double(), y.detach(), **tol)
+    gpre, gws, _ = ops.dw_conv_bn_backward(dy.float(), f32[0], [t.float() for t in ws], stride,
+                                           f32[1], f32[2], a.mean((0, 2, 3)).float())
+    torch.testing.assert_close(gpre.double(), pre.grad, **tol)
+    for got, t in zip(gws, wr):
+        torch.testing.assert_close(got.double(), t.grad, rtol=1e-4, atol=1e-3)

@@ -3,7 +3,8 @@
 // Channels are contiguous, so every inner loop runs over a 64-byte vector of channels with
 // the accumulators in registers. K = 3 and 5 have register-tiled row kernels (4 output
 // pixels per weight load in the forward; K accumulators per kernel row over a whole output
-// row in grad-weight); edges, channel tails and other K go pixel by pixel. Grad-input is
+// row in grad-weight), over 64-byte vectors of channels and one 32-byte vector where that much
+// is left; edges, narrower channel tails and other K go pixel by pixel. Grad-input is
 // the forward with flipped kernels at stride 1 and, at stride 2, a gather of only the taps
 // of matching parity (no atomics);
 // grad-weight sums per thread over its share of the N*H_out rows into a private [K*K, C]
@@ -39,19 +40,32 @@ struct Group {
   T* gw;       // grad partial, same layout (grad-weight only)
 };
 
-// One 64-byte vector (16 floats / 8 doubles) via GCC vector extensions: stays in a register
-// (AVX-512 with -march=native, pairs or quads of narrower registers otherwise).
-template <typename T> struct Vec;
-template <> struct Vec<float> { typedef float t __attribute__((vector_size(64))); };
-template <> struct Vec<double> { typedef double t __attribute__((vector_size(64))); };
-template <typename T> using vec_t = typename Vec<T>::t;
-template <typename T> constexpr int kLanes = 64 / sizeof(T);
-template <typename T> inline vec_t<T> vload(const T* p) {
-  vec_t<T> v;
+// One B-byte vector via GCC vector extensions: B = 64 (16 floats / 8 doubles) stays in a
+// register (AVX-512 with -march=native, pairs or quads of narrower registers otherwise);
+// B = 32 serves a channel tail of half that width, which the per-pixel loop would run at a
+// fraction of the speed (a group of 88 channels, as the quick space's first layers have, has
+// one).
+template <typename T, int B> struct Vec { typedef T t __attribute__((vector_size(B))); };
+template <typename T, int B = 64> using vec_t = typename Vec<T, B>::t;
+template <typename T, int B = 64> constexpr int kLanes = B / sizeof(T);
+template <int B = 64, typename T> inline vec_t<T, B> vload(const T* p) {
+  vec_t<T, B> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-template <typename T> inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T, typename V> inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+// Calls body(B, c0, c1) for the channels [0, C) in vectors: [0, c1) of 64-byte vectors, then
+// one 32-byte vector if that much is left; returns where the rest (for the per-pixel loop)
+// starts.
+template <typename T, typename F>
+inline int64_t for_vectors(int64_t C, F&& body) {
+  const int64_t full = C / kLanes<T> * kLanes<T>;
+  body(std::integral_constant<int, 64>{}, int64_t{0}, full);
+  if (C - full < kLanes<T, 32>) return full;
+  body(std::integral_constant<int, 32>{}, full, full + kLanes<T, 32>);
+  return full + kLanes<T, 32>;
+}
 
 // Taps [lo, hi) of a k-tap window that starts at input index i0 and stay inside [0, size).
 struct Taps {
@@ -157,53 +171,55 @@ inline std::pair<int64_t, int64_t> interior(int64_t W, int64_t Wo, int64_t s, in
 // each weight load (1.25 loads per FMA instead of 2); edges and the channel tail go per pixel.
 template <typename T, int K>
 void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh) {
-  constexpr int P = K / 2, VL = kLanes<T>;
-  using vt = vec_t<T>;
+  constexpr int P = K / 2;
   const int64_t s = S.s, ih0 = oh * s - P;
   const Taps th = taps_inside(ih0, K, S.H);
   const auto [lo, hi] = interior(S.W, S.Wo, s, K);
-  const int64_t cv = g.C / VL * VL;
-  for (int64_t cb = 0; cb < cv; cb += VL) {
-    const T* xb = x + n * S.xn + g.c0 + cb;
-    T* ob = out + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
-    // One output pixel, taps outside the row skipped: the edges and the interior's remainder.
-    auto one = [&](int64_t ow) {
-      vt a = {};
-      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
-        const T* xr = xb + (ih0 + kh - S.h0) * S.xh;
-        const T* wr = g.w + kh * K * g.C + cb;
+  const int64_t cv = for_vectors<T>(g.C, [&](auto Bc, int64_t c0, int64_t c1) {
+    constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
+    using vt = vec_t<T, B>;
+    for (int64_t cb = c0; cb < c1; cb += VL) {
+      const T* xb = x + n * S.xn + g.c0 + cb;
+      T* ob = out + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+      // One output pixel, taps outside the row skipped: the edges and the interior's rest.
+      auto one = [&](int64_t ow) {
+        vt a = {};
+        for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+          const T* xr = xb + (ih0 + kh - S.h0) * S.xh;
+          const T* wr = g.w + kh * K * g.C + cb;
 #pragma GCC unroll 8
-        for (int kw = 0; kw < K; ++kw) {
-          const int64_t iw = ow * s - P + kw;
-          if (iw >= 0 && iw < S.W) a += vload(xr + iw * S.xw) * vload(wr + kw * g.C);
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t iw = ow * s - P + kw;
+            if (iw >= 0 && iw < S.W) a += vload<B>(xr + iw * S.xw) * vload<B>(wr + kw * g.C);
+          }
         }
-      }
-      vstore(ob + ow * S.C, a);
-    };
-    int64_t ow = 0;
-    for (; ow < lo; ++ow) one(ow);
-    for (; ow + 4 <= hi; ow += 4) {
-      vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
-        const T* xr = xb + (ih0 + kh - S.h0) * S.xh + (ow * s - P) * S.xw;
-        const T* wr = g.w + kh * K * g.C + cb;
+        vstore(ob + ow * S.C, a);
+      };
+      int64_t ow = 0;
+      for (; ow < lo; ++ow) one(ow);
+      for (; ow + 4 <= hi; ow += 4) {
+        vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+          const T* xr = xb + (ih0 + kh - S.h0) * S.xh + (ow * s - P) * S.xw;
+          const T* wr = g.w + kh * K * g.C + cb;
 #pragma GCC unroll 8
-        for (int kw = 0; kw < K; ++kw) {
-          const vt wv = vload(wr + kw * g.C);
-          const T* xp = xr + kw * S.xw;
-          a0 += vload(xp) * wv;
-          a1 += vload(xp + s * S.xw) * wv;
-          a2 += vload(xp + 2 * s * S.xw) * wv;
-          a3 += vload(xp + 3 * s * S.xw) * wv;
+          for (int kw = 0; kw < K; ++kw) {
+            const vt wv = vload<B>(wr + kw * g.C);
+            const T* xp = xr + kw * S.xw;
+            a0 += vload<B>(xp) * wv;
+            a1 += vload<B>(xp + s * S.xw) * wv;
+            a2 += vload<B>(xp + 2 * s * S.xw) * wv;
+            a3 += vload<B>(xp + 3 * s * S.xw) * wv;
+          }
         }
+        vstore(ob + ow * S.C, a0);
+        vstore(ob + (ow + 1) * S.C, a1);
+        vstore(ob + (ow + 2) * S.C, a2);
+        vstore(ob + (ow + 3) * S.C, a3);
       }
-      vstore(ob + ow * S.C, a0);
-      vstore(ob + (ow + 1) * S.C, a1);
-      vstore(ob + (ow + 2) * S.C, a2);
-      vstore(ob + (ow + 3) * S.C, a3);
+      for (; ow < S.Wo; ++ow) one(ow);
     }
-    for (; ow < S.Wo; ++ow) one(ow);
-  }
+  });
   if (cv < g.C)
     for (int64_t ow = 0; ow < S.Wo; ++ow)
       fwd_px<T, 0>(S, g, x, out, n, oh, ow, cv, static_cast<int>(g.C - cv));
@@ -214,36 +230,38 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
 template <typename T, int K>
 void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
                          int64_t oh) {
-  constexpr int P = K / 2, VL = kLanes<T>;
-  using vt = vec_t<T>;
+  constexpr int P = K / 2;
   const int64_t s = S.s, ih0 = oh * s - P;
   const Taps th = taps_inside(ih0, K, S.H);
   const auto [lo, hi] = interior(S.W, S.Wo, s, K);
-  const int64_t cv = g.C / VL * VL;
-  for (int64_t cb = 0; cb < cv; cb += VL) {
-    const T* gb = gy + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
-    for (int64_t kh = th.lo; kh < th.hi; ++kh) {
-      const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
-      vt acc[K] = {};
-      for (int64_t ow = 0; ow < S.Wo; ++ow) {
-        const vt gv = vload(gb + ow * S.C);
-        const T* xp = xr + (ow * s - P) * S.xw;
-        if (ow >= lo && ow < hi) {
+  const int64_t cv = for_vectors<T>(g.C, [&](auto Bc, int64_t c0, int64_t c1) {
+    constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
+    using vt = vec_t<T, B>;
+    for (int64_t cb = c0; cb < c1; cb += VL) {
+      const T* gb = gy + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+        const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
+        vt acc[K] = {};
+        for (int64_t ow = 0; ow < S.Wo; ++ow) {
+          const vt gv = vload<B>(gb + ow * S.C);
+          const T* xp = xr + (ow * s - P) * S.xw;
+          if (ow >= lo && ow < hi) {
 #pragma GCC unroll 8
-          for (int kw = 0; kw < K; ++kw) acc[kw] += gv * vload(xp + kw * S.xw);
-        } else {
+            for (int kw = 0; kw < K; ++kw) acc[kw] += gv * vload<B>(xp + kw * S.xw);
+          } else {
 #pragma GCC unroll 8
-          for (int kw = 0; kw < K; ++kw) {
-            const int64_t iw = ow * s - P + kw;
-            if (iw >= 0 && iw < S.W) acc[kw] += gv * vload(xp + kw * S.xw);
+            for (int kw = 0; kw < K; ++kw) {
+              const int64_t iw = ow * s - P + kw;
+              if (iw >= 0 && iw < S.W) acc[kw] += gv * vload<B>(xp + kw * S.xw);
+            }
           }
         }
-      }
-      T* wp = g.gw + kh * K * g.C + cb;
+        T* wp = g.gw + kh * K * g.C + cb;
 #pragma GCC unroll 8
-      for (int kw = 0; kw < K; ++kw) vstore(wp + kw * g.C, vload(wp + kw * g.C) + acc[kw]);
+        for (int kw = 0; kw < K; ++kw) vstore(wp + kw * g.C, vload<B>(wp + kw * g.C) + acc[kw]);
+      }
     }
-  }
+  });
   if (cv < g.C)
     for (int64_t ow = 0; ow < S.Wo; ++ow)
       bwd_weight_px<T, 0>(S, g, gy, x, n, oh, ow, cv, static_cast<int>(g.C - cv));
@@ -252,36 +270,38 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
 // Grad-input of one input row at stride 2 with K known: input column iw gathers only the
 // taps kw of parity (iw + P) % 2 (output column ow = (iw + P - kw) / 2), and row ih only the
 // taps kh of parity (ih + P) % 2, so a pixel needs about K*K/4 FMAs; the accumulator stays in
-// a register and the tap loops unroll. The channel tail goes per pixel.
+// a register and the tap loops unroll. The channel tail narrower than a vector goes per pixel.
 template <typename T, int K>
 void bwd_input_row_s2(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64_t n,
                       int64_t ih) {
-  constexpr int P = K / 2, VL = kLanes<T>;
-  using vt = vec_t<T>;
+  constexpr int P = K / 2;
   int64_t khs[K], ohs[K];
   int nk = 0;
   for (int kh = (ih + P) % 2; kh < K; kh += 2) {
     const int64_t oh = (ih + P - kh) / 2;
     if (ih + P - kh >= 0 && oh < S.Ho) khs[nk] = kh, ohs[nk++] = oh;
   }
-  const int64_t cv = g.C / VL * VL;
-  for (int64_t cb = 0; cb < cv; cb += VL) {
-    T* xb = gx + (n * S.H + ih) * S.W * S.C + g.c0 + cb;
-    for (int64_t iw = 0; iw < S.W; ++iw) {
-      vt acc = {};
-      const int kw0 = (iw + P) % 2;
-      for (int t = 0; t < nk; ++t) {
-        const T* gr = gy + (n * S.Ho + ohs[t]) * S.Wo * S.C + g.c0 + cb;
-        const T* wr = g.w + khs[t] * K * g.C + cb;
+  const int64_t cv = for_vectors<T>(g.C, [&](auto Bc, int64_t c0, int64_t c1) {
+    constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
+    using vt = vec_t<T, B>;
+    for (int64_t cb = c0; cb < c1; cb += VL) {
+      T* xb = gx + (n * S.H + ih) * S.W * S.C + g.c0 + cb;
+      for (int64_t iw = 0; iw < S.W; ++iw) {
+        vt acc = {};
+        const int kw0 = (iw + P) % 2;
+        for (int t = 0; t < nk; ++t) {
+          const T* gr = gy + (n * S.Ho + ohs[t]) * S.Wo * S.C + g.c0 + cb;
+          const T* wr = g.w + khs[t] * K * g.C + cb;
 #pragma GCC unroll 8
-        for (int kw = kw0; kw < K; kw += 2) {
-          const int64_t b = iw + P - kw, ow = b / 2;
-          if (b >= 0 && ow < S.Wo) acc += vload(gr + ow * S.C) * vload(wr + kw * g.C);
+          for (int kw = kw0; kw < K; kw += 2) {
+            const int64_t b = iw + P - kw, ow = b / 2;
+            if (b >= 0 && ow < S.Wo) acc += vload<B>(gr + ow * S.C) * vload<B>(wr + kw * g.C);
+          }
         }
+        vstore(xb + iw * S.C, acc);
       }
-      vstore(xb + iw * S.C, acc);
     }
-  }
+  });
   if (cv < g.C)
     for (int64_t iw = 0; iw < S.W; ++iw)
       bwd_input_px<T, 0>(S, g, gy, gx, n, ih, iw, cv, static_cast<int>(g.C - cv));
