@@ -129,7 +129,9 @@ def test_strict_json_and_the_finite_check():
 
 def test_guard_checkpoint_clock_and_signal():
     now = [0.0]
+    before = signal.getsignal(signal.SIGINT)   # SIG_IGN when started in the background
     with StepGuard(Dist(), every_minutes=2, clock=lambda: now[0]) as guard:
+        assert signal.getsignal(signal.SIGINT) not in (before, signal.default_int_handler)
         assert guard.before_step(None) is None
         now[0] = 119.0
         assert guard.before_step(None) is None
@@ -142,7 +144,7 @@ def test_guard_checkpoint_clock_and_signal():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # a second one kills
         with pytest.raises(ValueError, match="bad.png"):
             guard.before_step("cannot decode image bad.png")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before     # restored
 
 
 def test_resume_auto_starts_then_continues(tmp_path, lut):
