@@ -337,13 +337,11 @@ MASK_SIZES = {  # name: (batch, resolution, space)
 def section_supernet(args) -> dict:
     n, res = (2, 32) if args.quick else (args.supernet_batch, args.resolution)
     fwds = {"fused": supernet_case(n, res, "cpu"), "ref_cl": supernet_case(n, res, "reference")}
-    times = ratios(steps(fwds), "fused", max(2, args.reps // 2))
+    timed = _fused_vs_reference(fwds, max(2, args.reps // 2))
     mem = {k: saved_bytes(f, _state(f.module)) for k, f in fwds.items()}
     del fwds
     rss = {k: peak_rss_mb(b, n, res) for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
-    out = {"resolution": res, "batch": n,
-           "fused_s": times["fused"][0], "ref_cl_s": times["ref_cl"][0],
-           "speedup_vs_ref_cl": times["ref_cl"][1],
+    out = {"resolution": res, "batch": n, **timed,
            "saved_MB_fused": mem["fused"] / 2**20, "saved_MB_ref_cl": mem["ref_cl"] / 2**20,
            "max_rss_MB_fused": rss["fused"], "max_rss_MB_ref_cl": rss["ref_cl"]}
     print(f"supernet {res}px batch {n}: fused {out['fused_s']:.3f} s, "
@@ -354,15 +352,22 @@ def section_supernet(args) -> dict:
     return out
 
 
+def _fused_vs_reference(fwds: dict, reps: int) -> dict:
+    """Steps of ``fwds["fused"]`` and ``fwds["ref_cl"]`` timed interleaved: both times and the
+    median per-repetition ratio."""
+    times = ratios(steps(fwds), "fused", reps)
+    return {"fused_s": times["fused"][0], "ref_cl_s": times["ref_cl"][0],
+            "speedup_vs_ref_cl": times["ref_cl"][1]}
+
+
 def _quick_size_step(args) -> dict:
     """The weight step the main job runs most (quick preset: 32x32 small-input macro, width
     0.25, head 256, 10 classes, batch 32), fused against the channels-last reference."""
     n, res, space = MASK_SIZES["quick"]
     n = 2 if args.quick else n
-    fwds = {b: supernet_case(n, res, b, space=space(), classes=10) for b in ("cpu", "reference")}
-    times = ratios(steps(fwds), "cpu", max(3, args.reps))
-    out = {"batch": n, "resolution": res, "fused_s": times["cpu"][0],
-           "ref_cl_s": times["reference"][0], "speedup_vs_ref_cl": times["reference"][1]}
+    fwds = {k: supernet_case(n, res, b, space=space(), classes=10)
+            for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
+    out = {"batch": n, "resolution": res, **_fused_vs_reference(fwds, max(3, args.reps))}
     print(f"supernet at the quick preset's size (batch {n}): fused {out['fused_s'] * 1e3:.0f} ms,"
           f" reference CL {out['ref_cl_s'] * 1e3:.0f} ms (x{out['speedup_vs_ref_cl']:.2f})",
           flush=True)

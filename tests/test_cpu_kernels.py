@@ -364,12 +364,13 @@ def test_dw_conv_bn_float32_half_vector(stride):
     y = reference(pre.relu(), wr, stride)
     dy = torch.randn(y.shape, dtype=DT, generator=g)
     y.backward(dy)
-    f32 = [t.float() for t in (a, scale, shift)]
-    out, _ = ops.dw_conv_bn(*f32[:1], [t.float() for t in ws], stride, *f32[1:])
+    af, sf, hf = (t.float() for t in (a, scale, shift))
+    wf = [t.float() for t in ws]
+    out, _ = ops.dw_conv_bn(af, wf, stride, sf, hf)
     tol = {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(out.double(), y.detach(), **tol)
-    gpre, gws, _ = ops.dw_conv_bn_backward(dy.float(), f32[0], [t.float() for t in ws], stride,
-                                           f32[1], f32[2], a.mean((0, 2, 3)).float())
+    gpre, gws, _ = ops.dw_conv_bn_backward(dy.float(), af, wf, stride, sf, hf,
+                                           a.mean((0, 2, 3)).float())
     torch.testing.assert_close(gpre.double(), pre.grad, **tol)
     for got, t in zip(gws, wr):
         torch.testing.assert_close(got.double(), t.grad, rtol=1e-4, atol=1e-3)

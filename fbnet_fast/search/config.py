@@ -161,8 +161,8 @@ def parse_stages(text: str) -> tuple:
 # warm-up epochs (the weights leave chance in the second), then an additive latency term
 # strong enough that the search's choice beats random architectures on its objective, and
 # τ annealed in three search epochs (5 -> 1.8 -> 0.7) as the paper anneals it in eighty,
-# so that cross-entropy sees the skips the latency term pushes for (the numbers behind it:
-# docs/search.md, "Against random architectures").
+# which weakens the latency term's steady push on every layer's skip in the last epoch (the
+# numbers behind it: docs/search.md, "What it shows for the quick preset").
 PRESETS = {
     "paper": {},
     "quick": dict(
