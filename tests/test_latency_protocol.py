@@ -6,6 +6,9 @@ whole-network sums, a fitted table in use and in its file, the runtime recorded.
 """
 from __future__ import annotations
 
+import platform
+import resource
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +19,8 @@ from fbnet_fast.latency.measuring import (calibrate, fit_lstsq, measure_networks
                                           order_violations, stats)
 from fbnet_fast.latency.runtimes import table_runtime
 from fbnet_fast.latency.table import LatencyTable
-from fbnet_fast.latency.timing import benchmark
-from fbnet_fast.latency.validation import validate
+from fbnet_fast.latency.timing import benchmark, steady_heap
+from fbnet_fast.latency.validation import repeatability, validate
 from fbnet_fast.nn.architecture import sample_architectures
 from test_latency import SMALL, TINY, random_table
 
@@ -173,6 +176,40 @@ def test_validate_times_networks_benchmark_style(monkeypatch):
     pred = np.array([r["predicted_ms"] for r in rep["rows"]])
     assert rep["mape"] == pytest.approx(np.mean(np.abs(pred - [1, 2, 3, 4]) / [1, 2, 3, 4]) * 100)
     assert rep["runtime"] == "torch" and rep["rounds"] == 3
+    # every round measured the same times: the networks repeat exactly
+    assert rep["repeatability"] == {"rounds": 3, "mape": 0.0, "spearman": pytest.approx(1.0)}
+
+
+def test_repeatability_compares_later_rounds_with_the_first():
+    """Round 2 runs every network 10 % slower, round 3 reverses their order: the floor
+    is the mean of the two rounds' MAPE and Spearman against round 1."""
+    first = np.array([1.0, 2.0, 3.0, 4.0])
+    rounds = [first, first * 1.1, first[::-1].copy()]
+    around = np.array([0.01, -0.005, 0.0, 0.005, -0.01])   # 5 runs per round, median m
+    runs = [np.concatenate([m[n] + around for m in rounds]) for n in range(4)]
+    again = repeatability(runs, reps=5)
+    third = np.mean(np.abs(first[::-1] - first) / first) * 100
+    assert again["rounds"] == 3
+    assert again["mape"] == pytest.approx((10 + third) / 2)
+    assert again["spearman"] == pytest.approx((1 - 1) / 2)
+    assert repeatability(runs, reps=15) is None          # one round: nothing to compare
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_steady_heap_stops_the_page_faults_of_freed_activations():
+    """An 8 MB activation allocated, written and freed again and again: with the heap
+    pinned, its pages stay in the process, so the loop faults (almost) nothing in; glibc's
+    default would map and fault in its 2,048 pages on every pass."""
+    assert steady_heap() is True
+
+    def passes(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch.empty(2 << 20).fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    passes(3)   # the heap grows to hold it once
+    assert passes(20) < 200
 
 
 def test_measure_networks_rejects_runtime_settings_that_do_not_go_together():

@@ -147,6 +147,10 @@ def run_validate(args) -> int:
     for i, (path, r) in enumerate(zip(args.table, reports)):
         print(f"pred {i + 1}: {path} (method {r['method']}): MAPE {r['mape']:.1f} %, "
               f"Spearman {r['spearman']:.3f}, mean signed error {r['bias_pct']:+.1f} %")
+    again = r0["repeatability"]
+    if again:
+        print(f"the networks against themselves (later rounds against the first, what no table "
+              f"can beat): MAPE {again['mape']:.1f} %, Spearman {again['spearman']:.3f}")
     if args.json:
         data = reports[0] if len(reports) == 1 else {
             "tables": [dict(r, table=p) for p, r in zip(args.table, reports)]}

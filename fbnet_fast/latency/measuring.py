@@ -52,7 +52,7 @@ from .runtimes import (chain, check_runtime, export_many, identity_model, ort_ru
                        ort_session, runners, runtime_meta, table_runtime)
 from .table import LatencyTable
 from .timing import (SegmentTimer, benchmark, device_info, progress_bar, resolve_device,
-                     threads_set)
+                     steady_heap, threads_set)
 
 __all__ = ["measure", "calibrate", "measure_networks", "stats", "median_ci", "fit_lstsq",
            "order_violations", "METHODS", "FITS", "HeadPoolFC"]
@@ -301,6 +301,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
             "batch": batch, "threads": nthreads, "memory_format": memory_format,
             "method": method, "reps": reps, "warmup": warmup, "statistic": "median",
+            "heap": "steady" if steady_heap() else "default",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         if ci:
@@ -427,8 +428,10 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
                      reps: int = 20, warmup: int = 10, rounds: int = 2,
                      num_classes: int = 1000, memory_format: str = "contiguous",
                      dtype=torch.float32, seed: int = 0, progress: bool = True,
-                     runtime: str = "torch", parts: dict | None = None) -> list:
-    """Whole-network latency statistics (``Entry`` in ms) per architecture, benchmark-style.
+                     runtime: str = "torch", parts: dict | None = None,
+                     raw: bool = False) -> list:
+    """Whole-network latency statistics (``Entry`` in ms) per architecture, benchmark-style;
+    ``raw=True``: each network's run times instead (ms, round after round).
 
     ``timing.benchmark``: one network at a time, ``warmup`` runs then ``reps`` timed runs
     in a row, every network once per round, ``rounds`` rounds; the median of its
@@ -458,7 +461,7 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
         runs = runners(models, xs, runtime, dev, nthreads, chained)
         with progress_bar(rounds, f"whole networks ({runtime})", progress) as bar:
             samples = benchmark(runs, reps, warmup, rounds, on_round=lambda: bar.update(1))
-    return [stats(s) for s in samples]
+    return samples if raw else [stats(s) for s in samples]
 
 
 # --- fitting a table to whole networks -----------------------------------------------

@@ -14,11 +14,11 @@ import numpy as np
 
 from ..nn.architecture import resolve_arch, sample_architectures
 from ..nn.space import SearchSpace
-from .measuring import measure_networks
+from .measuring import measure_networks, stats
 from .runtimes import table_runtime
 from .table import LatencyTable
 
-__all__ = ["spearman", "mape", "validate", "validate_many"]
+__all__ = ["spearman", "mape", "repeatability", "validate", "validate_many"]
 
 VALIDATE_SEED = 0
 
@@ -63,8 +63,9 @@ def validate(table: LatencyTable, samples: int = 20, seed: int = VALIDATE_SEED,
     runtime); the table's calibration networks are excluded. Each network: ``warmup``
     runs, then ``reps`` timed runs in a row, once per round, ``rounds`` rounds, median.
     ``archs``: architectures to time in addition (e.g. ``["fbnet_b", "fbnet_c"]``).
-    Returns ``{"mape": %, "spearman": rho, "rows": [{"arch", "predicted_ms",
-    "measured_ms", "spread", "error_pct"}], ...}``.
+    Returns ``{"mape": %, "spearman": rho, "repeatability": {"mape", "spearman"} (round
+    against round, ``repeatability``), "rows": [{"arch", "predicted_ms", "measured_ms",
+    "spread", "error_pct"}], ...}``.
     """
     return validate_many([table], samples, seed, space, device, batch, threads, reps, warmup,
                          num_classes, progress, rounds, runtime, archs)[0]
@@ -107,10 +108,12 @@ def validate_many(tables, samples: int = 20, seed: int = VALIDATE_SEED,
             raise ValueError(f"architecture {a.name or list(a.blocks)} is not of the tables' "
                              "search space")
     archs += sample_architectures(space, samples, seed, exclude=exclude)
-    meas = measure_networks(archs, device=dev, batch=batch, threads=threads, reps=reps,
+    runs = measure_networks(archs, device=dev, batch=batch, threads=threads, reps=reps,
                             warmup=warmup, rounds=rounds, num_classes=nc, memory_format=fmt,
-                            progress=progress, runtime=runtime)
+                            progress=progress, runtime=runtime, raw=True)
+    meas = [stats(s) for s in runs]
     med = [m.median for m in meas]
+    again = repeatability(runs, reps)
     out = []
     for t in tables:
         pred = [t.latency(a, nc) for a in archs]
@@ -122,8 +125,26 @@ def validate_many(tables, samples: int = 20, seed: int = VALIDATE_SEED,
                     "bias_pct": float(np.mean([r["error_pct"] for r in rows])),
                     "samples": samples, "seed": seed, "device": dev, "batch": batch,
                     "threads": threads, "reps": reps, "warmup": warmup, "rounds": rounds,
-                    "runtime": runtime, "method": t.meta.get("method"), "rows": rows})
+                    "runtime": runtime, "method": t.meta.get("method"),
+                    "repeatability": again, "rows": rows})
     return out
+
+
+def repeatability(runs, reps: int) -> dict | None:
+    """How far one measurement of the networks is from another: MAPE and Spearman of
+    each later round's medians against the first round's (averaged over the rounds).
+
+    No table can be expected to predict a measurement more closely than the next
+    measurement of the same networks does, so this is the floor to read a table's MAPE
+    against. ``runs``: each network's run times, ``reps`` per round; None for one round.
+    """
+    rounds = min(len(r) for r in runs) // reps
+    if rounds < 2:
+        return None
+    med = [[float(np.median(r[k * reps:(k + 1) * reps])) for r in runs] for k in range(rounds)]
+    return {"rounds": rounds,
+            "mape": float(np.mean([mape(m, med[0]) for m in med[1:]])),
+            "spearman": float(np.mean([spearman(m, med[0]) for m in med[1:]]))}
 
 
 def _settings(t: LatencyTable) -> tuple:
