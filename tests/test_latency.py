@@ -268,7 +268,7 @@ def test_calibrated_measure_records_networks():
     assert cal["scale"] > 0 and len(cal["networks"]) == 2
     ratios = sorted(m / p for m, p in zip(cal["measured_ms"], cal["predicted_ms"]))
     assert cal["scale"] == pytest.approx(sum(ratios) / 2)       # median of two
-    reps, _, rounds = FIT_TIMING                                # benchmark-style
+    reps, _, rounds = FIT_TIMING["scale"]                       # benchmark-style
     assert cal["runs"] == [reps * rounds] * 2
     assert cal["fitted_ms"] == pytest.approx([cal["scale"] * p for p in cal["predicted_ms"]])
     rep = validate(table, samples=3, reps=3, warmup=1, rounds=1, progress=False)

@@ -41,11 +41,14 @@ def register(sub) -> None:
     m.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads while measuring (default: torch's current)")
     m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--method", default="calibrated", choices=METHODS,
+    m.add_argument("--method", default=None, choices=METHODS,
                    help="naive: ops timed alone; context: ops timed inside random whole "
-                        "networks (torch only); calibrated (default): context (onnxruntime: "
-                        "naive) + a whole-network scale; fitted: the same entries + a "
-                        "per-network cost and per-type scales fitted by least squares")
+                        "networks (torch only); calibrated (torch's default): context "
+                        "(onnxruntime: naive) + a whole-network scale; fitted: the same "
+                        "entries + a per-network cost and per-type scales fitted by least "
+                        "squares; regressed (onnxruntime's default): the same entries + a "
+                        "per-network cost and per-entry corrections, ridge regression on "
+                        "200 whole networks")
     m.add_argument("--runtime", default="torch", choices=RUNTIMES,
                    help="torch (eager, default) or onnxruntime (each op exported with "
                         "torch.onnx; needs pip install \"fbnet_fast[onnx]\")")
@@ -58,8 +61,8 @@ def register(sub) -> None:
     m.add_argument("--max-rounds", type=int, default=10,
                    help="with --ci: at most this many re-measurements (default 10)")
     m.add_argument("--calib-samples", type=int, default=None,
-                   help="whole networks measured for the fit (default 8 calibrated, "
-                        "24 fitted)")
+                   help="whole networks measured for the fit (default 24 calibrated and "
+                        "fitted, 200 regressed)")
     m.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-progress", action="store_true")

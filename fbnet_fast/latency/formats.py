@@ -75,6 +75,14 @@ class Entry:
                    list(flags), ci)
 
 
+def _signed_ms(value, what: str) -> None:
+    """A correction in ms: a finite number, negative allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number (ms, may be negative), "
+                         f"got {value!r}")
+
+
 def _number(value, what: str, allow_none=False, integer=False):
     """Parse a latency or statistic; reject NaN, infinity and negatives by name."""
     if value is None or value == "":
@@ -169,11 +177,13 @@ def from_dict(d: dict) -> dict:
                              "{candidate: scale}")
         for name, v in types.items():
             _number(v, f"field 'calibration.type_scales.{name}'")
-        offset = cal.get("offset_ms", 0.0)
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
-                or not math.isfinite(offset):
-            raise ValueError(f"field 'calibration.offset_ms' must be a finite number (ms, "
-                             f"may be negative), got {offset!r}")
+        _signed_ms(cal.get("offset_ms", 0.0), "field 'calibration.offset_ms'")
+        corrections = cal.get("entry_ms") or {}
+        if not isinstance(corrections, dict):
+            raise ValueError("field 'calibration.entry_ms' must be an object {op key: ms}")
+        for k, v in corrections.items():
+            check_key(k)
+            _signed_ms(v, f"field 'calibration.entry_ms.{k}'")
     nc = d.get("num_classes")
     meta = {k: v for k, v in d.items() if k not in
             {"schema", "unit", "entries", "space", "num_classes", "calibration", "warnings"}}

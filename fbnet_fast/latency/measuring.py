@@ -21,7 +21,14 @@ Methods (``method=``, recorded in the table):
   it models what the sum of blocks misses (framework overhead per network and per
   block, cache state at block boundaries that depends on the op type).
 
-``calibrate`` fits either correction to any table (naive, imported) from networks timed
+- ``regressed``: the same entries plus a fixed per-network cost and a correction per
+  entry, fitted by ridge regression (``fit_ridge``) to 200 whole networks timed once
+  each: every entry's cost as whole networks see it, drawn towards its measured value
+  where the networks cannot tell. In ONNX Runtime, where no timestamp can be taken
+  between the blocks of a session, this is how ops are timed in context (the default
+  there).
+
+``calibrate`` fits any of these corrections to any table (naive, imported) from networks timed
 afterwards.
 
 Noise control: entries whose spread (IQR / median) exceeds ``rel_tol`` are re-measured up
@@ -52,17 +59,24 @@ from .runtimes import (chain, check_runtime, export_many, identity_model, ort_ru
                        ort_session, runners, runtime_meta, table_runtime)
 from .table import LatencyTable
 from .timing import (SegmentTimer, benchmark, device_info, progress_bar, resolve_device,
-                     steady_heap, threads_set)
+                     steady_heap, threads_set, torch_runner)
 
 __all__ = ["measure", "calibrate", "measure_networks", "stats", "median_ci", "fit_lstsq",
-           "order_violations", "METHODS", "FITS", "HeadPoolFC"]
+           "fit_ridge", "order_violations", "METHODS", "FITS", "HeadPoolFC"]
 
-METHODS = ("naive", "context", "calibrated", "fitted")
-FITS = {"calibrated": "scale", "fitted": "lstsq"}   # the whole-network fit of each method
-DEFAULT_METHOD = "calibrated"
+METHODS = ("naive", "context", "calibrated", "fitted", "regressed")
+# the whole-network fit of each method
+FITS = {"calibrated": "scale", "fitted": "lstsq", "regressed": "ridge"}
+# the method that predicted whole networks best in each runtime (docs/latency.md)
+DEFAULT_METHOD = {"torch": "calibrated", "onnxruntime": "regressed"}
 CALIB_SEED = 1_000_003   # seeds the calibration networks (validate excludes them)
-# benchmark protocol of whole networks timed to fit a table: (reps, warmup, rounds)
-FIT_TIMING = (10, 5, 2)
+# benchmark protocol of the whole networks each fit times: (reps, warmup, rounds); the
+# ridge fit times hundreds of networks once each, in random order
+FIT_TIMING = {"scale": (10, 5, 2), "lstsq": (10, 5, 2), "ridge": (10, 10, 1)}
+FIT_SAMPLES = {"scale": 24, "lstsq": 24, "ridge": 200}   # whole networks per fit
+# the ridge fit's prior: a network's median is known within RIDGE_NOISE of it, and an
+# entry's correction is of the order of RIDGE_PRIOR of the entry
+RIDGE_NOISE, RIDGE_PRIOR = 0.01, 0.15
 
 
 def median_ci(samples, z: float = 1.96) -> float:
@@ -221,7 +235,7 @@ class _Context:
 # --- main entry ---------------------------------------------------------------------
 
 def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
-            threads: int | None = None, method: str = DEFAULT_METHOD, reps: int | None = None,
+            threads: int | None = None, method: str | None = None, reps: int | None = None,
             warmup: int | None = None, num_classes: int = 1000, dtype=torch.float32,
             memory_format: str = "contiguous", rel_tol: float = 0.15, abs_tol_ms: float = 0.005,
             retries: int | None = None, order_tol: float = 0.03,
@@ -236,14 +250,17 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
     untimed rounds (default 2). retries: re-measurements of wide entries (default 2
     naive, 1 context: a context re-measurement re-runs every round). threads: intra-op
     threads while measuring (default: torch's current setting), restored afterwards.
-    calib_samples: whole networks (FBNet models, a fixed seed) timed for the fit
-    (default 8 calibrated, 24 fitted). runtime: ``torch`` (eager) or ``onnxruntime``
-    (the extra ``fbnet_fast[onnx]``; every op exported with ``torch.onnx``). ci: instead
+    method: default ``DEFAULT_METHOD`` of the runtime (calibrated in torch, regressed
+    in ONNX Runtime). calib_samples: whole networks (FBNet models, a fixed seed) timed
+    for the fit (``FIT_SAMPLES``: 24 calibrated and fitted, 200 regressed). runtime:
+    ``torch`` (eager) or ``onnxruntime`` (the extra ``fbnet_fast[onnx]``; every op
+    exported with ``torch.onnx``). ci: instead
     of ``retries``, re-measure entries (``reps`` more runs or rounds at a time, at most
     ``max_rounds`` times) until the 95 % confidence interval of each median is within
     ``ci`` (0.02 = 2 %) of it; what stays wider is flagged.
     """
     space = space or SearchSpace()
+    method = method or DEFAULT_METHOD.get(runtime, "calibrated")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if batch < 1:
@@ -266,8 +283,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
         raise ValueError(f"ci must be a fraction in (0, 1), e.g. 0.02, got {ci}")
     keys = required_keys(space, num_classes)
     fit = FITS.get(method)
-    calib_samples = calib_samples if calib_samples is not None else (
-        24 if fit == "lstsq" else 8)
+    calib_samples = calib_samples if calib_samples is not None else FIT_SAMPLES.get(fit, 8)
     if fit and calib_samples < 1:
         raise ValueError(f"method {method!r} needs calib_samples >= 1 whole networks")
     if fit == "lstsq" and calib_samples < len(space.candidates) + 1:
@@ -445,22 +461,32 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     with threads_set(threads) as nthreads, torch.inference_mode():
         gen = torch.Generator().manual_seed(seed)
-        models = [create_model(a, num_classes).eval().to(dev, dtype, memory_format=fmt)
-                  for a in archs]
         xs = [torch.randn(batch, 3, a.space.resolution, a.space.resolution, generator=gen,
                           dtype=dtype).to(dev, memory_format=fmt) for a in archs]
-        chained = None
-        if runtime == "onnxruntime" and parts is not None:
-            keys = [arch_keys(a, num_classes) for a in archs]
-            new = list(dict.fromkeys(k for ks in keys for k in ks if k not in parts))
-            if new:
-                parts.update(zip(new, export_many(*_op_modules(new, {
-                    "device": dev, "dtype": dtype, "memory_format": fmt, "batch": batch,
-                    "gen": gen}))))
-            chained = [chain([parts[k] for k in ks]) for ks in keys]
-        runs = runners(models, xs, runtime, dev, nthreads, chained)
+
+        def build(a):
+            return create_model(a, num_classes).eval().to(dev, dtype, memory_format=fmt)
+
+        # factories: every network is built at its turn and dropped after it (benchmark's
+        # ``lazy``), so hundreds of networks never live at once
+        if runtime == "torch":
+            makers = [lambda a=a, x=x: torch_runner(build(a), x, dev) for a, x in zip(archs, xs)]
+        else:
+            if parts is None:
+                models = [lambda m=m: m for m in export_many([build(a) for a in archs], xs)]
+            else:
+                keys = [arch_keys(a, num_classes) for a in archs]
+                new = list(dict.fromkeys(k for ks in keys for k in ks if k not in parts))
+                if new:
+                    parts.update(zip(new, export_many(*_op_modules(new, {
+                        "device": dev, "dtype": dtype, "memory_format": fmt, "batch": batch,
+                        "gen": gen}))))
+                models = [lambda ks=ks: chain([parts[k] for k in ks]) for ks in keys]
+            makers = [lambda m=m, x=x: ort_runner(ort_session(m(), nthreads), x)
+                      for m, x in zip(models, xs)]
         with progress_bar(rounds, f"whole networks ({runtime})", progress) as bar:
-            samples = benchmark(runs, reps, warmup, rounds, on_round=lambda: bar.update(1))
+            samples = benchmark(makers, reps, warmup, rounds, on_round=lambda: bar.update(1),
+                                lazy=True)
     return samples if raw else [stats(s) for s in samples]
 
 
@@ -495,19 +521,36 @@ def fit_lstsq(features, measured, names) -> tuple:
     return float(coef[0]), scales
 
 
+def fit_ridge(features, residual, base, measured) -> tuple:
+    """Ridge regression ``residual = offset + features @ d``: an offset paid once per
+    network and a correction ``d_k`` per entry, each drawn towards 0 by a prior of
+    ``RIDGE_PRIOR * base_k`` against the networks' noise (``RIDGE_NOISE`` of their median
+    time), so entries the networks barely tell apart keep their measured value. No entry
+    is corrected below zero. Returns ``(offset_ms, d)``.
+    """
+    x, r = np.asarray(features, float), np.asarray(residual, float)
+    base = np.maximum(np.asarray(base, float), 1e-3)
+    noise = RIDGE_NOISE * float(np.median(measured))
+    a = np.hstack([np.ones((len(r), 1)), x])
+    penalty = np.diag(np.r_[0.0, (noise / (RIDGE_PRIOR * base)) ** 2])
+    coef = np.linalg.solve(a.T @ a + penalty, a.T @ r)
+    return float(coef[0]), np.maximum(coef[1:], -base)
+
+
 def _fit(table, archs, meas, seed, how, fit, nc) -> None:
     """Set ``table.calibration`` from whole networks: one scale (median of measured /
-    predicted) or the least-squares offset and per-type scales."""
+    predicted), the least-squares offset and per-type scales, or the ridge offset and
+    per-entry corrections."""
     table.calibration = None
     meas_ms = [m.median for m in meas]
     raw = [table.latency(a, nc) for a in archs]
     cal = {"fit": how, "seed": seed, "runs": [m.count for m in meas],
            "networks": [list(a.blocks) for a in archs], "measured_ms": meas_ms,
            "predicted_ms": raw}
+    space = archs[0].space
     if fit == "scale":
         cal["scale"] = float(np.median([m / p for m, p in zip(meas_ms, raw)]))
-    else:
-        space = archs[0].space
+    elif fit == "lstsq":
         names = list(space.candidates)
         feats = np.zeros((len(archs), len(names)))
         for n, a in enumerate(archs):
@@ -516,12 +559,23 @@ def _fit(table, archs, meas, seed, how, fit, nc) -> None:
         offset, scales = fit_lstsq(feats, np.asarray(meas_ms) - table.fixed_ms(space, nc),
                                    names)
         cal.update({"scale": 1.0, "offset_ms": offset, "type_scales": scales})
-        table.calibration = cal
+    else:
+        keys = list(dict.fromkeys(k for row in layer_keys(space) for k in row))
+        col = {k: i for i, k in enumerate(keys)}
+        feats = np.zeros((len(archs), len(keys)))
+        for n, a in enumerate(archs):
+            for key in arch_keys(a, nc)[1:-1]:
+                feats[n, col[key]] += 1
+        offset, d = fit_ridge(feats, np.asarray(meas_ms) - raw,
+                              [table.value(k) for k in keys], meas_ms)
+        cal.update({"scale": 1.0, "offset_ms": offset,
+                    "entry_ms": {k: float(v) for k, v in zip(keys, d) if v}})
+    table.calibration = cal
+    if fit != "scale":
         fastest = float(table.layer_matrix(space).min(1).values.sum()) + table.fixed_ms(space, nc)
         if fastest <= 0:   # a negative offset the smallest networks cannot carry
-            return _fit(table, archs, meas, seed, how + "; one scale: least squares predicted "
+            return _fit(table, archs, meas, seed, how + f"; one scale: {fit} predicted "
                         f"{fastest:.3f} ms for the fastest architecture", "scale", nc)
-    table.calibration = cal
     cal["fitted_ms"] = [table.latency(a, nc) for a in archs]   # predicted after the fit
 
 
@@ -550,7 +604,7 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None, samples: in
     nc = num_classes or table.num_classes or 1000
     if space is None:
         raise ValueError("the table records no search space; pass space=...")
-    d_reps, d_warmup, d_rounds = FIT_TIMING
+    d_reps, d_warmup, d_rounds = FIT_TIMING[fit]
     runtime = runtime or table_runtime(table.meta)
     archs = sample_architectures(space, samples, seed)
     meas = measure_networks(archs, device=device, batch=batch, threads=threads,

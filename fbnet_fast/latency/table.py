@@ -89,15 +89,18 @@ class LatencyTable:
         return self._space
 
     def value(self, key: str) -> float:
-        """Latency of one op in ms (median, times the calibration scales if any)."""
+        """Latency of one op in ms: its median, times the calibration's scales, plus its
+        correction (``entry_ms``) where the table was fitted entry by entry."""
         try:
             e = self.entries[key]
         except KeyError:
             raise ValueError(self._missing_message([key])) from None
         if not self.calibration:
             return e.median
-        types = self.calibration.get("type_scales") or {}
-        return e.median * self.calibration["scale"] * types.get(key.split(":", 1)[0], 1.0)
+        cal = self.calibration
+        types = cal.get("type_scales") or {}
+        return (e.median * cal["scale"] * types.get(key.split(":", 1)[0], 1.0)
+                + (cal.get("entry_ms") or {}).get(key, 0.0))
 
     def resolve_space(self, space: SearchSpace | None = None,
                       num_classes: int | None = None) -> tuple:

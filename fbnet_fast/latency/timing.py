@@ -132,7 +132,7 @@ def torch_runner(module, x, device: torch.device):
 
 
 def benchmark(runs, reps: int, warmup: int, rounds: int = 1, clock=time.perf_counter,
-              on_round=None) -> list:
+              on_round=None, lazy: bool = False) -> list:
     """Times each callable of ``runs`` the way benchmark tools time a model; ms per run.
 
     One callable at a time: ``warmup`` untimed runs, then ``reps`` timed runs in a row,
@@ -140,19 +140,23 @@ def benchmark(runs, reps: int, warmup: int, rounds: int = 1, clock=time.perf_cou
     in deployment. Whole rounds (every callable once) repeat ``rounds`` times, so a slow
     drift of the machine spreads over all callables instead of biasing one. Returns, per
     callable, its ``rounds * reps`` run times; ``clock`` is injectable for tests.
+    ``lazy``: ``runs`` are factories of the callables, each called at its turn and the
+    callable dropped after it, so a fit to hundreds of networks holds one at a time.
     """
     if reps < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"benchmark needs reps >= 1, warmup >= 0, rounds >= 1; got reps "
                          f"{reps}, warmup {warmup}, rounds {rounds}")
     out = [[] for _ in runs]
     for _ in range(rounds):
-        for run, times in zip(runs, out):
+        for item, times in zip(runs, out):
+            run = item() if lazy else item
             for _ in range(warmup):
                 run()
             for _ in range(reps):
                 t0 = clock()
                 run()
                 times.append((clock() - t0) * 1e3)
+            del run
         if on_round is not None:
             on_round()
     return out
