@@ -143,6 +143,54 @@ def test_fitted_table_recovers_known_costs_from_whole_networks(monkeypatch, tmp_
     assert back.calibration["type_scales"] == pytest.approx(true)
 
 
+def test_regressed_table_recovers_per_entry_costs_from_whole_networks(monkeypatch, tmp_path):
+    """Whole networks whose blocks cost their entry plus a known per-entry extra (up to
+    ±10 % of it), and 0.4 ms once: fitted to 200 such networks, the table's error on new
+    networks falls to a fraction of the uncorrected table's (the prior keeps a little of
+    it: it draws every correction towards 0), its corrections follow the true extras,
+    and the file keeps them."""
+    table = random_table(SMALL, seed=5)
+    rows = layer_keys(SMALL)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    g = np.random.default_rng(1)
+    extra = {k: float(table.entries[k].median * g.uniform(-0.1, 0.1)) for k in keys}
+    raw = LatencyTable.from_dict(table.to_dict())          # stays uncorrected
+
+    def truth(arch):
+        return 0.4 + raw.latency(arch) + sum(
+            extra[row[SMALL.candidates.index(n)]] for n, row in zip(arch.blocks, rows))
+
+    fake, calls = fake_networks(truth)
+    monkeypatch.setattr(measuring, "measure_networks", fake)
+    new = sample_architectures(SMALL, 20, seed=99)
+    before = np.array([table.latency(a) / truth(a) - 1 for a in new])
+    calibrate(table, samples=200, fit="ridge", progress=False)
+    cal = table.calibration
+    assert (calls[0]["reps"], calls[0]["warmup"], calls[0]["rounds"]) == \
+        measuring.FIT_TIMING["ridge"]
+    after = np.array([table.latency(a) / truth(a) - 1 for a in new])
+    assert np.abs(after).mean() < np.abs(before).mean() / 10
+    assert np.abs(after).max() < 0.005
+    assert "ridge" in cal["fit"] and cal["offset_ms"] == pytest.approx(0.4, abs=0.1)
+    fitted = [cal["entry_ms"].get(k, 0.0) for k in keys]
+    assert np.corrcoef(fitted, [extra[k] for k in keys])[0, 1] > 0.9
+    assert all(table.value(k) >= 0 for k in keys)
+    table.save(tmp_path / "regressed.json")
+    back = LatencyTable.load(tmp_path / "regressed.json")
+    assert [back.latency(a) for a in new] == pytest.approx([table.latency(a) for a in new])
+
+
+def test_a_malformed_correction_in_the_file_is_named(tmp_path):
+    table = random_table(SMALL, seed=5)
+    table.calibration = {"scale": 1.0, "offset_ms": 0.1, "entry_ms": {"k3_e1:i8": 0.1}}
+    with pytest.raises(ValueError, match="k3_e1:i8"):
+        LatencyTable.from_dict(table.to_dict())
+    key = layer_keys(SMALL)[0][0]
+    table.calibration["entry_ms"] = {key: float("nan")}
+    with pytest.raises(ValueError, match=f"calibration.entry_ms.{key}"):
+        LatencyTable.from_dict(table.to_dict())
+
+
 def test_scale_calibration_is_the_median_ratio(monkeypatch):
     table = random_table(SMALL, seed=6)
     factors = iter([1.1, 1.3, 1.2, 5.0, 1.25])

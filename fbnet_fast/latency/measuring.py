@@ -579,7 +579,8 @@ def _fit(table, archs, meas, seed, how, fit, nc) -> None:
     cal["fitted_ms"] = [table.latency(a, nc) for a in archs]   # predicted after the fit
 
 
-def calibrate(table: LatencyTable, space: SearchSpace | None = None, samples: int = 8,
+def calibrate(table: LatencyTable, space: SearchSpace | None = None,
+              samples: int | None = None,
               seed: int = CALIB_SEED, device="cpu", batch: int = 1, threads: int | None = None,
               reps: int | None = None, warmup: int | None = None,
               num_classes: int | None = None, memory_format: str = "contiguous",
@@ -588,17 +589,19 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None, samples: in
               parts: dict | None = None) -> LatencyTable:
     """Fit the table to whole networks (in place; returns the table).
 
-    Times ``samples`` random architectures (seeded, uniform per layer) benchmark-style
-    (``FIT_TIMING`` unless given) in the table's runtime and fits ``fit="scale"``:
-    ``scale = median(measured / predicted)``, one parameter, robust to an outlier
-    network; or ``fit="lstsq"`` (``fit_lstsq``): a fixed per-network cost and one scale
-    per candidate type. The architectures are recorded so validation can exclude them. In ONNX
+    Times ``samples`` random architectures (seeded, uniform per layer; ``FIT_SAMPLES``
+    unless given) benchmark-style (``FIT_TIMING`` unless given) in the table's runtime
+    and fits ``fit="scale"``: ``scale = median(measured / predicted)``, one parameter,
+    robust to an outlier network; ``fit="lstsq"`` (``fit_lstsq``): a fixed per-network
+    cost and one scale per candidate type; or ``fit="ridge"`` (``fit_ridge``): a fixed
+    per-network cost and a correction per entry. The architectures are recorded so validation can exclude them. In ONNX
     Runtime the networks are chained from their ops' models (``parts``: op key -> ONNX
     model; the ops not in it are exported), so fitting stays within the time budget.
     """
     space = space or table.space
     if fit not in FITS.values():
         raise ValueError(f"fit must be one of {', '.join(FITS.values())}, got {fit!r}")
+    samples = FIT_SAMPLES[fit] if samples is None else samples
     if samples < 1:
         raise ValueError(f"calibration needs >= 1 network, got {samples}")
     nc = num_classes or table.num_classes or 1000
@@ -612,8 +615,9 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None, samples: in
                             rounds=rounds or d_rounds, num_classes=nc,
                             memory_format=memory_format, dtype=dtype, progress=progress,
                             runtime=runtime, parts={} if parts is None else parts)
-    how = ("median of measured/predicted" if fit == "scale" else
-           "least squares: offset + one scale per candidate type") + \
+    how = {"scale": "median of measured/predicted",
+           "lstsq": "least squares: offset + one scale per candidate type",
+           "ridge": "ridge regression: offset + one correction per entry"}[fit] + \
         "; networks timed benchmark-style after the entries"
     _fit(table, archs, meas, seed, how, fit, nc)
     return table
