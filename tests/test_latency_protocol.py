@@ -16,8 +16,8 @@ import torch
 
 from fbnet_fast.latency import measuring
 from fbnet_fast.latency.keys import layer_keys
-from fbnet_fast.latency.measuring import (calibrate, fit_lstsq, measure_networks, median_ci,
-                                          order_violations, stats)
+from fbnet_fast.latency.measuring import (calibrate, fit_lstsq, fit_ridge, measure_networks,
+                                          median_ci, order_violations, stats)
 from fbnet_fast.latency.runtimes import table_runtime
 from fbnet_fast.latency.table import LatencyTable
 from fbnet_fast.latency.timing import benchmark, steady_heap
@@ -178,6 +178,28 @@ def test_regressed_table_recovers_per_entry_costs_from_whole_networks(monkeypatc
     table.save(tmp_path / "regressed.json")
     back = LatencyTable.load(tmp_path / "regressed.json")
     assert [back.latency(a) for a in new] == pytest.approx([table.latency(a) for a in new])
+
+
+def test_ridge_prior_is_chosen_by_cross_validation():
+    """Networks of 10 layers with 4 entries each: when the entries really are off by up
+    to 40 %, cross-validation picks a wide prior and recovers the offsets; when the
+    networks differ from the table only by noise, it picks the narrowest and corrects
+    next to nothing."""
+    g = np.random.default_rng(3)
+    layers, per = 10, 4
+    base = g.uniform(0.1, 1.0, layers * per)
+    pick = g.integers(0, per, (200, layers)) + np.arange(layers) * per
+    x = np.zeros((200, layers * per))
+    np.put_along_axis(x, pick, 1.0, axis=1)
+    y0 = x @ base + 1.0
+    wrong = base * g.uniform(-0.4, 0.4, base.size)
+    noise = y0 * 0.005 * g.standard_normal(200)
+    offset, d, prior = fit_ridge(x, 0.2 + x @ wrong + noise, base, y0 + 0.2 + x @ wrong)
+    assert prior >= 0.25 and offset == pytest.approx(0.2, abs=0.1)
+    assert np.corrcoef(d, wrong)[0, 1] > 0.9
+    offset, d, prior = fit_ridge(x, noise, base, y0)
+    assert prior == measuring.RIDGE_PRIORS[0]
+    assert (np.abs(d) / base).max() < 0.03
 
 
 def test_a_malformed_correction_in_the_file_is_named(tmp_path):

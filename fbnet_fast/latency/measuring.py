@@ -75,8 +75,9 @@ CALIB_SEED = 1_000_003   # seeds the calibration networks (validate excludes the
 FIT_TIMING = {"scale": (10, 5, 2), "lstsq": (10, 5, 2), "ridge": (10, 10, 1)}
 FIT_SAMPLES = {"scale": 24, "lstsq": 24, "ridge": 200}   # whole networks per fit
 # the ridge fit's prior: a network's median is known within RIDGE_NOISE of it, and an
-# entry's correction is of the order of RIDGE_PRIOR of the entry
-RIDGE_NOISE, RIDGE_PRIOR = 0.01, 0.15
+# entry's correction is of the order of one of RIDGE_PRIORS of the entry (the one
+# cross-validation on the fit networks picks)
+RIDGE_NOISE, RIDGE_PRIORS = 0.01, (0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5)
 
 
 def median_ci(samples, z: float = 1.96) -> float:
@@ -521,20 +522,38 @@ def fit_lstsq(features, measured, names) -> tuple:
     return float(coef[0]), scales
 
 
-def fit_ridge(features, residual, base, measured) -> tuple:
+def _ridge(x, r, base, noise, prior) -> np.ndarray:
+    a = np.hstack([np.ones((len(r), 1)), x])
+    penalty = np.diag(np.r_[0.0, (noise / (prior * base)) ** 2])
+    return np.linalg.solve(a.T @ a + penalty, a.T @ r)
+
+
+def fit_ridge(features, residual, base, measured, folds: int = 5) -> tuple:
     """Ridge regression ``residual = offset + features @ d``: an offset paid once per
     network and a correction ``d_k`` per entry, each drawn towards 0 by a prior of
-    ``RIDGE_PRIOR * base_k`` against the networks' noise (``RIDGE_NOISE`` of their median
-    time), so entries the networks barely tell apart keep their measured value. No entry
-    is corrected below zero. Returns ``(offset_ms, d)``.
+    ``prior * base_k`` against the networks' noise (``RIDGE_NOISE`` of their median time),
+    so entries the networks barely tell apart keep their measured value. The prior's
+    width is the one of ``RIDGE_PRIORS`` that predicts held-out networks best (``folds``-
+    fold cross-validation on these networks; the networks ``validate`` times play no
+    part). No entry is corrected below zero. Returns ``(offset_ms, d, prior)``.
     """
     x, r = np.asarray(features, float), np.asarray(residual, float)
+    y = np.asarray(measured, float)
     base = np.maximum(np.asarray(base, float), 1e-3)
-    noise = RIDGE_NOISE * float(np.median(measured))
-    a = np.hstack([np.ones((len(r), 1)), x])
-    penalty = np.diag(np.r_[0.0, (noise / (RIDGE_PRIOR * base)) ** 2])
-    coef = np.linalg.solve(a.T @ a + penalty, a.T @ r)
-    return float(coef[0]), np.maximum(coef[1:], -base)
+    noise = RIDGE_NOISE * float(np.median(y))
+    fold = np.arange(len(r)) % folds
+    prior = RIDGE_PRIORS[0]
+    if len(r) >= 2 * folds:
+        def held_out_error(p):
+            err = []
+            for f in range(folds):
+                fit, out = fold != f, fold == f
+                coef = _ridge(x[fit], r[fit], base, noise, p)
+                err.append(np.abs(coef[0] + x[out] @ coef[1:] - r[out]) / y[out])
+            return float(np.mean(np.concatenate(err)))
+        prior = min(RIDGE_PRIORS, key=held_out_error)
+    coef = _ridge(x, r, base, noise, prior)
+    return float(coef[0]), np.maximum(coef[1:], -base), prior
 
 
 def _fit(table, archs, meas, seed, how, fit, nc) -> None:
@@ -566,9 +585,9 @@ def _fit(table, archs, meas, seed, how, fit, nc) -> None:
         for n, a in enumerate(archs):
             for key in arch_keys(a, nc)[1:-1]:
                 feats[n, col[key]] += 1
-        offset, d = fit_ridge(feats, np.asarray(meas_ms) - raw,
-                              [table.value(k) for k in keys], meas_ms)
-        cal.update({"scale": 1.0, "offset_ms": offset,
+        offset, d, prior = fit_ridge(feats, np.asarray(meas_ms) - raw,
+                                     [table.value(k) for k in keys], meas_ms)
+        cal.update({"scale": 1.0, "offset_ms": offset, "ridge_prior": prior,
                     "entry_ms": {k: float(v) for k, v in zip(keys, d) if v}})
     table.calibration = cal
     if fit != "scale":
