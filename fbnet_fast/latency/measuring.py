@@ -59,7 +59,7 @@ from .runtimes import (chain, check_runtime, export_many, identity_model, ort_ru
                        ort_session, runners, runtime_meta, table_runtime)
 from .table import LatencyTable
 from .timing import (SegmentTimer, benchmark, device_info, progress_bar, resolve_device,
-                     steady_heap, threads_set, torch_runner)
+                     heap_is_steady, threads_set, torch_runner)
 
 __all__ = ["measure", "calibrate", "measure_networks", "stats", "median_ci", "fit_lstsq",
            "fit_ridge", "order_violations", "METHODS", "FITS", "HeadPoolFC"]
@@ -242,7 +242,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
             retries: int | None = None, order_tol: float = 0.03,
             calib_samples: int | None = None, seed: int = 0, progress: bool = True,
             runtime: str = "torch", ci: float | None = None,
-            max_rounds: int = 10) -> LatencyTable:
+            max_rounds: int = 10, steady: bool = True) -> LatencyTable:
     """Measure a latency table of ``space`` (default: the paper's, 224x224, width 1).
 
     reps: timed runs per op (naive, default 100) or rounds of K networks (context,
@@ -258,7 +258,10 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
     exported with ``torch.onnx``). ci: instead
     of ``retries``, re-measure entries (``reps`` more runs or rounds at a time, at most
     ``max_rounds`` times) until the 95 % confidence interval of each median is within
-    ``ci`` (0.02 = 2 %) of it; what stays wider is flagged.
+    ``ci`` (0.02 = 2 %) of it; what stays wider is flagged. steady: pin glibc's heap
+    first (``timing.steady_heap``, for the rest of the process); a process that goes on to
+    train passes False, as a pinned heap keeps its peak memory (the quick search's max
+    RSS 1.40 against 1.23 GB).
     """
     space = space or SearchSpace()
     method = method or DEFAULT_METHOD.get(runtime, "calibrated")
@@ -293,7 +296,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
     wide = (lambda a: median_ci(a) > ci) if ci else (
         lambda a: _wide(a, rel_tol, abs_tol_ms))
     t0 = time.perf_counter()
-    with threads_set(threads) as nthreads, torch.inference_mode():
+    with threads_set(threads, steady) as nthreads, torch.inference_mode():
         ctx = {"device": dev, "dtype": dtype, "batch": batch, "reps": reps, "warmup": warmup,
                "timer": SegmentTimer(dev), "gen": torch.Generator().manual_seed(seed),
                "seed": seed, "runtime": runtime, "threads": nthreads,
@@ -318,7 +321,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
             "batch": batch, "threads": nthreads, "memory_format": memory_format,
             "method": method, "reps": reps, "warmup": warmup, "statistic": "median",
-            "heap": "steady" if steady_heap() else "default",
+            "heap": "steady" if heap_is_steady() else "default",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         if ci:
@@ -336,7 +339,8 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
     if fit:
         calibrate(table, space, calib_samples, CALIB_SEED, device, batch, nthreads,
                   num_classes=num_classes, memory_format=memory_format, dtype=dtype,
-                  progress=progress, fit=fit, runtime=runtime, parts=runner.onnx)
+                  progress=progress, fit=fit, runtime=runtime, parts=runner.onnx,
+                  steady=steady)
     table.meta["seconds"] = round(time.perf_counter() - t0, 1)
     return table
 
@@ -446,7 +450,7 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
                      num_classes: int = 1000, memory_format: str = "contiguous",
                      dtype=torch.float32, seed: int = 0, progress: bool = True,
                      runtime: str = "torch", parts: dict | None = None,
-                     raw: bool = False) -> list:
+                     raw: bool = False, steady: bool = True) -> list:
     """Whole-network latency statistics (``Entry`` in ms) per architecture, benchmark-style;
     ``raw=True``: each network's run times instead (ms, round after round).
 
@@ -456,11 +460,12 @@ def measure_networks(archs, device="cpu", batch: int = 1, threads: int | None = 
     ``torch.onnx`` and times it in ONNX Runtime; with ``parts`` (op key -> ONNX model,
     extended with the ops it lacks) it chains each network from its ops' models instead
     (``runtimes.chain``: the same graph, without a whole-network export's cost).
+    ``steady``: pin glibc's heap first (``measure``).
     """
     dev = resolve_device(device)
     check_runtime(runtime, dev, dtype, memory_format)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    with threads_set(threads) as nthreads, torch.inference_mode():
+    with threads_set(threads, steady) as nthreads, torch.inference_mode():
         gen = torch.Generator().manual_seed(seed)
         xs = [torch.randn(batch, 3, a.space.resolution, a.space.resolution, generator=gen,
                           dtype=dtype).to(dev, memory_format=fmt) for a in archs]
@@ -605,7 +610,7 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None,
               num_classes: int | None = None, memory_format: str = "contiguous",
               dtype=torch.float32, progress: bool = True, fit: str = "scale",
               runtime: str | None = None, rounds: int | None = None,
-              parts: dict | None = None) -> LatencyTable:
+              parts: dict | None = None, steady: bool = True) -> LatencyTable:
     """Fit the table to whole networks (in place; returns the table).
 
     Times ``samples`` random architectures (seeded, uniform per layer; ``FIT_SAMPLES``
@@ -633,7 +638,8 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None,
                             reps=reps or d_reps, warmup=d_warmup if warmup is None else warmup,
                             rounds=rounds or d_rounds, num_classes=nc,
                             memory_format=memory_format, dtype=dtype, progress=progress,
-                            runtime=runtime, parts={} if parts is None else parts)
+                            runtime=runtime, parts={} if parts is None else parts,
+                            steady=steady)
     how = {"scale": "median of measured/predicted",
            "lstsq": "least squares: offset + one scale per candidate type",
            "ridge": "ridge regression: offset + one correction per entry"}[fit] + \

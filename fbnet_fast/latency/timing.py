@@ -16,7 +16,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["device_info", "threads_set", "steady_heap", "resolve_device", "SegmentTimer", "progress_bar",
+__all__ = ["device_info", "threads_set", "steady_heap", "heap_is_steady", "resolve_device", "SegmentTimer", "progress_bar",
            "benchmark", "torch_runner"]
 
 
@@ -64,15 +64,21 @@ def steady_heap() -> bool:
     return _HEAP["steady"]
 
 
+def heap_is_steady() -> bool:
+    """Whether ``steady_heap`` pinned this process's heap."""
+    return bool(_HEAP["steady"])
+
+
 @contextlib.contextmanager
-def threads_set(threads: int | None):
+def threads_set(threads: int | None, steady: bool = True):
     """Fix torch's intra-op thread count while measuring; restore it afterwards.
 
     Also flushes denormals (random weights can shrink activations into the denormal
-    range, which slows CPUs far below what a trained network sees) and pins the heap
-    (``steady_heap``).
+    range, which slows CPUs far below what a trained network sees) and, with ``steady``,
+    pins the heap (``steady_heap``).
     """
-    steady_heap()
+    if steady:
+        steady_heap()
     old = torch.get_num_threads()
     if threads is not None:
         if threads < 1:

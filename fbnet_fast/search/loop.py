@@ -70,7 +70,8 @@ def get_table(cfg: SearchConfig, space: SearchSpace, num_classes: int, d: Dist, 
             table = measure_table(
                 space, device=cfg.lut_device, threads=cfg.lut_threads, method=cfg.lut_method,
                 reps=cfg.lut_reps, num_classes=num_classes, seed=cfg.seed,
-                progress=not quiet and sys.stderr.isatty())
+                progress=not quiet and sys.stderr.isatty(),
+                steady=False)   # the search goes on to train in this process
             table.save(rd.lut)
             _log(d, f"latency table: {len(table.entries)} entries in "
                     f"{time.perf_counter() - t0:.1f} s -> {rd.lut}")
