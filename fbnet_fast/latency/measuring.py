@@ -287,7 +287,7 @@ def measure(space: SearchSpace | None = None, device="cpu", batch: int = 1,
         raise ValueError(f"ci must be a fraction in (0, 1), e.g. 0.02, got {ci}")
     keys = required_keys(space, num_classes)
     fit = FITS.get(method)
-    calib_samples = calib_samples if calib_samples is not None else FIT_SAMPLES.get(fit, 8)
+    calib_samples = calib_samples if calib_samples is not None else FIT_SAMPLES.get(fit)
     if fit and calib_samples < 1:
         raise ValueError(f"method {method!r} needs calib_samples >= 1 whole networks")
     if fit == "lstsq" and calib_samples < len(space.candidates) + 1:
@@ -618,9 +618,10 @@ def calibrate(table: LatencyTable, space: SearchSpace | None = None,
     and fits ``fit="scale"``: ``scale = median(measured / predicted)``, one parameter,
     robust to an outlier network; ``fit="lstsq"`` (``fit_lstsq``): a fixed per-network
     cost and one scale per candidate type; or ``fit="ridge"`` (``fit_ridge``): a fixed
-    per-network cost and a correction per entry. The architectures are recorded so validation can exclude them. In ONNX
-    Runtime the networks are chained from their ops' models (``parts``: op key -> ONNX
-    model; the ops not in it are exported), so fitting stays within the time budget.
+    per-network cost and a correction per entry. The architectures are recorded so
+    validation can exclude them. In ONNX Runtime the networks are chained from their ops'
+    models (``parts``: op key -> ONNX model; the ops not in it are exported), so fitting
+    stays within the time budget.
     """
     space = space or table.space
     if fit not in FITS.values():

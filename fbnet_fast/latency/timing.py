@@ -16,8 +16,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["device_info", "threads_set", "steady_heap", "heap_is_steady", "resolve_device", "SegmentTimer", "progress_bar",
-           "benchmark", "torch_runner"]
+__all__ = ["device_info", "threads_set", "steady_heap", "heap_is_steady", "resolve_device",
+           "SegmentTimer", "progress_bar", "benchmark", "torch_runner"]
 
 
 def device_info(device: torch.device) -> dict:
