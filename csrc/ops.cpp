@@ -29,13 +29,11 @@ TORCH_LIBRARY(fbnet_fast, m) {
         " Tensor bias, bool relu, bool training, Tensor(a!) grad_z) -> (Tensor, Tensor)");
   // The depthwise conv with the batch norms around it folded in (csrc/cpu/depthwise_bn.cpp):
   // out = dw_conv(relu(a * scale + shift)), returning Tensor[2, C] in a's dtype, the
-  // per-channel mean and biased variance of out (with out2: out2 = relu(out * out_scale + out_shift) too, written
-  // while out is in cache); the backward writes g = dL/d(a * scale + shift) (the conv's
-  // grad-input, zero where the ReLU was off) into grad_a and returns the weights' grads and
-  // Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
+  // per-channel mean and biased variance of out; the backward writes g = dL/d(a * scale +
+  // shift) (the conv's grad-input, zero where the ReLU was off) into grad_a and returns the
+  // weights' grads and Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
   m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
-        " Tensor(a!) out, Tensor? out_scale=None, Tensor? out_shift=None,"
-        " Tensor(b!)? out2=None) -> Tensor");
+        " Tensor(a!) out) -> Tensor");
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
         " Tensor scale, Tensor shift, Tensor mean, Tensor(a!) grad_a) -> (Tensor[], Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
@@ -47,4 +45,19 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("zdot(Tensor z, Tensor dy) -> Tensor");
   m.def("bn3_backward_out(Tensor z, Tensor dy, Tensor beta, Tensor delta, Tensor alpha,"
         " Tensor(a!) dz) -> ()");
+  // out = g * alpha + z * beta + delta per channel (BN's backward applied once its sums are
+  // known); out may be g.
+  m.def("bn_grad_apply_out(Tensor g, Tensor z, Tensor alpha, Tensor beta, Tensor delta,"
+        " Tensor(a!) out) -> ()");
+  // The candidates' second 1x1 convs with BN2 + ReLU as prologue (csrc/cpu/pointwise.cpp):
+  // `segments` is a flat list of (out_start, out_len, in_start, in_len, w_offset) tuples, each
+  // z[:, out_start:+out_len] = relu(d * scale + shift)[:, in_start:+in_len] W^T with W the
+  // row-major [out_len, in_len] block of `weight` at w_offset. pointwise_bn_out returns
+  // Tensor[2, C_z] in d's dtype, z's per-column mean and biased variance; the backward writes
+  // g = dL/d(d * scale + shift) (zero where the ReLU was off) into grad_d and returns the
+  // weight's gradient and Tensor[2, C] float64, the per-channel sums of g and g * (d - mean).
+  m.def("pointwise_bn_out(Tensor d, Tensor scale, Tensor shift, Tensor weight, int[] segments,"
+        " Tensor(a!) z) -> Tensor");
+  m.def("pointwise_bn_backward_out(Tensor dz, Tensor d, Tensor scale, Tensor shift, Tensor mean,"
+        " Tensor weight, int[] segments, Tensor(a!) grad_d) -> (Tensor, Tensor)");
 }

@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fbnet_fast import MixedBlock
 from fbnet_fast.backends import jit
+from fbnet_fast.backends.plan import plan_for
 
 pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
 
@@ -276,12 +278,6 @@ def test_dw_conv_bn(size, k, stride):
     torch.testing.assert_close(out, y)
     var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
     torch.testing.assert_close(stats, torch.stack([mean, var]))
-    # with out2: BN2 + ReLU of the output written by the epilogue too
-    sc2, sh2 = (torch.randn(y.shape[1], dtype=DT, generator=g) for _ in range(2))
-    out1, out2 = torch.empty_like(out), torch.empty_like(out)
-    torch.ops.fbnet_fast.dw_conv_bn_out(a, ws, stride, scale, shift, out1, sc2, sh2, out2)
-    torch.testing.assert_close(out1, y)
-    torch.testing.assert_close(out2, (y * sc2.view(1, -1, 1, 1) + sh2.view(1, -1, 1, 1)).relu())
     dy = torch.randn(y.shape, dtype=DT, generator=g)
     y.backward(dy)
     mean = a.mean((0, 2, 3))
@@ -308,9 +304,6 @@ def test_dw_conv_bn_strided_input_and_opcheck():
         ops.dw_conv_bn(a, ws, 2, scale, shift[:5])
     torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
                           (a, ws, 2, scale, shift, torch.empty_like(out)))
-    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
-                          (a, ws, 2, scale, shift, torch.empty_like(out), mean, shift,
-                           torch.empty_like(out)))
     dy = torch.randn_like(out)
     # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
     # a Tensor[] (it only runs inside the opaque mixed_block_cpu_backward op)
@@ -319,6 +312,89 @@ def test_dw_conv_bn_strided_input_and_opcheck():
                            torch.empty_like(a, memory_format=torch.channels_last)),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+# --- every candidate's second 1x1 with BN2 + ReLU as prologue (pointwise_bn_out) ----------
+
+def _pointwise_ref(d, scale, shift, w, segments, zc):
+    """relu(d * scale + shift) W^T per segment (autograd's reference), with the BN output."""
+    pre = (d * scale + shift).requires_grad_()
+    h = pre.relu()
+    z = d.new_zeros(d.shape[0], zc)
+    for o0, ol, i0, il, w0 in segments:
+        z[:, o0:o0 + ol] = h[:, i0:i0 + il] @ w[w0:w0 + ol * il].view(ol, il).t()
+    return z, pre
+
+
+def _pointwise_case(cin, cout, rows, dtype, seed):
+    """A real layer's segments (grouped candidates included), fresh random inputs."""
+    p = plan_for(MixedBlock(cin, cout, 1).layout)
+    g = torch.Generator().manual_seed(seed)
+    T, zc = p.layout.total_mid, p.n_conv * cout
+    d = torch.randn(rows, T, dtype=dtype, generator=g) * 2 + 0.5
+    scale, shift = torch.randn(T, dtype=dtype, generator=g), torch.randn(T, dtype=dtype, generator=g)
+    w = torch.randn(p.layout.pw2_numel, dtype=dtype, generator=g)
+    return d, scale, shift, w, p.pw2_groups, zc, g
+
+
+# (C_in, C_out, rows): the tiled micro-kernels (weights up to 512 KB; odd row counts leave
+# partial tiles and row blocks) and the ATen GEMM path for the widest layers
+POINTWISE_CASES = [(8, 8, 77), (16, 24, 300), (24, 24, 5), (112, 112, 9), (184, 352, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=lambda c: "{}-{}x{}".format(*c))
+def test_pointwise_bn(case, dtype):
+    """Forward (z and BN3's statistics) and backward (g, the weight's grad, BN2's sums) against
+    autograd, at real layers' segments."""
+    d, scale, shift, w, segs, zc, g = _pointwise_case(*case, dtype, sum(case))
+    flat = [v for s in segs for v in s]
+    wr = w.clone().requires_grad_()
+    z_ref, pre = _pointwise_ref(d, scale, shift, wr, segs, zc)
+    z = torch.empty(d.shape[0], zc, dtype=dtype)
+    stats = torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, flat, z)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
+    torch.testing.assert_close(z, z_ref.detach(), **tol)
+    var, mean = torch.var_mean(z_ref.detach(), 0, correction=0)
+    torch.testing.assert_close(stats, torch.stack([mean, var]), **tol)
+    dz = torch.randn(z.shape, dtype=dtype, generator=g)
+    z_ref.backward(dz)
+    mu = d.mean(0)
+    gd = torch.empty_like(d)
+    gw, sums = torch.ops.fbnet_fast.pointwise_bn_backward_out(dz, d, scale, shift, mu, w, flat, gd)
+    assert pre.grad.abs().sum() > 0 and (pre.grad == 0).any()   # the ReLU cut some
+    torch.testing.assert_close(gd, pre.grad, **tol)
+    torch.testing.assert_close(gw, wr.grad, **tol)
+    gref = pre.grad.double()
+    torch.testing.assert_close(sums, torch.stack([gref.sum(0), (gref * (d - mu).double()).sum(0)]),
+                               **tol)
+
+
+def test_pointwise_bn_bad_input_and_opcheck():
+    """Segments that miss columns, and wrong shapes, are named; opcheck the three ops."""
+    d, scale, shift, w, segs, zc, g = _pointwise_case(8, 8, 21, DT, 5)
+    flat = [v for s in segs for v in s]
+    z = torch.empty(d.shape[0], zc, dtype=DT)
+    with pytest.raises(RuntimeError, match="must cover z's"):
+        torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, flat[:-5], z)
+    with pytest.raises(RuntimeError, match="flat list of"):
+        torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, flat[:-1], z)
+    with pytest.raises(RuntimeError, match=r"shift must be Tensor\[176\]"):
+        torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift[:3], w, flat, z)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w[:50], flat, z)
+    torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_out.default,
+                          (d, scale, shift, w, flat, z))
+    dz = torch.randn(z.shape, dtype=DT, generator=g)
+    torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_backward_out.default,
+                          (dz, d, scale, shift, d.mean(0), w, flat, torch.empty_like(d)))
+    alpha, beta, delta = (torch.randn(d.shape[1], dtype=DT, generator=g) for _ in range(3))
+    out = torch.empty_like(d)
+    torch.ops.fbnet_fast.bn_grad_apply_out(dz[:, :1].expand_as(d).contiguous(), d, alpha, beta,
+                                           delta, out)
+    torch.testing.assert_close(out, dz[:, :1] * alpha + d * beta + delta)
+    torch.library.opcheck(torch.ops.fbnet_fast.bn_grad_apply_out.default,
+                          (torch.randn_like(d), d, alpha, beta, delta, out))
 
 
 # --- the mask-weighted combine over Z = [N, P, k, O] and its BN3 backward -----------------

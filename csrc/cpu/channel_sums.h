@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,28 @@ inline std::pair<double, double> sum_parts(const std::vector<double>& acc, int64
     s2 += acc[t * 2 * C + C + c];
   }
   return {s1, s2};
+}
+
+// The sums as Tensor[2, C] float64.
+inline at::Tensor sums_tensor(const std::vector<double>& acc, int64_t parts, int64_t C) {
+  auto out = at::empty({2, C}, at::dtype(at::kDouble));
+  double* p = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) std::tie(p[c], p[C + c]) = sum_parts(acc, parts, C, c);
+  return out;
+}
+
+// (mean, biased variance) per channel as Tensor[2, C] of dtype `type`, from the sums of x
+// and x^2 over `count` rows (in double, the variance clamped at 0 against rounding).
+inline at::Tensor stats_tensor(const std::vector<double>& acc, int64_t parts, int64_t C,
+                               int64_t count, at::ScalarType type) {
+  auto out = sums_tensor(acc, parts, C);
+  double* p = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = p[c] / count;
+    p[c] = m;
+    p[C + c] = std::max(0.0, p[C + c] / count - m * m);
+  }
+  return out.to(type);
 }
 
 }  // namespace

@@ -58,56 +58,22 @@ void for_bn_relu_tiles(const Shape& S, const Group<T>& g, const T* a, const T* s
   }
 }
 
-// The sums as Tensor[2, C] float64.
-at::Tensor sums_tensor(const std::vector<double>& acc, int64_t parts, int64_t C) {
-  auto out = at::empty({2, C}, at::dtype(at::kDouble));
-  double* p = out.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) std::tie(p[c], p[C + c]) = sum_parts(acc, parts, C, c);
-  return out;
-}
-
-// (mean, biased variance) per channel as Tensor[2, C] of dtype `type`, from the sums of x
-// and x^2 over `count` rows (in double, the variance clamped at 0 against rounding).
-at::Tensor stats_tensor(const std::vector<double>& acc, int64_t parts, int64_t C, int64_t count,
-                        at::ScalarType type) {
-  auto out = sums_tensor(acc, parts, C);
-  double* p = out.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) {
-    const double m = p[c] / count;
-    p[c] = m;
-    p[C + c] = std::max(0.0, p[C + c] / count - m * m);
-  }
-  return out.to(type);
-}
-
 void check_bn(const at::Tensor& a, const Shape& S, const char* op,
               std::initializer_list<std::pair<const at::Tensor*, const char*>> vs) {
   for (auto [v, name] : vs) check_vec(*v, S.C, a, op, name);
 }
 
 // out = dw_conv(relu(a * scale + shift)); returns Tensor[2, C] in a's dtype: per channel, the
-// mean and biased variance of out (BN2's batch statistics). With out2 (the backward's recomputation, where BN2's statistics are
-// known) it also writes out2 = relu(out * out_scale + out_shift) while out is in cache.
+// mean and biased variance of out (BN2's batch statistics).
 at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, int64_t stride,
                               const at::Tensor& scale, const at::Tensor& shift,
-                              const at::Tensor& out, const std::optional<at::Tensor>& out_scale,
-                              const std::optional<at::Tensor>& out_shift,
-                              const std::optional<at::Tensor>& out2) {
+                              const at::Tensor& out) {
   auto r = check_inputs(a_in, weights, stride);
   auto a = channel_contiguous(a_in);
   auto& S = r.S;
   S.xn = a.stride(0); S.xh = a.stride(2); S.xw = a.stride(3);
   check_bn(a, S, "dw_conv_bn_out", {{&scale, "scale"}, {&shift, "shift"}});
   check_out(out, a, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_bn_out", "out");
-  const bool second = out2.has_value();
-  TORCH_CHECK(second == out_scale.has_value() && second == out_shift.has_value(),
-              "dw_conv_bn_out: out2 needs out_scale and out_shift, and they need out2");
-  at::Tensor sc2, sh2;
-  if (second) {
-    check_out(*out2, a, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_bn_out", "out2");
-    check_bn(a, S, "dw_conv_bn_out", {{&*out_scale, "out_scale"}, {&*out_shift, "out_shift"}});
-    sc2 = out_scale->contiguous(), sh2 = out_shift->contiguous();
-  }
   auto wt = taps_major(weights, r);
   auto sc = scale.contiguous(), sh = shift.contiguous();
   const int64_t rows = S.N * S.Ho, parts = num_parts(rows), C = S.C;
@@ -116,9 +82,6 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     using T = scalar_t;
     const auto gs = make_groups<T>(r, wt.const_data_ptr<T>(), nullptr);
     T* op = out.mutable_data_ptr<T>();
-    T* op2 = second ? out2->mutable_data_ptr<T>() : nullptr;
-    const T* a2 = second ? sc2.const_data_ptr<T>() : nullptr;
-    const T* b2 = second ? sh2.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows, parts, t);
@@ -134,7 +97,7 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
                                    const T* buf) {
             for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, buf, op, n, oh);
             // the epilogue, over the tile's output while it is in cache: BN2's sums (in T
-            // per output row, vectorized, then into double), and BN2 + ReLU into out2
+            // per output row, vectorized, then into double)
             for (int64_t oh = oh0; oh < oh1; ++oh) {
               std::fill(p1, p1 + C, T(0));
               std::fill(p2, p2 + C, T(0));
@@ -146,11 +109,6 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
                   p1[c] += o[c];
                   p2[c] += o[c] * o[c];
                 }
-                if (!second) continue;
-                T* o2 = op2 + px;
-                _Pragma("omp simd")
-                for (int64_t c = g.c0; c < g.c0 + g.C; ++c)
-                  o2[c] = std::max(o[c] * a2[c] + b2[c], T(0));
               }
               for (int64_t c = g.c0; c < g.c0 + g.C; ++c) {
                 s1[c] += p1[c];

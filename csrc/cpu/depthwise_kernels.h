@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace fbnet_fast {
 namespace {
 
@@ -39,21 +41,6 @@ struct Group {
   const T* w;  // [k*k][C]: tap-major so channels are contiguous
   T* gw;       // grad partial, same layout (grad-weight only)
 };
-
-// One B-byte vector via GCC vector extensions: B = 64 (16 floats / 8 doubles) stays in a
-// register (AVX-512 with -march=native, pairs or quads of narrower registers otherwise);
-// B = 32 serves a channel tail of half that width, which the per-pixel loop would run at a
-// fraction of the speed (a group of 88 channels, as the quick space's first layers have, has
-// one).
-template <typename T, int B> struct Vec { typedef T t __attribute__((vector_size(B))); };
-template <typename T, int B = 64> using vec_t = typename Vec<T, B>::t;
-template <typename T, int B = 64> constexpr int kLanes = B / sizeof(T);
-template <int B = 64, typename T> inline vec_t<T, B> vload(const T* p) {
-  vec_t<T, B> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T, typename V> inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // Calls body(B, c0, c1) for the channels [0, C) in vectors: [0, c1) of 64-byte vectors, then
 // one 32-byte vector if that much is left; returns where the rest (for the per-pixel loop)

@@ -3,14 +3,16 @@
 
 Data stays channels-last, so every 1x1 conv is a plain GEMM on a [pixels, channels] matrix:
 one GEMM for all candidates' first 1x1 (grouped ones block-diagonal, the channel shuffle
-folded into the row order), one C++ depthwise pass over all expanded channels, one GEMM
-per candidate for the second 1x1, and the mask-weighted combine. The BNs around the
-depthwise take no passes of their own (bench/report.py's ``PASSES`` counts them): BN1's
-statistics come from the input's [C_in, C_in] covariance, BN1 + ReLU is the depthwise's
-prologue and BN2's statistics its epilogue; in the backward the depthwise leaves the gradient at
-BN1 (ReLU mask applied) with BN1's sums, and the first 1x1's backward takes BN1's backward
-apart instead of writing its output; the mask-weighted combine and BN3's backward are C++
-passes over all candidates' second 1x1 outputs at once. The backward recomputes the
+folded into the row order), one C++ depthwise pass over all expanded channels, one C++ op for
+every candidate's second 1x1 (``pointwise_bn_out``, csrc/cpu/pointwise.cpp), and the
+mask-weighted combine. The BNs take no passes of their own (bench/report.py's ``PASSES``
+counts them): BN1's statistics come from the input's [C_in, C_in] covariance, BN1 + ReLU is
+the depthwise's prologue and BN2's statistics its epilogue, BN2 + ReLU is the second 1x1's
+prologue and BN3's statistics its epilogue. In the backward the second 1x1s leave the
+gradient at BN2 (ReLU mask applied) with BN2's sums, the depthwise does the same for BN1,
+and the first 1x1's backward takes BN1's backward apart instead of writing its output; the
+mask-weighted combine and BN3's backward are C++ passes over all candidates' second 1x1
+outputs at once. No loop over the candidates runs in Python. The backward recomputes the
 intermediates from x, so only x, the mask, the weights and the BN batch statistics are
 saved. Both ops are registered with fake kernels, so torch.compile and export trace them.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import jit
-from .plan import (BNGrad, FusedPlan, bn_coef, bn_grad, call_fused_op, dw_weights,
+from .plan import (BNCoef, BNGrad, FusedPlan, bn_coef, bn_grad, call_fused_op, dw_weights,
                    plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
@@ -53,21 +55,13 @@ def _stats(m: Tensor, training: bool, rm: Tensor, rv: Tensor):
     return torch.ops.fbnet_fast.channel_stats.default(m) if training else (rm, rv)
 
 
-def _scale_shift(m: Tensor, scale: Tensor, shift: Tensor, relu: bool = True,
-                 out: Optional[Tensor] = None) -> Tensor:
-    if out is None:
-        return torch.ops.fbnet_fast.scale_shift.default(m, scale, shift, relu)
-    torch.ops.fbnet_fast.scale_shift_out.default(m, scale, shift, relu, out)
-    return out
+def _scale_shift(m: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.ops.fbnet_fast.scale_shift.default(m, scale, shift, True)
 
 
-def _bn_bwd(grad, z, mean, rstd, gamma, beta, relu, training, out=None):
-    if out is None:
-        return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, gamma, beta, relu,
-                                                        training)
-    dg, db = torch.ops.fbnet_fast.bn_backward_out.default(grad, z, mean, rstd, gamma, beta, relu,
-                                                          training, out)
-    return out, dg, db
+def _bn_bwd(grad, z, mean, rstd, gamma, beta, training):
+    return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, gamma, beta, True,
+                                                    training)
 
 
 # --- scratch buffers reused across calls ------------------------------------------------
@@ -132,29 +126,23 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     r.bn1 = bn_coef(m1, v1, g1, b1)
     # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
     Dm = _ws.get("D", (M2, T), x)
-    dw_args = (geo.image_in(A), dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift,
-               geo.image_out(Dm))
+    m2, v2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(
+        geo.image_in(A), dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift,
+        geo.image_out(Dm))
     if stats_in is not None:
-        # the backward's recomputation: BN2 is known, so the epilogue also writes H2
-        r.bn2 = bn_coef(*stats_in["bn2"], g2, b2)
-        H2 = _ws.get("H2", (M2, T), x)
-        torch.ops.fbnet_fast.dw_conv_bn_out.default(*dw_args, r.bn2.scale, r.bn2.shift,
-                                                    geo.image_out(H2))
-    else:
-        stats2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(*dw_args)
-        m2, v2 = stats2 if training else (running[2], running[3])
-        r.bn2 = bn_coef(m2, v2, g2, b2)
-        H2 = _scale_shift(Dm, r.bn2.scale, r.bn2.shift, out=Dm)  # in place: D is not needed
-    W2 = p.dense_pw2(pw2)
+        m2, v2 = stats_in["bn2"]
+    elif not training:
+        m2, v2 = running[2], running[3]
+    r.bn2 = bn_coef(m2, v2, g2, b2)
+    # BN2 + ReLU as the prologue of all candidates' second 1x1, BN3's statistics its epilogue
     k = p.n_conv
     Z = _ws.get("Z", (M2, k * O), x)           # slot i's output in columns [i*O, (i+1)*O)
-    r.W2 = []
-    for i, sl in enumerate(L.slots):
-        W2i = W2[O * sl.mid_offset:O * (sl.mid_offset + sl.mid)].view(O, sl.mid)
-        torch.mm(H2[:, sl.mid_offset:sl.mid_offset + sl.mid], W2i.t(), out=Z[:, i * O:(i + 1) * O])
-        r.W2.append(W2i)
-    # every slot's BN3 at once: one pass over Z
-    r.bn3 = stats_in["bn3"] if stats_in is not None else _stats(Z, training, running[4], running[5])
+    m3, v3 = torch.ops.fbnet_fast.pointwise_bn_out.default(Dm, r.bn2.scale, r.bn2.shift, pw2,
+                                                            p.pw2_segments, Z)
+    if stats_in is not None:
+        r.bn3 = stats_in["bn3"]
+    else:
+        r.bn3 = (m3, v3) if training else (running[4], running[5])
     r.Z = Z.view(n, ho * wo, k, O)
     r.skip = None
     if L.skip_index >= 0 and L.skip_is_conv:
@@ -163,7 +151,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
     if keep:  # the backward needs them; the forward lets them go as soon as it can
-        r.A, r.D, r.H2, r.W1 = A, Dm, H2, W1
+        r.A, r.D, r.W1 = A, Dm, W1
         r.g1 = g1
     r.shape, r.geo = (n, C, h, w, ho, wo), geo
     return r
@@ -275,8 +263,6 @@ def mixed_block_cpu_backward(
         nm = mr.shape[0]
         Sdy = dY.sum(1)                                         # [n, O]
         dm = x.new_zeros(n, K)                                  # per example
-        dH2 = _ws.get("dH2", (M2, T), x)
-        dW2 = x.new_empty(O * T)
         k = p.n_conv
         conv_cols = list(p.mask_cols[:k])
         # every slot's BN3 backward at once, on [n, pixels, k, O] views; the BN3 input
@@ -290,13 +276,14 @@ def mixed_block_cpu_backward(
         dZ = _ws.get("ZT", r.Z.shape, x)                        # one pass over Z
         torch.ops.fbnet_fast.bn3_backward_out.default(r.Z, dY, c3.beta, c3.delta,
                                                       c3.alpha.view(1, k, O) * mk3, dZ)
-        dZm = dZ.view(M2, k * O)
-        for i, sl in enumerate(L.slots):
-            dZi = dZm[:, i * O:(i + 1) * O]
-            cols = slice(sl.mid_offset, sl.mid_offset + sl.mid)
-            torch.mm(dZi.t(), r.H2[:, cols],
-                     out=dW2[O * sl.mid_offset:O * (sl.mid_offset + sl.mid)].view(O, sl.mid))
-            torch.mm(dZi, r.W2[i], out=dH2[:, cols])
+        # the second 1x1s' backward with BN2's ReLU mask and sums as its epilogue: g2 = dL/d(BN2
+        # output before the ReLU), then dD = alpha g2 + beta D + delta in place
+        g2 = _ws.get("dH2", (M2, T), x)
+        dpw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out.default(
+            dZ.view(M2, k * O), r.D, r.bn2.scale, r.bn2.shift, r.bn2.mean, pw2, p.pw2_segments,
+            g2)
+        c2 = _bn_grad_sums(r.bn2, bn2_weight, sums2, M2, training)
+        torch.ops.fbnet_fast.bn_grad_apply_out.default(g2, r.D, c2.alpha, c2.beta, c2.delta, g2)
         dX = None
         res = mr[:, conv_cols].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
@@ -312,8 +299,7 @@ def mixed_block_cpu_backward(
             Ys = _scale_shift(S, bn.scale, bn.shift)
             dm[:, L.skip_index] = (dY * Ys.view(n, ho * wo, O)).sum((1, 2))
             G = (dY * mr[:, L.skip_index].view(nm, 1, 1)).view(M2, O)
-            dS, dsg, dsb = _bn_bwd(G, S, bn.mean, bn.rstd, skip_bn_weight, skip_bn_bias, True,
-                                   training)
+            dS, dsg, dsb = _bn_bwd(G, S, bn.mean, bn.rstd, skip_bn_weight, skip_bn_bias, training)
             Ws = skip_weight.view(O, C)
             dsw = (dS.t() @ Xs).flatten()
             dXs = dS @ Ws
@@ -323,24 +309,21 @@ def mixed_block_cpu_backward(
                 dX = x.new_zeros(n, h, w, C)
                 dX[:, ::L.stride, ::L.stride] = dXs.view(n, ho, wo, C)
                 dX = dX.view(M1, C)
-        # BN2 + ReLU, depthwise, BN1 + ReLU, first GEMM.
-        # (in place: dD over dH2)
-        dD, dg2, db2 = _bn_bwd(dH2, r.D, r.bn2.mean, r.bn2.rstd, bn2_weight, bn2_bias, True,
-                               training, out=dH2)
+        # depthwise, BN1 + ReLU, first GEMM
+        dD, dg2, db2 = g2, c2.dgamma, c2.dbeta
         # the depthwise backward leaves g = dL/d(BN1 output before the ReLU) with BN1's two
         # sums; dA = alpha g + beta A + delta is never written: its two GEMMs take it apart
         g = _ws.get("dH1", (M1, T), x)
         dws, sums1 = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
             r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
             r.bn1.scale, r.bn1.shift, r.bn1.mean, r.geo.image_in(g))
-        c1 = _bn1_grad(r, sums1, M1, training)
+        c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
         dW1, dX = _pw1_backward(g, r.X, r.W1, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
         dpw1 = p.packed_pw1(dW1.flatten())
         if res is not None:
             dX = dX.view(n, h * w, C).addcmul_(dY, res.view(nm, 1, 1)).view(M1, C)
         dg1, db1 = p.unshuffle(dg1), p.unshuffle(db1)
-        dpw2 = p.packed_pw2(dW2)
         dx = r.geo.image_in(dX)
         if not x.is_contiguous(memory_format=torch.channels_last):
             dx = dx.contiguous()
@@ -350,12 +333,13 @@ def mixed_block_cpu_backward(
                 c3.dgamma.flatten(), c3.dbeta.flatten(), dsw, dsg, dsb]
 
 
-def _bn1_grad(r: _Fwd, sums: Tensor, count: int, training: bool) -> BNGrad:
-    """BN1's backward coefficients from the depthwise backward's float64 sums of g and of
-    g * (A - mean), computed in float64 (no cancellation), returned in x's dtype."""
-    bn = r.bn1._replace(mean=r.bn1.mean.double(), rstd=r.bn1.rstd.double())  # what it reads
-    c = bn_grad(bn, r.g1.double(), sums[0], sums[1] + bn.mean * sums[0], count, training)
-    return BNGrad(*(t.to(r.X.dtype) for t in c))
+def _bn_grad_sums(bn: BNCoef, gamma: Tensor, sums: Tensor, count: int,
+                  training: bool) -> BNGrad:
+    """A BN's backward coefficients from a kernel's float64 sums of g and of g * (z - mean),
+    computed in float64 (no cancellation), returned in the BN's dtype."""
+    bd = bn._replace(mean=bn.mean.double(), rstd=bn.rstd.double())  # what bn_grad reads
+    c = bn_grad(bd, gamma.double(), sums[0], sums[1] + bd.mean * sums[0], count, training)
+    return BNGrad(*(t.to(bn.mean.dtype) for t in c))
 
 
 def _pw1_backward(g: Tensor, X: Tensor, W1: Tensor, c: BNGrad, dX: Optional[Tensor],

@@ -107,7 +107,7 @@ if AVAILABLE:
         return gx, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_out")
-    def _(a, weights, stride, scale, shift, out, out_scale=None, out_shift=None, out2=None):
+    def _(a, weights, stride, scale, shift, out):
         return a.new_empty((2, a.shape[1]))
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
@@ -127,6 +127,21 @@ if AVAILABLE:
     @torch.library.register_fake("fbnet_fast::bn3_backward_out")
     def _(z, dy, beta, delta, alpha, dz):
         torch._check(z.dim() == 4, lambda: "bn3_backward_out: z must be [N, P, k, O]")
+
+    @torch.library.register_fake("fbnet_fast::pointwise_bn_out")
+    def _(d, scale, shift, weight, segments, z):
+        torch._check(d.dim() == 2 and z.dim() == 2, lambda: "pointwise_bn_out: [M, C] matrices")
+        return d.new_empty((2, z.shape[1]))
+
+    @torch.library.register_fake("fbnet_fast::pointwise_bn_backward_out")
+    def _(dz, d, scale, shift, mean, weight, segments, grad_d):
+        torch._check(d.dim() == 2 and dz.dim() == 2,
+                     lambda: "pointwise_bn_backward_out: [M, C] matrices")
+        return torch.empty_like(weight), d.new_empty((2, d.shape[1]), dtype=torch.float64)
+
+    @torch.library.register_fake("fbnet_fast::bn_grad_apply_out")
+    def _(g, z, alpha, beta, delta, out):
+        torch._check(g.dim() == 2 and g.shape == z.shape, lambda: "bn_grad_apply_out: [M, C]")
 
     @torch.library.register_fake("fbnet_fast::channel_stats")
     def _(x):

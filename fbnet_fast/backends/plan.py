@@ -12,7 +12,7 @@ tensors are moved to a device on first use there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -99,7 +99,6 @@ class DeviceIndex(NamedTuple):
 
     perm: Optional[Tensor]
     pw1_index: Optional[Tensor]
-    pw2_index: Optional[Tensor]
     mask_cols: Tensor
 
 
@@ -115,8 +114,6 @@ class FusedPlan:
     perm: Optional[Tensor]       # expanded column r <- BN1 (stored-order) channel perm[r]
     pw1_index: Optional[Tensor]  # pw1_weight element -> position in the dense [T, C_in]
     pw2_groups: tuple            # Segment per (candidate, group): Z columns <- expanded ones
-    pw2_index: Optional[Tensor]  # pw2_weight element -> position in per-candidate dense
-                                 # [C_out, mid] blocks (candidate at C_out * mid_offset)
     dw_runs: tuple               # DwRun per stretch of candidates with equal kernel size
     mask_cols: tuple             # candidate (mask) columns: conv candidates, then skip
     stat_sizes: tuple            # channels of bn1, bn2, bn3, skip_bn in packed statistics
@@ -138,7 +135,7 @@ class FusedPlan:
         if idx is None:
             cols = torch.tensor(self.mask_cols, dtype=torch.long)
             idx = DeviceIndex(*(None if t is None else t.to(device)
-                                for t in (self.perm, self.pw1_index, self.pw2_index, cols)))
+                                for t in (self.perm, self.pw1_index, cols)))
             self._on[key] = idx
         return idx
 
@@ -160,13 +157,10 @@ class FusedPlan:
         """The gradient of the dense first GEMM's weight, back in pw1_weight's order."""
         return _gather(dense, self.on(dense.device).pw1_index)
 
-    def dense_pw2(self, w: Tensor) -> Tensor:
-        """pw2_weight as per-candidate dense [C_out, mid] blocks (grouped: block-diagonal)."""
-        L = self.layout
-        return _scatter(w, self.on(w.device).pw2_index, (L.out_channels * L.total_mid,))
-
-    def packed_pw2(self, dense: Tensor) -> Tensor:
-        return _gather(dense, self.on(dense.device).pw2_index)
+    @cached_property
+    def pw2_segments(self) -> list:
+        """``pw2_groups`` as the flat list of ints the C++ ``pointwise_bn`` ops take."""
+        return [v for seg in self.pw2_groups for v in seg]
 
     # -- the BN statistics a fused op returns, packed into one tensor ---------------------
     def pack_stats(self, stats: dict) -> Tensor:
@@ -204,7 +198,6 @@ def _build(L: MixedLayout) -> FusedPlan:
     grouped = any(s.spec.groups > 1 for s in L.slots)
     perm = torch.empty(T, dtype=torch.long)
     pw1_index = torch.empty(L.pw1_numel, dtype=torch.long)
-    pw2_index = torch.empty(L.pw2_numel, dtype=torch.long)
     runs, groups = [], []
     for s in L.slots:
         G, mid = s.spec.groups, s.mid
@@ -225,16 +218,12 @@ def _build(L: MixedLayout) -> FusedPlan:
             seg = Segment(s.out_offset + g * out_g, out_g, s.mid_offset + g * mid_g, mid_g,
                           s.pw2_offset + g * out_g * mid_g)
             groups.append(seg)
-            rows = torch.arange(g * out_g, (g + 1) * out_g)
-            start = O * s.mid_offset + rows * mid + g * mid_g
-            pw2_index[seg.w_offset:seg.w_offset + out_g * mid_g] = (
-                start[:, None] + torch.arange(mid_g)).flatten()
     skip = L.skip_index >= 0
     cols = tuple(s.index for s in L.slots) + ((L.skip_index,) if skip else ())
     n_skip = O if skip and L.skip_is_conv else 0
     if not grouped:
-        perm = pw1_index = pw2_index = None
-    return FusedPlan(L, perm, pw1_index, tuple(groups), pw2_index, tuple(runs), cols,
+        perm = pw1_index = None
+    return FusedPlan(L, perm, pw1_index, tuple(groups), tuple(runs), cols,
                      (T, T, len(L.slots) * O, n_skip))
 
 

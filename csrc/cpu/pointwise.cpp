@@ -1,0 +1,461 @@
+// The candidates' second 1x1 convs of the fused MixedBlock, with the batch norms around them
+// folded in, run over tiles of rows that stay in cache:
+//   forward: z = h W^T per segment (a candidate, or one group of a grouped candidate), with
+//     h = relu(d * scale + shift) (BN2 + ReLU) made for a tile of rows in a per-thread
+//     buffer and never written; returns BN3's batch statistics of z (the epilogue);
+//   backward: from dz, the weights' gradient and g = dL/d(d * scale + shift) (zero where the
+//     ReLU was off), with the two sums BN2's backward needs; h is remade per tile.
+// One call covers every candidate: the per-candidate GEMMs were thin (K and N of 8-352), which
+// a general GEMM library runs at a fraction of its rate, and each cost a Python round trip.
+// Here they are register-tiled outer products over the tile, the tile's h and the weights in
+// cache. A segment's weights are read in pw2_weight's own order (no dense copy).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "channel_sums.h"
+#include "simd.h"
+
+namespace fbnet_fast {
+namespace {
+
+// Bytes of h per tile: the tile's rows of h, and the weights the GEMMs stream, stay in L2.
+constexpr int64_t kTileBytes = 256 << 10;
+
+// Rows per tile for rows of `width` elements: a multiple of 8 (the micro-kernels' row block).
+template <typename T>
+int64_t tile_rows(int64_t width) {
+  const int64_t rows = kTileBytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(1, width);
+  return std::clamp<int64_t>(rows / 8 * 8, 8, 256);
+}
+
+// C[i][j] = (add ? C[i][j] : 0) + sum_k A[i * sai + k * sak] * Bm[k * ldb + j] for RB rows and
+// NV B-byte vectors of columns, the accumulators in registers.
+template <typename T, int RB, int NV, int B>
+inline void micro(int64_t K, const T* A, int64_t sai, int64_t sak, const T* Bm, int64_t ldb,
+                  T* C, int64_t ldc, bool add) {
+  using V = vec_t<T, B>;
+  constexpr int L = kLanes<T, B>;
+  V acc[RB][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      if (add) acc[i][v] = vload<B>(C + i * ldc + v * L);
+      else acc[i][v] = V{};
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = vload<B>(Bm + k * ldb + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const T a = A[i * sai + k * sak];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * L, acc[i][v]);
+}
+
+// Rows in blocks of RB, the rest in blocks of RB/2, RB/4, ...
+template <typename T, int RB, int NV, int B>
+inline void micro_rows(int64_t R, int64_t K, const T* A, int64_t sai, int64_t sak, const T* Bm,
+                       int64_t ldb, T* C, int64_t ldc, bool add) {
+  int64_t i = 0;
+  for (; i + RB <= R; i += RB)
+    micro<T, RB, NV, B>(K, A + i * sai, sai, sak, Bm, ldb, C + i * ldc, ldc, add);
+  if constexpr (RB > 1)
+    if (i < R) micro_rows<T, RB / 2, NV, B>(R - i, K, A + i * sai, sai, sak, Bm, ldb, C + i * ldc,
+                                             ldc, add);
+}
+
+// C[R, N] (=, or += with add) A(R, K) B[K, N] with A(i, k) = A[i * sai + k * sak]; N must be
+// a multiple of kLanes<T, 32> (the callers pad their column counts to it).
+template <typename T>
+void gemm_tile(int64_t R, int64_t N, int64_t K, const T* A, int64_t sai, int64_t sak,
+               const T* Bm, int64_t ldb, T* C, int64_t ldc, bool add) {
+  constexpr int64_t L = kLanes<T, 64>, H = kLanes<T, 32>;
+  int64_t j = 0;
+  for (; j + 2 * L <= N; j += 2 * L)
+    micro_rows<T, 8, 2, 64>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
+  for (; j + L <= N; j += L) micro_rows<T, 8, 1, 64>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
+  for (; j + H <= N; j += H) micro_rows<T, 8, 1, 32>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
+}
+
+// Output columns [out0, +out_len) of z = input columns [in0, +in_len) of h times the
+// row-major [out_len, in_len] block of the weight at w0; pad_* round the lengths up for
+// gemm_tile.
+struct Seg {
+  int64_t out0, out_len, in0, in_len, w0, pad_out, pad_in;
+};
+
+int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
+
+std::vector<Seg> parse_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64_t wn,
+                                int64_t q, const char* op) {
+  TORCH_CHECK(!s.empty() && s.size() % 5 == 0, op, ": segments must be a flat list of "
+              "(out_start, out_len, in_start, in_len, w_offset) tuples, got ", s.size(), " values");
+  std::vector<Seg> out;
+  for (size_t i = 0; i < s.size(); i += 5) {
+    Seg g{s[i], s[i + 1], s[i + 2], s[i + 3], s[i + 4], 0, 0};
+    TORCH_CHECK(g.out_len > 0 && g.in_len > 0 && g.out0 >= 0 && g.in0 >= 0 && g.w0 >= 0 &&
+                    g.out0 + g.out_len <= Zc && g.in0 + g.in_len <= T &&
+                    g.w0 + g.out_len * g.in_len <= wn,
+                op, ": segment ", i / 5, " (", g.out0, ", ", g.out_len, ", ", g.in0, ", ",
+                g.in_len, ", ", g.w0, ") is outside z's ", Zc, " columns, d's ", T,
+                " columns or the weight's ", wn, " elements");
+    g.pad_out = round_up(g.out_len, q);
+    g.pad_in = round_up(g.in_len, q);
+    out.push_back(g);
+  }
+  // The tiles are written whole, padding included, in order: each segment's padding is
+  // overwritten by the next one, so the segments must tile z's and d's columns exactly.
+  auto tiles = [&](auto start, auto len, int64_t total) {
+    std::vector<Seg> v = out;
+    std::sort(v.begin(), v.end(), [&](const Seg& a, const Seg& b) { return start(a) < start(b); });
+    int64_t at = 0;
+    for (const auto& g : v) {
+      if (start(g) != at) return false;
+      at += len(g);
+    }
+    return at == total;
+  };
+  TORCH_CHECK(tiles([](const Seg& g) { return g.out0; }, [](const Seg& g) { return g.out_len; }, Zc) &&
+                  tiles([](const Seg& g) { return g.in0; }, [](const Seg& g) { return g.in_len; }, T),
+              op, ": the segments must cover z's ", Zc, " columns and d's ", T,
+              " columns, each column once");
+  return out;
+}
+
+at::Tensor matrix(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
+  return x.contiguous();
+}
+
+void check_matrix_out(const at::Tensor& out, int64_t M, int64_t C, const at::Tensor& like,
+                      const char* op, const char* name) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == C && out.stride(1) == 1 &&
+                  out.stride(0) >= C,
+              op, ": ", name, " must be a [", M, ", ", C, "] matrix with contiguous channels, "
+              "got shape ", out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(out.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
+              out.scalar_type(), ", expected ", like.scalar_type());
+}
+
+void check_weight(const at::Tensor& w, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(w.dim() == 1 && w.scalar_type() == like.scalar_type(), op,
+              ": weight must be a flat Tensor of dtype ", like.scalar_type(), ", got shape ",
+              w.sizes(), " dtype ", w.scalar_type());
+}
+
+// h rows [t0, t0 + R) of relu(d * scale + shift) into buf (row stride ldh >= T, columns
+// [T, ldh) zeroed: gemm_tile may read them as padding).
+template <typename T>
+void bn_relu_tile(const T* d, int64_t ldd, int64_t T_, const T* sc, const T* sh, int64_t t0,
+                  int64_t R, T* buf, int64_t ldh) {
+  for (int64_t i = 0; i < R; ++i) {
+    const T* row = d + (t0 + i) * ldd;
+    T* h = buf + i * ldh;
+_Pragma("omp simd")
+    for (int64_t c = 0; c < T_; ++c) h[c] = std::max(row[c] * sc[c] + sh[c], T(0));
+    std::fill(h + T_, h + ldh, T(0));
+  }
+}
+
+// Each segment's weight block rearranged by place(s, o, j) -> its index in a buffer of
+// `total` zeros (the padding), in parallel: at the widest layers this is millions of elements.
+template <typename T, typename F>
+std::vector<T> rearranged(const T* w, const std::vector<Seg>& segs, int64_t total, F&& place) {
+  std::vector<T> out(total, T(0));
+  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      const Seg& g = segs[s];
+      for (int64_t o = 0; o < g.out_len; ++o)
+        for (int64_t j = 0; j < g.in_len; ++j) out[place(s, o, j)] = w[g.w0 + o * g.in_len + j];
+    }
+  });
+  return out;
+}
+
+// Above this many bytes of weights a layer is weight-bound (7x7 and 3x3 maps at 224x224):
+// every tile of rows would stream all weights again, so h is made whole and each segment's
+// products go to ATen's GEMM, which blocks for that shape; below it (the wide maps, where the
+// passes over memory decide) the tiles run the micro-kernels above.
+constexpr int64_t kTiledWeightBytes = 512 << 10;
+
+// h = relu(d * scale + shift) for all rows, as a new [M, C] matrix.
+template <typename T>
+at::Tensor bn_relu_all(const T* d, int64_t ldd, int64_t M, int64_t C, const T* sc, const T* sh,
+                       const at::TensorOptions& opt) {
+  auto h = at::empty({M, C}, opt);
+  T* hp = h.mutable_data_ptr<T>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    bn_relu_tile<T>(d, ldd, C, sc, sh, b, e - b, hp + b * C, C);
+  });
+  return h;
+}
+
+// Rows [0, R) of z from a tile zt (row stride ldt; zt may be z itself), and their sums and
+// sums of squares added to s1, s2 (in T over the tile, then into double).
+template <typename T>
+void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t ldz, T* part,
+                double* s1, double* s2) {
+  std::fill(part, part + 2 * Zc, T(0));
+  T* p1 = part;
+  T* p2 = part + Zc;
+  for (int64_t i = 0; i < R; ++i) {
+    const T* src = zt + i * ldt;
+    T* dst = z + i * ldz;
+    if (dst != src) std::copy_n(src, Zc, dst);
+#pragma omp simd
+    for (int64_t c = 0; c < Zc; ++c) {
+      p1[c] += src[c];
+      p2[c] += src[c] * src[c];
+    }
+  }
+  for (int64_t c = 0; c < Zc; ++c) {
+    s1[c] += p1[c];
+    s2[c] += p2[c];
+  }
+}
+
+// Rows [0, R) of g = dh where h > 0, else 0, into out (which may be dh), and the sums of g
+// and g * (d - mean) added to s1, s2.
+template <typename T>
+void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, int64_t ldd,
+                const T* mean, int64_t R, int64_t C, T* out, int64_t ldo, T* part, double* s1,
+                double* s2) {
+  std::fill(part, part + 2 * C, T(0));
+  T* p1 = part;
+  T* p2 = part + C;
+  for (int64_t i = 0; i < R; ++i) {
+    const T* hr = h + i * ldh;
+    const T* gr = dh + i * lddh;
+    const T* dr = d + i * ldd;
+    T* o = out + i * ldo;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T gv = hr[c] > T(0) ? gr[c] : T(0);
+      o[c] = gv;
+      p1[c] += gv;
+      p2[c] += gv * (dr[c] - mean[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    s1[c] += p1[c];
+    s2[c] += p2[c];
+  }
+}
+
+// The [out_len, in_len] weight block of a segment.
+at::Tensor block(const at::Tensor& w, const Seg& g) {
+  return w.narrow(0, g.w0, g.out_len * g.in_len).view({g.out_len, g.in_len});
+}
+
+// z = relu(d * scale + shift) W^T per segment; returns Tensor[2, z columns] in d's dtype:
+// each column's mean and biased variance (BN3's batch statistics).
+at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
+                                const at::Tensor& shift, const at::Tensor& weight_in,
+                                at::IntArrayRef segments, const at::Tensor& z) {
+  const char* op = "pointwise_bn_out";
+  auto d = matrix(d_in, op, "d");
+  const int64_t M = d.size(0), C = d.size(1), ldd = d.stride(0);
+  TORCH_CHECK(M > 0, op, ": d needs at least one row");
+  check_vec(scale, C, d, op, "scale");
+  check_vec(shift, C, d, op, "shift");
+  check_weight(weight_in, d, op);
+  TORCH_CHECK(z.dim() == 2, op, ": z must be a [M, C_z] matrix, got shape ", z.sizes());
+  const int64_t Zc = z.size(1), ldz = z.stride(0);
+  check_matrix_out(z, M, Zc, d, op, "z");
+  auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  const int64_t parts = num_parts(M);
+  std::vector<double> acc(parts * 2 * Zc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
+    using T = scalar_t;
+    constexpr int64_t q = kLanes<T, 32>;
+    const auto segs = parse_segments(segments, C, Zc, w.numel(), q, op);
+    const T* dp = d.const_data_ptr<T>();
+    const T* scp = sc.const_data_ptr<T>();
+    const T* shp = sh.const_data_ptr<T>();
+    T* zp = z.mutable_data_ptr<T>();
+    if (w.numel() * static_cast<int64_t>(sizeof(T)) > kTiledWeightBytes) {
+      const auto h = bn_relu_all<T>(dp, ldd, M, C, scp, shp, d.options());
+      for (const auto& g : segs) {
+        auto zs = z.narrow(1, g.out0, g.out_len);
+        at::mm_out(zs, h.narrow(1, g.in0, g.in_len), block(w, g).t());
+      }
+      at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> part(2 * Zc);
+        for (int64_t t = b; t < e; ++t) {
+          const auto [r0, r1] = share(M, parts, t);
+          z_epilogue<T>(zp + r0 * ldz, ldz, r1 - r0, Zc, zp + r0 * ldz, ldz, part.data(),
+                        acc.data() + t * 2 * Zc, acc.data() + t * 2 * Zc + Zc);
+        }
+      });
+      return;
+    }
+    // each segment's weights transposed to [in_len, pad_out], zero-padded
+    std::vector<int64_t> off;
+    int64_t total = 0;
+    for (const auto& g : segs) {
+      off.push_back(total);
+      total += g.in_len * g.pad_out;
+    }
+    const auto wt = rearranged<T>(w.const_data_ptr<T>(), segs, total,
+                                  [&](int64_t s, int64_t o, int64_t j) {
+                                    return off[s] + j * segs[s].pad_out + o;
+                                  });
+    const int64_t tile = tile_rows<T>(C), ldt = Zc + q;
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> h(tile * C), zt(tile * ldt), part(2 * Zc);
+      for (int64_t t = b; t < e; ++t) {
+        const auto [r0, r1] = share(M, parts, t);
+        for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+          const int64_t R = std::min(tile, r1 - t0);
+          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h.data(), C);
+          // every segment into its columns of the tile, its padding overwritten by the next
+          for (size_t s = 0; s < segs.size(); ++s) {
+            const Seg& g = segs[s];
+            gemm_tile<T>(R, g.pad_out, g.in_len, h.data() + g.in0, C, 1, wt.data() + off[s],
+                         g.pad_out, zt.data() + g.out0, ldt, false);
+          }
+          z_epilogue<T>(zt.data(), ldt, R, Zc, zp + t0 * ldz, ldz, part.data(),
+                        acc.data() + t * 2 * Zc, acc.data() + t * 2 * Zc + Zc);
+        }
+      }
+    });
+  });
+  return stats_tensor(acc, parts, Zc, M, d.scalar_type());
+}
+
+// Backward of pointwise_bn_out given dz: writes g = dL/d(d * scale + shift) into grad_d and
+// returns the weight's gradient and Tensor[2, C] float64, the per-channel sums of g and of
+// g * (d - mean) (BN2's backward sums).
+std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
+    const at::Tensor& dz_in, const at::Tensor& d_in, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& weight_in,
+    at::IntArrayRef segments, const at::Tensor& gd) {
+  const char* op = "pointwise_bn_backward_out";
+  auto d = matrix(d_in, op, "d");
+  auto dz = matrix(dz_in, op, "dz");
+  const int64_t M = d.size(0), C = d.size(1), ldd = d.stride(0);
+  const int64_t Zc = dz.size(1), ldz = dz.stride(0);
+  TORCH_CHECK(M > 0 && dz.size(0) == M, op, ": dz has ", dz.size(0), " rows and d ", M,
+              "; they must match and be at least one");
+  TORCH_CHECK(dz.scalar_type() == d.scalar_type(), op, ": dz has dtype ", dz.scalar_type(),
+              ", expected ", d.scalar_type());
+  check_vec(scale, C, d, op, "scale");
+  check_vec(shift, C, d, op, "shift");
+  check_vec(mean, C, d, op, "mean");
+  check_weight(weight_in, d, op);
+  check_matrix_out(gd, M, C, d, op, "grad_d");
+  const int64_t ldg = gd.stride(0);
+  auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  auto mu = mean.contiguous();
+  auto gw = at::empty_like(w);
+  const int64_t parts = num_parts(M);
+  std::vector<double> acc(parts * 2 * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
+    using T = scalar_t;
+    constexpr int64_t q = kLanes<T, 32>;
+    const auto segs = parse_segments(segments, C, Zc, w.numel(), q, op);
+    const T* dp = d.const_data_ptr<T>();
+    const T* dzp = dz.const_data_ptr<T>();
+    const T* scp = sc.const_data_ptr<T>();
+    const T* shp = sh.const_data_ptr<T>();
+    const T* mp = mu.const_data_ptr<T>();
+    T* gp = gd.mutable_data_ptr<T>();
+    if (w.numel() * static_cast<int64_t>(sizeof(T)) > kTiledWeightBytes) {
+      const auto h = bn_relu_all<T>(dp, ldd, M, C, scp, shp, d.options());
+      for (const auto& g : segs) {  // dh into grad_d, then the mask in place
+        const auto dzs = dz.narrow(1, g.out0, g.out_len);
+        auto dh = gd.narrow(1, g.in0, g.in_len);
+        auto gws = block(gw, g);
+        at::mm_out(dh, dzs, block(w, g));
+        at::mm_out(gws, dzs.t(), h.narrow(1, g.in0, g.in_len));
+      }
+      const T* hp = h.const_data_ptr<T>();
+      at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> part(2 * C);
+        for (int64_t t = b; t < e; ++t) {
+          const auto [r0, r1] = share(M, parts, t);
+          g_epilogue<T>(hp + r0 * C, C, gp + r0 * ldg, ldg, dp + r0 * ldd, ldd, mp, r1 - r0, C,
+                        gp + r0 * ldg, ldg, part.data(), acc.data() + t * 2 * C,
+                        acc.data() + t * 2 * C + C);
+        }
+      });
+      return;
+    }
+    // each segment's weights as [out_len, pad_in], zero-padded; its gradient the same way
+    std::vector<int64_t> off;
+    int64_t total = 0;
+    for (const auto& g : segs) {
+      off.push_back(total);
+      total += g.out_len * g.pad_in;
+    }
+    const auto wpad = rearranged<T>(w.const_data_ptr<T>(), segs, total,
+                                    [&](int64_t s, int64_t o, int64_t j) {
+                                      return off[s] + o * segs[s].pad_in + j;
+                                    });
+    std::vector<T> gw_parts(parts * total);
+    const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
+    const int64_t tile = tile_rows<T>(ldh);
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> h(tile * ldh), dh(tile * ldh), part(2 * C);
+      for (int64_t t = b; t < e; ++t) {
+        const auto [r0, r1] = share(M, parts, t);
+        T* gwt = gw_parts.data() + t * total;
+        std::fill(gwt, gwt + total, T(0));
+        for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+          const int64_t R = std::min(tile, r1 - t0);
+          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h.data(), ldh);
+          for (size_t s = 0; s < segs.size(); ++s) {
+            const Seg& g = segs[s];
+            const T* dzs = dzp + t0 * ldz + g.out0;
+            // dh = dz W into the segment's columns (its padding overwritten by the next);
+            // dW += dz^T h
+            gemm_tile<T>(R, g.pad_in, g.out_len, dzs, ldz, 1, wpad.data() + off[s], g.pad_in,
+                         dh.data() + g.in0, ldh, false);
+            gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h.data() + g.in0, ldh,
+                         gwt + off[s], g.pad_in, true);
+          }
+          g_epilogue<T>(h.data(), ldh, dh.data(), ldh, dp + t0 * ldd, ldd, mp, R, C,
+                        gp + t0 * ldg, ldg, part.data(), acc.data() + t * 2 * C,
+                        acc.data() + t * 2 * C + C);
+        }
+      }
+    });
+    // the parts' gradients added up, in parallel over the segments
+    T* gwp = gw.mutable_data_ptr<T>();
+    at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        const Seg& g = segs[s];
+        for (int64_t o = 0; o < g.out_len; ++o)
+          for (int64_t j = 0; j < g.in_len; ++j) {
+            T v = 0;
+            for (int64_t t = 0; t < parts; ++t) v += gw_parts[t * total + off[s] + o * g.pad_in + j];
+            gwp[g.w0 + o * g.in_len + j] = v;
+          }
+      }
+    });
+  });
+  return {gw, sums_tensor(acc, parts, C)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
+  m.impl("pointwise_bn_out", &pointwise_bn_out_cpu);
+  m.impl("pointwise_bn_backward_out", &pointwise_bn_backward_out_cpu);
+}
+
+}  // namespace fbnet_fast

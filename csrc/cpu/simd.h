@@ -1,0 +1,24 @@
+// Vectors of a fixed byte width through GCC vector extensions, shared by the CPU kernels.
+#pragma once
+#include <cstring>
+
+namespace fbnet_fast {
+namespace {
+
+// One B-byte vector via GCC vector extensions: B = 64 (16 floats / 8 doubles) stays in a
+// register (AVX-512 with -march=native, pairs or quads of narrower registers otherwise);
+// B = 32 serves a channel tail of half that width, which the per-pixel loop would run at a
+// fraction of the speed (a group of 88 channels, as the quick space's first layers have, has
+// one).
+template <typename T, int B> struct Vec { typedef T t __attribute__((vector_size(B))); };
+template <typename T, int B = 64> using vec_t = typename Vec<T, B>::t;
+template <typename T, int B = 64> constexpr int kLanes = B / sizeof(T);
+template <int B = 64, typename T> inline vec_t<T, B> vload(const T* p) {
+  vec_t<T, B> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T, typename V> inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+}  // namespace
+}  // namespace fbnet_fast
