@@ -34,8 +34,13 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // weights' grads and Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
   m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
         " Tensor(a!) out) -> Tensor");
+  // With x (Tensor[N*H*W, C_in], the rows the first 1x1 read to make a) and x_weight
+  // (Tensor[C, C_in]) the backward also writes grad_x = g x_weight and returns g^T x
+  // (Tensor[C, C_in]; empty without x), while each row of g is in cache (above 512 KB of
+  // x_weight, as two whole GEMMs after the pass).
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
-        " Tensor scale, Tensor shift, Tensor mean, Tensor(a!) grad_a) -> (Tensor[], Tensor)");
+        " Tensor scale, Tensor shift, Tensor mean, Tensor(a!) grad_a, Tensor? x=None,"
+        " Tensor? x_weight=None, Tensor(b!)? grad_x=None) -> (Tensor[], Tensor, Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
   // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
   // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]

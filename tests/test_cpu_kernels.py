@@ -288,6 +288,18 @@ def test_dw_conv_bn(size, k, stride):
     c = (a - mean.view(1, -1, 1, 1))
     torch.testing.assert_close(bsums, torch.stack([pre.grad.sum((0, 2, 3)),
                                                    (pre.grad * c).sum((0, 2, 3))]))
+    # with the first 1x1's rows x: its two products of g, taken row by row (weights up to
+    # 512 KB) or as whole GEMMs (the 700-channel case with 100 inputs: 560 KB)
+    n, ch, h, w = a.shape
+    ci = 100 if ch == 700 else 5
+    x = torch.randn(n * h * w, ci, dtype=DT, generator=g)
+    xw = torch.randn(ch, ci, dtype=DT, generator=g)
+    gx = torch.empty_like(x)
+    gmat = pre.grad.permute(0, 2, 3, 1).reshape(-1, ch)
+    _, _, gtx = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+        dy, a, ws, stride, scale, shift, mean, torch.empty_like(gpre), x, xw, gx)
+    torch.testing.assert_close(gx, gmat @ xw)
+    torch.testing.assert_close(gtx, gmat.t() @ x)
 
 
 def test_dw_conv_bn_strided_input_and_opcheck():
@@ -307,11 +319,13 @@ def test_dw_conv_bn_strided_input_and_opcheck():
     dy = torch.randn_like(out)
     # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
     # a Tensor[] (it only runs inside the opaque mixed_block_cpu_backward op)
-    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
-                          (dy, a, ws, 2, scale, shift, mean,
-                           torch.empty_like(a, memory_format=torch.channels_last)),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
+    for extra in ((), (torch.randn(2 * 6 * 7, 3, dtype=DT), torch.randn(24, 3, dtype=DT),
+                       torch.empty(2 * 6 * 7, 3, dtype=DT))):
+        torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
+                              (dy, a, ws, 2, scale, shift, mean,
+                               torch.empty_like(a, memory_format=torch.channels_last), *extra),
+                              test_utils=("test_schema", "test_autograd_registration",
+                                          "test_faketensor"))
 
 
 # --- every candidate's second 1x1 with BN2 + ReLU as prologue (pointwise_bn_out) ----------

@@ -9,6 +9,7 @@
 //     returns the two sums BN1's backward needs.
 #include "channel_sums.h"
 #include "depthwise_kernels.h"
+#include "gemm_tile.h"
 
 namespace fbnet_fast {
 namespace {
@@ -124,22 +125,54 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
 
 // Backward of dw_conv_bn_out's conv given grad (dL/dout). Writes into grad_a
 // g = dL/d(a * scale + shift): the conv's grad-input where a * scale + shift > 0, else 0.
-// Returns the grad of each weight and Tensor[2, C] float64: per channel, the sum of g and of
-// g * (a - mean) (BN1's backward sums).
-std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
+// Returns the grad of each weight, Tensor[2, C] float64: per channel, the sum of g and of
+// g * (a - mean) (BN1's backward sums), and with x (Tensor[N*H*W, C_in], the rows the first
+// 1x1 read to make a) and x_weight (Tensor[C, C_in]) the first 1x1's two products while each
+// row of g is in cache: grad_x = g x_weight, and g^T x returned as Tensor[C, C_in] (empty
+// without x). When x_weight is larger than kTiledWeightBytes they are two whole GEMMs after
+// the pass instead: streaming the weight once per row would cost more.
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_out_cpu(
     const at::Tensor& grad_in, const at::Tensor& a_in, at::TensorList weights, int64_t stride,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    const at::Tensor& ga) {
-  const auto in = backward_inputs(grad_in, a_in, weights, stride, ga,
-                                  "dw_conv_bn_backward_out", "grad_a");
+    const at::Tensor& ga, const std::optional<at::Tensor>& x_in,
+    const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x) {
+  const char* op = "dw_conv_bn_backward_out";
+  const auto in = backward_inputs(grad_in, a_in, weights, stride, ga, op, "grad_a");
   const auto& r = in.r;
   const auto& S = r.S;
   const auto &a = in.x, &gy = in.gy, &wt = in.wt, &wi = in.wi;
-  check_bn(a, S, "dw_conv_bn_backward_out", {{&scale, "scale"}, {&shift, "shift"},
-                                              {&mean, "mean"}});
+  check_bn(a, S, op, {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}});
   auto sc = scale.contiguous(), sh = shift.contiguous(), mu = mean.contiguous();
   const int64_t C = S.C, rows_in = S.N * S.H, parts_in = num_parts(rows_in);
   const int64_t rows = S.N * S.Ho, parts = num_parts(rows);
+  TORCH_CHECK(x_in.has_value() == x_weight.has_value() && x_in.has_value() == grad_x.has_value(),
+              op, ": x, x_weight and grad_x go together");
+  int64_t Ci = 0, ldx = 0;
+  bool xw_whole = false;
+  at::Tensor x, xw, gxw = at::empty({0}, a.options());
+  if (x_in.has_value()) {
+    x = *x_in;
+    Ci = x.size(-1);
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == S.N * S.H * S.W && x.stride(1) == 1 &&
+                    x.scalar_type() == a.scalar_type(),
+                op, ": x must be the [N*H*W = ", S.N * S.H * S.W, ", C_in] rows of dtype ",
+                a.scalar_type(), " with contiguous channels, got shape ", x.sizes());
+    TORCH_CHECK(x_weight->dim() == 2 && x_weight->size(0) == C && x_weight->size(1) == Ci &&
+                    x_weight->scalar_type() == a.scalar_type(),
+                op, ": x_weight must be Tensor[", C, ", ", Ci, "], got shape ", x_weight->sizes());
+    TORCH_CHECK(grad_x->dim() == 2 && grad_x->sizes() == x.sizes() && grad_x->stride(1) == 1 &&
+                    grad_x->stride(0) == Ci && grad_x->scalar_type() == a.scalar_type(),
+                op, ": grad_x must be a contiguous matrix shaped like x, got shape ",
+                grad_x->sizes());
+    ldx = x.stride(0);
+    if (x_weight->numel() * static_cast<int64_t>(a.element_size()) > kTiledWeightBytes) {
+      xw_whole = true;
+    } else {
+      xw = x_weight->contiguous();
+      gxw = at::empty({parts_in, C, round_up(Ci, 32 / a.element_size())}, a.options());
+    }
+  }
+  const bool pw1 = xw.defined();
   std::vector<double> acc(parts_in * 2 * C, 0.0);
   auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_backward", [&] {
@@ -151,11 +184,24 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
     const T* mp = mu.const_data_ptr<T>();
     T* gap = ga.mutable_data_ptr<T>();
     const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
+    // the first 1x1's weight as [C, Cp], zero-padded to whole 32-byte vectors
+    const int64_t Cp = pw1 ? gxw.size(2) : 0;
+    std::vector<T> wpad;
+    if (pw1) {
+      wpad.assign(C * Cp, T(0));
+      const T* src = xw.const_data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) std::copy_n(src + c * Ci, Ci, wpad.data() + c * Cp);
+    }
+    const T* xp = pw1 ? x.const_data_ptr<T>() : nullptr;
+    T* gxp = pw1 ? grad_x->mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, parts_in, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> xrow(pw1 ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows_in, parts_in, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
+        T* gxt = pw1 ? gxw.mutable_data_ptr<T>() + t * C * Cp : nullptr;
+        if (pw1) std::fill(gxt, gxt + C * Cp, T(0));
         std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
         T* p1 = part.data();
         T* p2 = p1 + C;
@@ -163,8 +209,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
           const int64_t n = row / S.H, ih = row % S.H;
           for (const auto& g : gi) grad_input_row<T>(S, g, gp, gap, n, ih);
           std::fill(p1, p1 + 2 * C, T(0));
+          T* grow = gap + row * S.W * C;
           for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
-            T* o = gap + (row * S.W + iw) * C;
+            T* o = grow + iw * C;
             const T* z = ap + n * S.xn + ih * S.xh + iw * S.xw;
             _Pragma("omp simd")
             for (int64_t c = 0; c < C; ++c) {
@@ -178,6 +225,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
             s1[c] += p1[c];
             s2[c] += p2[c];
           }
+          if (!pw1) continue;
+          // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
+          for (int64_t iw = 0; iw < S.W; ++iw)
+            std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
+          gemm_tile<T>(S.W, Cp, C, grow, C, 1, wpad.data(), Cp, dxrow.data(), Cp, false);
+          for (int64_t iw = 0; iw < S.W; ++iw)
+            std::copy_n(dxrow.data() + iw * Cp, Ci, gxp + (row * S.W + iw) * Ci);
+          gemm_tile<T>(C, Cp, S.W, grow, 1, C, xrow.data(), Cp, gxt, Cp, true);
         }
       }
     });
@@ -196,7 +251,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dw_conv_bn_backward_out_cpu(
       }
     });
   });
-  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts_in, C)};
+  if (pw1) gxw = gxw.sum(0).narrow(1, 0, Ci).contiguous();
+  if (xw_whole) {  // g as the [N*H*W, C] matrix of its channels-last data
+    const auto g = ga.permute({0, 2, 3, 1}).reshape({-1, C});
+    auto gx = *grad_x;
+    at::mm_out(gx, g, *x_weight);
+    gxw = at::mm(g.t(), x);
+  }
+  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts_in, C), gxw};
 }
 
 }  // namespace

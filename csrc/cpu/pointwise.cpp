@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "channel_sums.h"
-#include "simd.h"
+#include "gemm_tile.h"
 
 namespace fbnet_fast {
 namespace {
@@ -32,71 +32,12 @@ int64_t tile_rows(int64_t width) {
   return std::clamp<int64_t>(rows / 8 * 8, 8, 256);
 }
 
-// C[i][j] = (add ? C[i][j] : 0) + sum_k A[i * sai + k * sak] * Bm[k * ldb + j] for RB rows and
-// NV B-byte vectors of columns, the accumulators in registers.
-template <typename T, int RB, int NV, int B>
-inline void micro(int64_t K, const T* A, int64_t sai, int64_t sak, const T* Bm, int64_t ldb,
-                  T* C, int64_t ldc, bool add) {
-  using V = vec_t<T, B>;
-  constexpr int L = kLanes<T, B>;
-  V acc[RB][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      if (add) acc[i][v] = vload<B>(C + i * ldc + v * L);
-      else acc[i][v] = V{};
-    }
-  for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) b[v] = vload<B>(Bm + k * ldb + v * L);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-      const T a = A[i * sai + k * sak];
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * L, acc[i][v]);
-}
-
-// Rows in blocks of RB, the rest in blocks of RB/2, RB/4, ...
-template <typename T, int RB, int NV, int B>
-inline void micro_rows(int64_t R, int64_t K, const T* A, int64_t sai, int64_t sak, const T* Bm,
-                       int64_t ldb, T* C, int64_t ldc, bool add) {
-  int64_t i = 0;
-  for (; i + RB <= R; i += RB)
-    micro<T, RB, NV, B>(K, A + i * sai, sai, sak, Bm, ldb, C + i * ldc, ldc, add);
-  if constexpr (RB > 1)
-    if (i < R) micro_rows<T, RB / 2, NV, B>(R - i, K, A + i * sai, sai, sak, Bm, ldb, C + i * ldc,
-                                             ldc, add);
-}
-
-// C[R, N] (=, or += with add) A(R, K) B[K, N] with A(i, k) = A[i * sai + k * sak]; N must be
-// a multiple of kLanes<T, 32> (the callers pad their column counts to it).
-template <typename T>
-void gemm_tile(int64_t R, int64_t N, int64_t K, const T* A, int64_t sai, int64_t sak,
-               const T* Bm, int64_t ldb, T* C, int64_t ldc, bool add) {
-  constexpr int64_t L = kLanes<T, 64>, H = kLanes<T, 32>;
-  int64_t j = 0;
-  for (; j + 2 * L <= N; j += 2 * L)
-    micro_rows<T, 8, 2, 64>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
-  for (; j + L <= N; j += L) micro_rows<T, 8, 1, 64>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
-  for (; j + H <= N; j += H) micro_rows<T, 8, 1, 32>(R, K, A, sai, sak, Bm + j, ldb, C + j, ldc, add);
-}
-
 // Output columns [out0, +out_len) of z = input columns [in0, +in_len) of h times the
 // row-major [out_len, in_len] block of the weight at w0; pad_* round the lengths up for
 // gemm_tile.
 struct Seg {
   int64_t out0, out_len, in0, in_len, w0, pad_out, pad_in;
 };
-
-int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 
 std::vector<Seg> parse_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64_t wn,
                                 int64_t q, const char* op) {
@@ -185,12 +126,6 @@ std::vector<T> rearranged(const T* w, const std::vector<Seg>& segs, int64_t tota
   });
   return out;
 }
-
-// Above this many bytes of weights a layer is weight-bound (7x7 and 3x3 maps at 224x224):
-// every tile of rows would stream all weights again, so h is made whole and each segment's
-// products go to ATen's GEMM, which blocks for that shape; below it (the wide maps, where the
-// passes over memory decide) the tiles run the micro-kernels above.
-constexpr int64_t kTiledWeightBytes = 512 << 10;
 
 // h = relu(d * scale + shift) for all rows, as a new [M, C] matrix.
 template <typename T>

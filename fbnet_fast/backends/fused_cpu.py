@@ -312,13 +312,17 @@ def mixed_block_cpu_backward(
         # depthwise, BN1 + ReLU, first GEMM
         dD, dg2, db2 = g2, c2.dgamma, c2.dbeta
         # the depthwise backward leaves g = dL/d(BN1 output before the ReLU) with BN1's two
-        # sums; dA = alpha g + beta A + delta is never written: its two GEMMs take it apart
+        # sums, and takes the first 1x1's g-products while each row of g is in cache:
+        # dA = alpha g + beta A + delta is never written (_pw1_backward takes it apart)
         g = _ws.get("dH1", (M1, T), x)
-        dws, sums1 = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
+        alpha1 = r.g1 * r.bn1.rstd
+        gW = x.new_empty(M1, C)
+        dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
             r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
-            r.bn1.scale, r.bn1.shift, r.bn1.mean, r.geo.image_in(g))
+            r.bn1.scale, r.bn1.shift, r.bn1.mean, r.geo.image_in(g), r.X,
+            alpha1[:, None] * r.W1, gW)
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
-        dW1, dX = _pw1_backward(g, r.X, r.W1, c1, dX, training)
+        dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
         dpw1 = p.packed_pw1(dW1.flatten())
         if res is not None:
@@ -342,16 +346,16 @@ def _bn_grad_sums(bn: BNCoef, gamma: Tensor, sums: Tensor, count: int,
     return BNGrad(*(t.to(bn.mean.dtype) for t in c))
 
 
-def _pw1_backward(g: Tensor, X: Tensor, W1: Tensor, c: BNGrad, dX: Optional[Tensor],
-                  training: bool):
-    """(dW1, dX) of A = X W1^T given dA = alpha g + beta A + delta per channel, from g and
-    the narrow X only: with A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)),
-    dA = alpha g + beta Xc W1^T + e, e = delta + beta W1 mean(x), so
-    dW1 = alpha g^T X + beta W1 Xc^T Xc + e sum(X) and dX = g (alpha W1) + Xc W1^T (beta W1)
-    + e W1. ``dX`` (the skip's part) is added to."""
-    aW1 = c.alpha[:, None] * W1
-    dW1 = torch.mm(g.t(), X).mul_(c.alpha[:, None])
-    dX = torch.mm(g, aW1) if dX is None else torch.addmm(dX, g, aW1)
+def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, c: BNGrad,
+                  dX_skip: Optional[Tensor], training: bool):
+    """(dW1, dX) of A = X W1^T given dA = alpha g + beta A + delta per channel, from the two
+    products of g (dW1 = alpha g^T X and dX = g (alpha W1), which the depthwise backward
+    takes) and the narrow X: with A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)),
+    dA = alpha g + beta Xc W1^T + e, e = delta + beta W1 mean(x), so dW1 gains
+    beta W1 Xc^T Xc + e sum(X) and dX gains Xc W1^T (beta W1) + e W1. Both are updated in
+    place; ``dX_skip`` (the skip's part) is added to dX."""
+    if dX_skip is not None:
+        dX.add_(dX_skip)
     if training:
         mx, Xc, XcXc = _centered(X)
         bW1 = c.beta[:, None] * W1

@@ -66,7 +66,7 @@ def dw_conv_bn_backward(grad: Tensor, a: Tensor, weights: Sequence[Tensor], stri
     sum(g * (a - mean)) (what the backward of a BN with that mean needs)."""
     _require()
     g = torch.empty_like(a, memory_format=torch.channels_last)
-    gws, sums = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
+    gws, sums, _ = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
         grad, a, list(weights), stride, scale, shift, mean, g)
     return g, gws, sums
 
@@ -111,9 +111,11 @@ if AVAILABLE:
         return a.new_empty((2, a.shape[1]))
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
-    def _(grad, a, weights, stride, scale, shift, mean, grad_a):
+    def _(grad, a, weights, stride, scale, shift, mean, grad_a, x=None, x_weight=None,
+          grad_x=None):
+        gxw = a.new_empty(0) if x_weight is None else torch.empty_like(x_weight)  # g^T x
         return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
-                a.new_empty((2, a.shape[1]), dtype=torch.float64))
+                a.new_empty((2, a.shape[1]), dtype=torch.float64), gxw)
 
     @torch.library.register_fake("fbnet_fast::combine_out")
     def _(z, coef, shift, out):
