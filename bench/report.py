@@ -162,7 +162,9 @@ PASSES = [  # (step, {tensor: passes} before, {tensor: passes} now)
     ("depthwise backward: grad-input, grad-weight, ReLU mask + BN1 sums inside",
      {"D": 2, "A": 3}, {"D": 2, "A": 3}),
     ("BN1 + ReLU backward (folded into the first 1x1's backward)", {}, {}),
-    ("first 1x1 backward (weights, input)", {"A": 2, "X": 9}, {"A": 2, "X": 9}),
+    ("first 1x1 backward (weights, input; now the products of g are the depthwise backward's"
+     " epilogue, up to 512 KB of weight, whole GEMMs reading g twice above)",
+     {"A": 2, "X": 9}, {"X": 9}),
 ]
 
 

@@ -37,9 +37,9 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // With x (Tensor[N*H*W, C_in], the rows the first 1x1 read to make a) and x_weight
   // (Tensor[C, C_in]) the backward also writes grad_x = g x_weight and returns g^T x
   // (Tensor[C, C_in]; empty without x), while each row of g is in cache (above 512 KB of
-  // x_weight, as two whole GEMMs after the pass).
+  // x_weight, as two whole GEMMs after the pass); then grad_a may be None: g is not kept.
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
-        " Tensor scale, Tensor shift, Tensor mean, Tensor(a!) grad_a, Tensor? x=None,"
+        " Tensor scale, Tensor shift, Tensor mean, Tensor(a!)? grad_a, Tensor? x=None,"
         " Tensor? x_weight=None, Tensor(b!)? grad_x=None) -> (Tensor[], Tensor, Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
   // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row

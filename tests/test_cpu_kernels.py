@@ -296,10 +296,14 @@ def test_dw_conv_bn(size, k, stride):
     xw = torch.randn(ch, ci, dtype=DT, generator=g)
     gx = torch.empty_like(x)
     gmat = pre.grad.permute(0, 2, 3, 1).reshape(-1, ch)
-    _, _, gtx = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
-        dy, a, ws, stride, scale, shift, mean, torch.empty_like(gpre), x, xw, gx)
-    torch.testing.assert_close(gx, gmat @ xw)
-    torch.testing.assert_close(gtx, gmat.t() @ x)
+    for grad_a in (torch.empty_like(gpre), None):   # None: g one row at a time, not kept
+        _, sums_x, gtx = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+            dy, a, ws, stride, scale, shift, mean, grad_a, x, xw, gx)
+        torch.testing.assert_close(gx, gmat @ xw)
+        torch.testing.assert_close(gtx, gmat.t() @ x)
+        torch.testing.assert_close(sums_x, bsums)
+        if grad_a is not None:
+            torch.testing.assert_close(grad_a, gpre)
 
 
 def test_dw_conv_bn_strided_input_and_opcheck():
@@ -319,11 +323,14 @@ def test_dw_conv_bn_strided_input_and_opcheck():
     dy = torch.randn_like(out)
     # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
     # a Tensor[] (it only runs inside the opaque mixed_block_cpu_backward op)
-    for extra in ((), (torch.randn(2 * 6 * 7, 3, dtype=DT), torch.randn(24, 3, dtype=DT),
-                       torch.empty(2 * 6 * 7, 3, dtype=DT))):
+    pw1 = (torch.randn(2 * 6 * 7, 3, dtype=DT), torch.randn(24, 3, dtype=DT),
+           torch.empty(2 * 6 * 7, 3, dtype=DT))
+    g_out = torch.empty_like(a, memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="without grad_a it needs x"):
+        torch.ops.fbnet_fast.dw_conv_bn_backward_out(dy, a, ws, 2, scale, shift, mean, None)
+    for extra in ((g_out,), (g_out, *pw1), (None, *pw1)):
         torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
-                              (dy, a, ws, 2, scale, shift, mean,
-                               torch.empty_like(a, memory_format=torch.channels_last), *extra),
+                              (dy, a, ws, 2, scale, shift, mean, *extra),
                               test_utils=("test_schema", "test_autograd_registration",
                                           "test_faketensor"))
 

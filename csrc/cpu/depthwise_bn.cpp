@@ -124,7 +124,8 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
 }
 
 // Backward of dw_conv_bn_out's conv given grad (dL/dout). Writes into grad_a
-// g = dL/d(a * scale + shift): the conv's grad-input where a * scale + shift > 0, else 0.
+// g = dL/d(a * scale + shift): the conv's grad-input where a * scale + shift > 0, else 0
+// (without grad_a, g lives one row at a time in a buffer and is never written).
 // Returns the grad of each weight, Tensor[2, C] float64: per channel, the sum of g and of
 // g * (a - mean) (BN1's backward sums), and with x (Tensor[N*H*W, C_in], the rows the first
 // 1x1 read to make a) and x_weight (Tensor[C, C_in]) the first 1x1's two products while each
@@ -134,9 +135,12 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_out_cpu(
     const at::Tensor& grad_in, const at::Tensor& a_in, at::TensorList weights, int64_t stride,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    const at::Tensor& ga, const std::optional<at::Tensor>& x_in,
+    const std::optional<at::Tensor>& grad_a, const std::optional<at::Tensor>& x_in,
     const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x) {
   const char* op = "dw_conv_bn_backward_out";
+  TORCH_CHECK(grad_a.has_value() || x_in.has_value(), op,
+              ": without grad_a it needs x, x_weight and grad_x (g is then not kept)");
+  at::Tensor ga = grad_a.has_value() ? *grad_a : at::Tensor();
   const auto in = backward_inputs(grad_in, a_in, weights, stride, ga, op, "grad_a");
   const auto& r = in.r;
   const auto& S = r.S;
@@ -167,6 +171,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     ldx = x.stride(0);
     if (x_weight->numel() * static_cast<int64_t>(a.element_size()) > kTiledWeightBytes) {
       xw_whole = true;
+      if (!ga.defined()) ga = at::empty_like(a, at::MemoryFormat::ChannelsLast);
     } else {
       xw = x_weight->contiguous();
       gxw = at::empty({parts_in, C, round_up(Ci, 32 / a.element_size())}, a.options());
@@ -182,7 +187,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
     const T* mp = mu.const_data_ptr<T>();
-    T* gap = ga.mutable_data_ptr<T>();
+    T* gap = ga.defined() ? ga.mutable_data_ptr<T>() : nullptr;  // else g stays in a row
     const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
     // the first 1x1's weight as [C, Cp], zero-padded to whole 32-byte vectors
     const int64_t Cp = pw1 ? gxw.size(2) : 0;
@@ -196,6 +201,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     T* gxp = pw1 ? grad_x->mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, parts_in, 1, [&](int64_t b, int64_t e) {
       std::vector<T> xrow(pw1 ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
+      std::vector<T> grow_buf(gap ? 0 : S.W * C);
+      Shape Sr = S;  // S, its output one row of g in grow_buf
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows_in, parts_in, t);
         double* s1 = acc.data() + t * 2 * C;
@@ -207,9 +214,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
         T* p2 = p1 + C;
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t n = row / S.H, ih = row % S.H;
-          for (const auto& g : gi) grad_input_row<T>(S, g, gp, gap, n, ih);
+          T* grow = gap ? gap + row * S.W * C : grow_buf.data();
+          Sr.o0 = gap ? 0 : row;
+          for (const auto& g : gi) grad_input_row<T>(Sr, g, gp, gap ? gap : grow, n, ih);
           std::fill(p1, p1 + 2 * C, T(0));
-          T* grow = gap + row * S.W * C;
           for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
             T* o = grow + iw * C;
             const T* z = ap + n * S.xn + ih * S.xh + iw * S.xw;

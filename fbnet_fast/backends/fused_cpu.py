@@ -311,16 +311,14 @@ def mixed_block_cpu_backward(
                 dX = dX.view(M1, C)
         # depthwise, BN1 + ReLU, first GEMM
         dD, dg2, db2 = g2, c2.dgamma, c2.dbeta
-        # the depthwise backward leaves g = dL/d(BN1 output before the ReLU) with BN1's two
-        # sums, and takes the first 1x1's g-products while each row of g is in cache:
-        # dA = alpha g + beta A + delta is never written (_pw1_backward takes it apart)
-        g = _ws.get("dH1", (M1, T), x)
+        # the depthwise backward makes g = dL/d(BN1 output before the ReLU) one row at a
+        # time and takes BN1's two sums and the first 1x1's products of g from that row:
+        # neither g nor dA = alpha g + beta A + delta is written (_pw1_backward takes dA apart)
         alpha1 = r.g1 * r.bn1.rstd
         gW = x.new_empty(M1, C)
         dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
             r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
-            r.bn1.scale, r.bn1.shift, r.bn1.mean, r.geo.image_in(g), r.X,
-            alpha1[:, None] * r.W1, gW)
+            r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW)
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
         dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
