@@ -10,6 +10,7 @@
 #include "channel_sums.h"
 #include "depthwise_kernels.h"
 #include "gemm_tile.h"
+#include "scratch.h"
 
 namespace fbnet_fast {
 namespace {
@@ -171,7 +172,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     ldx = x.stride(0);
     if (x_weight->numel() * static_cast<int64_t>(a.element_size()) > kTiledWeightBytes) {
       xw_whole = true;
-      if (!ga.defined()) ga = at::empty_like(a, at::MemoryFormat::ChannelsLast);
     } else {
       xw = x_weight->contiguous();
       gxw = at::empty({parts_in, C, round_up(Ci, 32 / a.element_size())}, a.options());
@@ -187,6 +187,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
     const T* mp = mu.const_data_ptr<T>();
+    if (xw_whole && !ga.defined())  // the whole GEMMs after the pass read g
+      ga = scratch<T>(0, {S.N, C, S.H, S.W}, {S.H * S.W * C, 1, S.W * C, C}, a.options());
     T* gap = ga.defined() ? ga.mutable_data_ptr<T>() : nullptr;  // else g stays in a row
     const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
     // the first 1x1's weight as [C, Cp], zero-padded to whole 32-byte vectors

@@ -18,6 +18,7 @@
 
 #include "channel_sums.h"
 #include "gemm_tile.h"
+#include "scratch.h"
 
 namespace fbnet_fast {
 namespace {
@@ -127,11 +128,11 @@ std::vector<T> rearranged(const T* w, const std::vector<Seg>& segs, int64_t tota
   return out;
 }
 
-// h = relu(d * scale + shift) for all rows, as a new [M, C] matrix.
+// h = relu(d * scale + shift) for all rows, as a [M, C] scratch matrix.
 template <typename T>
 at::Tensor bn_relu_all(const T* d, int64_t ldd, int64_t M, int64_t C, const T* sc, const T* sh,
                        const at::TensorOptions& opt) {
-  auto h = at::empty({M, C}, opt);
+  at::Tensor h = scratch<T>(0, {M, C}, {C, 1}, opt);
   T* hp = h.mutable_data_ptr<T>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     bn_relu_tile<T>(d, ldd, C, sc, sh, b, e - b, hp + b * C, C);

@@ -120,7 +120,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
-        m1, v1 = (_pw_stats(X, W1) if _covariance_pays(X)
+        m1, v1 = (_pw_stats(X, W1) if _stats_via_covariance(X)
                   else torch.ops.fbnet_fast.channel_stats.default(A))
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
@@ -166,13 +166,20 @@ def _centered(X: Tensor):
     return mx, Xc, Xc.t() @ Xc
 
 
-def _covariance_pays(X: Tensor) -> bool:
-    """Whether BN1's terms go through X's [C_in, C_in] covariance (T C_in^2 multiply-adds)
-    rather than a pass over A ([M, T] read): for M > C_in^2 / 16, about where the GEMM rate
-    over the copy bandwidth puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have
-    fewer rows."""
+def _stats_via_covariance(X: Tensor) -> bool:
+    """Whether BN1's statistics come from X's [C_in, C_in] covariance (T C_in^2
+    multiply-adds) rather than a pass over A ([M, T] read): from M > C_in^2 / 16, about where
+    the GEMM rate over the copy bandwidth puts the break-even. The 7x7 and 3x3 maps with
+    C_in >= 112 have fewer rows."""
     m, c = X.shape
     return 16 * m > c * c
+
+
+def _grad_via_covariance(X: Tensor) -> bool:
+    """Whether BN1's backward terms go through X's covariance (GEMMs of T C_in^2
+    multiply-adds) rather than through A (GEMMs of M T C_in): from M > C_in."""
+    m, c = X.shape
+    return m > c
 
 
 def _pw_stats(X: Tensor, W1: Tensor):
@@ -365,7 +372,7 @@ def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, A: Tensor, c: 
     place; ``dX_skip`` (the skip's part) is added to dX."""
     if dX_skip is not None:
         dX.add_(dX_skip)
-    if training and _covariance_pays(X):
+    if training and _grad_via_covariance(X):
         mx, Xc, XcXc = _centered(X)
         bW1 = c.beta[:, None] * W1
         e = c.delta + bW1 @ mx
@@ -373,7 +380,7 @@ def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, A: Tensor, c: 
         dX.addmm_(Xc, W1.t() @ bW1).add_(e @ W1)
     elif training:
         dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))
-        dX.addmm_(A * c.beta, W1).add_(c.delta @ W1)
+        dX.addmm_(torch.mul(A, c.beta, out=_ws.get("bA", A.shape, A)), W1).add_(c.delta @ W1)
     return dW1, dX
 
 
