@@ -170,7 +170,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
                 op, ": grad_x must be a contiguous matrix shaped like x, got shape ",
                 grad_x->sizes());
     ldx = x.stride(0);
-    if (x_weight->numel() * static_cast<int64_t>(a.element_size()) > kTiledWeightBytes) {
+    if (weight_bound(*x_weight)) {
       xw_whole = true;
     } else {
       xw = x_weight->contiguous();

@@ -2,6 +2,8 @@
 // of the fused MixedBlock (K and N of 8 to a few hundred), which a general GEMM library runs
 // at a fraction of its rate and calls on whole matrices only.
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #include "simd.h"
@@ -16,6 +18,10 @@ inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 // products whole to ATen's GEMM, which blocks for that shape; below it (the wide maps, where
 // the passes over memory decide) the tiles run the micro-kernels here.
 constexpr int64_t kTiledWeightBytes = 512 << 10;
+
+inline bool weight_bound(const at::Tensor& w) {
+  return w.numel() * static_cast<int64_t>(w.element_size()) > kTiledWeightBytes;
+}
 
 // C[i][j] = (add ? C[i][j] : 0) + sum_k A[i * sai + k * sak] * Bm[k * ldb + j] for RB rows and
 // NV B-byte vectors of columns, the accumulators in registers.

@@ -223,7 +223,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
     T* zp = z.mutable_data_ptr<T>();
-    if (w.numel() * static_cast<int64_t>(sizeof(T)) > kTiledWeightBytes) {
+    if (weight_bound(w)) {
       const auto h = bn_relu_all<T>(dp, ldd, M, C, scp, shp, d.options());
       for (const auto& g : segs) {
         auto zs = z.narrow(1, g.out0, g.out_len);
@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const T* shp = sh.const_data_ptr<T>();
     const T* mp = mu.const_data_ptr<T>();
     T* gp = gd.mutable_data_ptr<T>();
-    if (w.numel() * static_cast<int64_t>(sizeof(T)) > kTiledWeightBytes) {
+    if (weight_bound(w)) {
       const auto h = bn_relu_all<T>(dp, ldd, M, C, scp, shp, d.options());
       for (const auto& g : segs) {  // dh into grad_d, then the mask in place
         const auto dzs = dz.narrow(1, g.out0, g.out_len);
