@@ -252,19 +252,21 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
                                   });
     const int64_t tile = tile_rows<T>(C), ldt = Zc + q;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> h(tile * C), zt(tile * ldt), part(2 * Zc);
+      T* h = thread_buffer<T>(1, tile * C);  // kept across calls: no page faults per call
+      T* zt = thread_buffer<T>(2, tile * ldt);
+      std::vector<T> part(2 * Zc);
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(M, parts, t);
         for (int64_t t0 = r0; t0 < r1; t0 += tile) {
           const int64_t R = std::min(tile, r1 - t0);
-          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h.data(), C);
+          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h, C);
           // every segment into its columns of the tile, its padding overwritten by the next
           for (size_t s = 0; s < segs.size(); ++s) {
             const Seg& g = segs[s];
-            gemm_tile<T>(R, g.pad_out, g.in_len, h.data() + g.in0, C, 1, wt.data() + off[s],
-                         g.pad_out, zt.data() + g.out0, ldt, false);
+            gemm_tile<T>(R, g.pad_out, g.in_len, h + g.in0, C, 1, wt.data() + off[s],
+                         g.pad_out, zt + g.out0, ldt, false);
           }
-          z_epilogue<T>(zt.data(), ldt, R, Zc, zp + t0 * ldz, ldz, part.data(),
+          z_epilogue<T>(zt, ldt, R, Zc, zp + t0 * ldz, ldz, part.data(),
                         acc.data() + t * 2 * Zc, acc.data() + t * 2 * Zc + Zc);
         }
       }
@@ -346,25 +348,27 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
     const int64_t tile = tile_rows<T>(ldh);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> h(tile * ldh), dh(tile * ldh), part(2 * C);
+      T* h = thread_buffer<T>(1, tile * ldh);  // kept across calls: no page faults per call
+      T* dh = thread_buffer<T>(2, tile * ldh);
+      std::vector<T> part(2 * C);
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(M, parts, t);
         T* gwt = gw_parts.data() + t * total;
         std::fill(gwt, gwt + total, T(0));
         for (int64_t t0 = r0; t0 < r1; t0 += tile) {
           const int64_t R = std::min(tile, r1 - t0);
-          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h.data(), ldh);
+          bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h, ldh);
           for (size_t s = 0; s < segs.size(); ++s) {
             const Seg& g = segs[s];
             const T* dzs = dzp + t0 * ldz + g.out0;
             // dh = dz W into the segment's columns (its padding overwritten by the next);
             // dW += dz^T h
             gemm_tile<T>(R, g.pad_in, g.out_len, dzs, ldz, 1, wpad.data() + off[s], g.pad_in,
-                         dh.data() + g.in0, ldh, false);
-            gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h.data() + g.in0, ldh,
+                         dh + g.in0, ldh, false);
+            gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
                          gwt + off[s], g.pad_in, true);
           }
-          g_epilogue<T>(h.data(), ldh, dh.data(), ldh, dp + t0 * ldd, ldd, mp, R, C,
+          g_epilogue<T>(h, ldh, dh, ldh, dp + t0 * ldd, ldd, mp, R, C,
                         gp + t0 * ldg, ldg, part.data(), acc.data() + t * 2 * C,
                         acc.data() + t * 2 * C + C);
         }
