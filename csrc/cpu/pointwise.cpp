@@ -252,7 +252,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
                                   });
     const int64_t tile = tile_rows<T>(C), ldt = Zc + q;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      T* h = thread_buffer<T>(1, tile * C);  // kept across calls: no page faults per call
+      T* h = thread_buffer<T>(1, tile * C);  // kept across calls: no allocation per call
       T* zt = thread_buffer<T>(2, tile * ldt);
       std::vector<T> part(2 * Zc);
       for (int64_t t = b; t < e; ++t) {
@@ -348,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
     const int64_t tile = tile_rows<T>(ldh);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      T* h = thread_buffer<T>(1, tile * ldh);  // kept across calls: no page faults per call
+      T* h = thread_buffer<T>(1, tile * ldh);  // kept across calls: no allocation per call
       T* dh = thread_buffer<T>(2, tile * ldh);
       std::vector<T> part(2 * C);
       for (int64_t t = b; t < e; ++t) {
