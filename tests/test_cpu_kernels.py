@@ -404,6 +404,17 @@ def test_pointwise_bn_bad_input_and_opcheck():
         torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift[:3], w, flat, z)
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w[:50], flat, z)
+    # the segments in any order: the same z and gradients
+    z_ref = torch.empty_like(z)
+    torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, flat, z_ref)
+    shuffled = [v for s in reversed(segs) for v in s]
+    torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, shuffled, z)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+    dz0 = torch.randn(z.shape, dtype=DT, generator=g)
+    got = [torch.ops.fbnet_fast.pointwise_bn_backward_out(dz0, d, scale, shift, d.mean(0), w, f,
+                                                          gd)[0] for f, gd in
+           ((flat, torch.empty_like(d)), (shuffled, torch.empty_like(d)))]
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=1e-12)
     torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_out.default,
                           (d, scale, shift, w, flat, z))
     dz = torch.randn(z.shape, dtype=DT, generator=g)

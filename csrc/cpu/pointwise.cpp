@@ -76,6 +76,14 @@ std::vector<Seg> parse_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64_
   return out;
 }
 
+// parse_segments' segments in increasing order of one field.
+std::vector<Seg> sorted_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64_t wn, int64_t q,
+                                 const char* op, int64_t Seg::*key) {
+  auto segs = parse_segments(s, T, Zc, wn, q, op);
+  std::sort(segs.begin(), segs.end(), [&](const Seg& a, const Seg& b) { return a.*key < b.*key; });
+  return segs;
+}
+
 at::Tensor matrix(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
@@ -218,7 +226,8 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
     using T = scalar_t;
     constexpr int64_t q = kLanes<T, 32>;
-    const auto segs = parse_segments(segments, C, Zc, w.numel(), q, op);
+    // in order of their z columns: each tile's padding is overwritten by the next segment
+    const auto segs = sorted_segments(segments, C, Zc, w.numel(), q, op, &Seg::out0);
     const T* dp = d.const_data_ptr<T>();
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
@@ -305,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
     using T = scalar_t;
     constexpr int64_t q = kLanes<T, 32>;
-    const auto segs = parse_segments(segments, C, Zc, w.numel(), q, op);
+    // in order of their d columns: each tile's padding is overwritten by the next segment
+    const auto segs = sorted_segments(segments, C, Zc, w.numel(), q, op, &Seg::in0);
     const T* dp = d.const_data_ptr<T>();
     const T* dzp = dz.const_data_ptr<T>();
     const T* scp = sc.const_data_ptr<T>();
