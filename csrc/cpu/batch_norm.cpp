@@ -14,13 +14,6 @@
 namespace fbnet_fast {
 namespace {
 
-at::Tensor rows_of(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
-  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
-  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
-  return x.contiguous();
-}
-
 // Rows summed in the input precision before adding into the double accumulators.
 constexpr int64_t kRowBlock = 64;
 
@@ -63,14 +56,9 @@ _Pragma("omp simd")
   return {mean, var};
 }
 
-// Checks an output [M, C] matrix: the shape of x, contiguous channels (rows may be strided).
+// Checks an output [M, C] matrix shaped like x.
 void check_out(const at::Tensor& out, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(out.dim() == 2 && out.sizes() == x.sizes() && out.stride(1) == 1 &&
-                  out.stride(0) >= out.size(1),
-              op, ": ", name, " must be a [M, C] matrix of shape ", x.sizes(),
-              " with contiguous channels, got shape ", out.sizes(), " strides ", out.strides());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-              out.scalar_type(), ", expected ", x.scalar_type());
+  check_rows_out(out, x.size(0), x.size(1), x, op, name);
 }
 
 // out = relu(x * scale + shift) (relu optional); out may be x itself (elementwise, in place).
@@ -174,10 +162,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
                 p2[c] += gv * (zr[c] - m[c]);
               }
             }
-            for (int64_t c = 0; c < C; ++c) {
-              s1[c] += p1[c];
-              s2[c] += p2[c];
-            }
+            add_partials(p1, p2, 0, C, s1, s2);
           }
         }
       });

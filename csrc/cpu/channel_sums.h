@@ -22,6 +22,26 @@ inline void check_vec(const at::Tensor& v, int64_t C, const at::Tensor& like, co
               v.scalar_type(), ", expected ", like.scalar_type());
 }
 
+// x as a [M, C] matrix with contiguous channels; rows may have any stride (a column slice of
+// a wider matrix is read in place), anything else is copied.
+inline at::Tensor rows_of(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
+  return x.contiguous();
+}
+
+// Checks an output matrix: [M, C] of like's dtype, contiguous channels (rows may be strided).
+inline void check_rows_out(const at::Tensor& out, int64_t M, int64_t C, const at::Tensor& like,
+                           const char* op, const char* name) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == C && out.stride(1) == 1 &&
+                  out.stride(0) >= C,
+              op, ": ", name, " must be a [M, C] matrix of shape [", M, ", ", C,
+              "] with contiguous channels, got shape ", out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(out.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
+              out.scalar_type(), ", expected ", like.scalar_type());
+}
+
 // Rows [r0, r1) of part t out of `parts` equal shares.
 inline std::pair<int64_t, int64_t> share(int64_t M, int64_t parts, int64_t t) {
   return {M * t / parts, M * (t + 1) / parts};
@@ -41,6 +61,17 @@ inline std::pair<double, double> sum_parts(const std::vector<double>& acc, int64
     s2 += acc[t * 2 * C + C + c];
   }
   return {s1, s2};
+}
+
+// Partial sums p1, p2 of channels [c0, c1) (over a block of rows, in the input precision)
+// added into the double accumulators s1, s2.
+template <typename T>
+inline void add_partials(const T* p1, const T* p2, int64_t c0, int64_t c1, double* s1,
+                         double* s2) {
+  for (int64_t c = c0; c < c1; ++c) {
+    s1[c] += p1[c];
+    s2[c] += p2[c];
+  }
 }
 
 // The sums as Tensor[2, C] float64.

@@ -112,10 +112,7 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
                   p2[c] += o[c] * o[c];
                 }
               }
-              for (int64_t c = g.c0; c < g.c0 + g.C; ++c) {
-                s1[c] += p1[c];
-                s2[c] += p2[c];
-              }
+              add_partials(p1, p2, g.c0, g.c0 + g.C, s1, s2);
             }
           });
       }
@@ -231,10 +228,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
               p2[c] += gv * (z[c] - mp[c]);
             }
           }
-          for (int64_t c = 0; c < C; ++c) {
-            s1[c] += p1[c];
-            s2[c] += p2[c];
-          }
+          add_partials(p1, p2, 0, C, s1, s2);
           if (!pw1) continue;
           // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
           for (int64_t iw = 0; iw < S.W; ++iw)

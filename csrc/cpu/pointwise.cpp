@@ -59,18 +59,17 @@ std::vector<Seg> parse_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64_
   }
   // The tiles are written whole, padding included, in order: each segment's padding is
   // overwritten by the next one, so the segments must tile z's and d's columns exactly.
-  auto tiles = [&](auto start, auto len, int64_t total) {
+  auto tiles = [&](int64_t Seg::*start, int64_t Seg::*len, int64_t total) {
     std::vector<Seg> v = out;
-    std::sort(v.begin(), v.end(), [&](const Seg& a, const Seg& b) { return start(a) < start(b); });
+    std::sort(v.begin(), v.end(), [&](const Seg& x, const Seg& y) { return x.*start < y.*start; });
     int64_t at = 0;
     for (const auto& g : v) {
-      if (start(g) != at) return false;
-      at += len(g);
+      if (g.*start != at) return false;
+      at += g.*len;
     }
     return at == total;
   };
-  TORCH_CHECK(tiles([](const Seg& g) { return g.out0; }, [](const Seg& g) { return g.out_len; }, Zc) &&
-                  tiles([](const Seg& g) { return g.in0; }, [](const Seg& g) { return g.in_len; }, T),
+  TORCH_CHECK(tiles(&Seg::out0, &Seg::out_len, Zc) && tiles(&Seg::in0, &Seg::in_len, T),
               op, ": the segments must cover z's ", Zc, " columns and d's ", T,
               " columns, each column once");
   return out;
@@ -82,23 +81,6 @@ std::vector<Seg> sorted_segments(at::IntArrayRef s, int64_t T, int64_t Zc, int64
   auto segs = parse_segments(s, T, Zc, wn, q, op);
   std::sort(segs.begin(), segs.end(), [&](const Seg& a, const Seg& b) { return a.*key < b.*key; });
   return segs;
-}
-
-at::Tensor matrix(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a [M, C] matrix, got shape ", x.sizes());
-  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
-  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
-  return x.contiguous();
-}
-
-void check_matrix_out(const at::Tensor& out, int64_t M, int64_t C, const at::Tensor& like,
-                      const char* op, const char* name) {
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == C && out.stride(1) == 1 &&
-                  out.stride(0) >= C,
-              op, ": ", name, " must be a [", M, ", ", C, "] matrix with contiguous channels, "
-              "got shape ", out.sizes(), " strides ", out.strides());
-  TORCH_CHECK(out.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
-              out.scalar_type(), ", expected ", like.scalar_type());
 }
 
 void check_weight(const at::Tensor& w, const at::Tensor& like, const char* op) {
@@ -121,19 +103,35 @@ _Pragma("omp simd")
   }
 }
 
-// Each segment's weight block rearranged by place(s, o, j) -> its index in a buffer of
-// `total` zeros (the padding), in parallel: at the widest layers this is millions of elements.
-template <typename T, typename F>
-std::vector<T> rearranged(const T* w, const std::vector<Seg>& segs, int64_t total, F&& place) {
-  std::vector<T> out(total, T(0));
-  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t s = b; s < e; ++s) {
+// Every segment's [out_len, in_len] weight block in a zero-padded buffer of its own block:
+// transposed to [in_len, pad_out] (the forward's right-hand side) or kept as [out_len,
+// pad_in] (the backward's, and the layout of the weight gradient's per-thread parts).
+template <typename T>
+struct Blocks {
+  std::vector<T> data;
+  std::vector<int64_t> off;  // where segment s's block starts
+  int64_t total = 0;
+};
+
+template <typename T>
+Blocks<T> weight_blocks(const T* w, const std::vector<Seg>& segs, bool transposed) {
+  Blocks<T> b;
+  for (const auto& g : segs) {
+    b.off.push_back(b.total);
+    b.total += transposed ? g.in_len * g.pad_out : g.out_len * g.pad_in;
+  }
+  b.data.assign(b.total, T(0));
+  // in parallel: at the widest tiled layers this is a few hundred thousand elements
+  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
       const Seg& g = segs[s];
+      T* dst = b.data.data() + b.off[s];
       for (int64_t o = 0; o < g.out_len; ++o)
-        for (int64_t j = 0; j < g.in_len; ++j) out[place(s, o, j)] = w[g.w0 + o * g.in_len + j];
+        for (int64_t j = 0; j < g.in_len; ++j)
+          dst[transposed ? j * g.pad_out + o : o * g.pad_in + j] = w[g.w0 + o * g.in_len + j];
     }
   });
-  return out;
+  return b;
 }
 
 // h = relu(d * scale + shift) for all rows, as a [M, C] scratch matrix.
@@ -166,10 +164,7 @@ void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t l
       p2[c] += src[c] * src[c];
     }
   }
-  for (int64_t c = 0; c < Zc; ++c) {
-    s1[c] += p1[c];
-    s2[c] += p2[c];
-  }
+  add_partials(p1, p2, 0, Zc, s1, s2);
 }
 
 // Rows [0, R) of g = dh where h > 0, else 0, into out (which may be dh), and the sums of g
@@ -194,10 +189,7 @@ void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, 
       p2[c] += gv * (dr[c] - mean[c]);
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    s1[c] += p1[c];
-    s2[c] += p2[c];
-  }
+  add_partials(p1, p2, 0, C, s1, s2);
 }
 
 // The [out_len, in_len] weight block of a segment.
@@ -211,7 +203,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
                                 const at::Tensor& shift, const at::Tensor& weight_in,
                                 at::IntArrayRef segments, const at::Tensor& z) {
   const char* op = "pointwise_bn_out";
-  auto d = matrix(d_in, op, "d");
+  auto d = rows_of(d_in, op, "d");
   const int64_t M = d.size(0), C = d.size(1), ldd = d.stride(0);
   TORCH_CHECK(M > 0, op, ": d needs at least one row");
   check_vec(scale, C, d, op, "scale");
@@ -219,7 +211,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
   check_weight(weight_in, d, op);
   TORCH_CHECK(z.dim() == 2, op, ": z must be a [M, C_z] matrix, got shape ", z.sizes());
   const int64_t Zc = z.size(1), ldz = z.stride(0);
-  check_matrix_out(z, M, Zc, d, op, "z");
+  check_rows_out(z, M, Zc, d, op, "z");
   auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const int64_t parts = num_parts(M);
   std::vector<double> acc(parts * 2 * Zc, 0.0);
@@ -248,17 +240,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
       });
       return;
     }
-    // each segment's weights transposed to [in_len, pad_out], zero-padded
-    std::vector<int64_t> off;
-    int64_t total = 0;
-    for (const auto& g : segs) {
-      off.push_back(total);
-      total += g.in_len * g.pad_out;
-    }
-    const auto wt = rearranged<T>(w.const_data_ptr<T>(), segs, total,
-                                  [&](int64_t s, int64_t o, int64_t j) {
-                                    return off[s] + j * segs[s].pad_out + o;
-                                  });
+    const auto wt = weight_blocks<T>(w.const_data_ptr<T>(), segs, true);
     const int64_t tile = tile_rows<T>(C), ldt = Zc + q;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
       T* h = thread_buffer<T>(1, tile * C);  // kept across calls: no allocation per call
@@ -272,7 +254,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
           // every segment into its columns of the tile, its padding overwritten by the next
           for (size_t s = 0; s < segs.size(); ++s) {
             const Seg& g = segs[s];
-            gemm_tile<T>(R, g.pad_out, g.in_len, h + g.in0, C, 1, wt.data() + off[s],
+            gemm_tile<T>(R, g.pad_out, g.in_len, h + g.in0, C, 1, wt.data.data() + wt.off[s],
                          g.pad_out, zt + g.out0, ldt, false);
           }
           z_epilogue<T>(zt, ldt, R, Zc, zp + t0 * ldz, ldz, part.data(),
@@ -292,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& weight_in,
     at::IntArrayRef segments, const at::Tensor& gd) {
   const char* op = "pointwise_bn_backward_out";
-  auto d = matrix(d_in, op, "d");
-  auto dz = matrix(dz_in, op, "dz");
+  auto d = rows_of(d_in, op, "d");
+  auto dz = rows_of(dz_in, op, "dz");
   const int64_t M = d.size(0), C = d.size(1), ldd = d.stride(0);
   const int64_t Zc = dz.size(1), ldz = dz.stride(0);
   TORCH_CHECK(M > 0 && dz.size(0) == M, op, ": dz has ", dz.size(0), " rows and d ", M,
@@ -304,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
   check_vec(shift, C, d, op, "shift");
   check_vec(mean, C, d, op, "mean");
   check_weight(weight_in, d, op);
-  check_matrix_out(gd, M, C, d, op, "grad_d");
+  check_rows_out(gd, M, C, d, op, "grad_d");
   const int64_t ldg = gd.stride(0);
   auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   auto mu = mean.contiguous();
@@ -343,17 +325,10 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
       });
       return;
     }
-    // each segment's weights as [out_len, pad_in], zero-padded; its gradient the same way
-    std::vector<int64_t> off;
-    int64_t total = 0;
-    for (const auto& g : segs) {
-      off.push_back(total);
-      total += g.out_len * g.pad_in;
-    }
-    const auto wpad = rearranged<T>(w.const_data_ptr<T>(), segs, total,
-                                    [&](int64_t s, int64_t o, int64_t j) {
-                                      return off[s] + o * segs[s].pad_in + j;
-                                    });
+    // the weights as padded [out_len, pad_in] blocks; the gradient's parts the same way
+    const auto wb = weight_blocks<T>(w.const_data_ptr<T>(), segs, false);
+    const auto& off = wb.off;
+    const int64_t total = wb.total;
     std::vector<T> gw_parts(parts * total);
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
     const int64_t tile = tile_rows<T>(ldh);
@@ -373,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
             const T* dzs = dzp + t0 * ldz + g.out0;
             // dh = dz W into the segment's columns (its padding overwritten by the next);
             // dW += dz^T h
-            gemm_tile<T>(R, g.pad_in, g.out_len, dzs, ldz, 1, wpad.data() + off[s], g.pad_in,
+            gemm_tile<T>(R, g.pad_in, g.out_len, dzs, ldz, 1, wb.data.data() + off[s], g.pad_in,
                          dh + g.in0, ldh, false);
             gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
                          gwt + off[s], g.pad_in, true);
@@ -392,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
         for (int64_t o = 0; o < g.out_len; ++o)
           for (int64_t j = 0; j < g.in_len; ++j) {
             T v = 0;
-            for (int64_t t = 0; t < parts; ++t) v += gw_parts[t * total + off[s] + o * g.pad_in + j];
+            for (int64_t t = 0; t < parts; ++t)
+              v += gw_parts[t * total + off[s] + o * g.pad_in + j];
             gwp[g.w0 + o * g.in_len + j] = v;
           }
       }
