@@ -16,7 +16,7 @@ from typing import NamedTuple
 from ..nn.space import SearchSpace
 
 __all__ = ["OpKey", "parse_key", "block_key", "stem_key", "head_key", "check_key",
-           "parse_block_key", "layer_keys", "required_keys", "arch_keys"]
+           "parse_block_key", "layer_keys", "block_keys", "required_keys", "arch_keys"]
 
 _BLOCK_RE = re.compile(r"^(skip|k\d+_e\d+(?:_g\d+)?):i(\d+):o(\d+):s(\d+):h(\d+)$")
 _STEM_RE = re.compile(r"^stem:i(\d+):o(\d+):s(\d+):h(\d+)$")
@@ -83,13 +83,14 @@ def layer_keys(space: SearchSpace) -> list:
              for c in space.candidates] for l in space.layers()]
 
 
+def block_keys(space: SearchSpace) -> list:
+    """Every distinct candidate-block key of the searchable layers, in first-seen order."""
+    return list(dict.fromkeys(k for row in layer_keys(space) for k in row))
+
+
 def required_keys(space: SearchSpace, num_classes: int = 1000) -> list:
     """Every distinct key a space needs: stem, blocks in first-seen order, head."""
-    out = [stem_key(space)]
-    for row in layer_keys(space):
-        out.extend(k for k in row if k not in out)
-    out.append(head_key(space, num_classes))
-    return out
+    return [stem_key(space), *block_keys(space), head_key(space, num_classes)]
 
 
 def arch_keys(arch, num_classes: int = 1000) -> list:

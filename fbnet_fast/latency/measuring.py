@@ -53,7 +53,7 @@ from ..nn.blocks import ConvBNReLU, build_block
 from ..nn.models import create_model
 from ..nn.space import SearchSpace, parse_candidate
 from .formats import Entry
-from .keys import (arch_keys, head_key, layer_keys, parse_block_key, parse_key,
+from .keys import (arch_keys, block_keys, head_key, layer_keys, parse_block_key, parse_key,
                    required_keys, stem_key)
 from .runtimes import (chain, check_runtime, export_many, identity_model, ort_runner,
                        ort_session, runners, runtime_meta, table_runtime)
@@ -584,7 +584,7 @@ def _fit(table, archs, meas, seed, how, fit, nc) -> None:
                                    names)
         cal.update({"scale": 1.0, "offset_ms": offset, "type_scales": scales})
     else:
-        keys = list(dict.fromkeys(k for row in layer_keys(space) for k in row))
+        keys = block_keys(space)
         col = {k: i for i, k in enumerate(keys)}
         feats = np.zeros((len(archs), len(keys)))
         for n, a in enumerate(archs):

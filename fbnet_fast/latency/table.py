@@ -19,7 +19,8 @@ from ..nn.architecture import resolve_arch
 from ..nn.space import SearchSpace
 from . import formats
 from .formats import Entry
-from .keys import arch_keys, check_key, head_key, layer_keys, required_keys, stem_key
+from .keys import (arch_keys, block_keys, check_key, head_key, layer_keys, required_keys,
+                   stem_key)
 
 __all__ = ["LatencyTable"]
 
@@ -149,8 +150,7 @@ class LatencyTable:
                      device=None) -> Tensor:
         """Tensor[L, K]: latency in ms of candidate k at searchable layer l."""
         space, nc = self.resolve_space(space, None)
-        needed = dict.fromkeys(k for row in layer_keys(space) for k in row)  # count each once
-        missing = [k for k in needed if k not in self.entries]
+        missing = [k for k in block_keys(space) if k not in self.entries]
         if missing:
             raise ValueError(self._missing_message(missing, space))
         rows = [[self.value(k) for k in row] for row in layer_keys(space)]
