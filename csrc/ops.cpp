@@ -38,9 +38,13 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // (Tensor[C, C_in]) the backward also writes grad_x = g x_weight and returns g^T x
   // (Tensor[C, C_in]; empty without x), while each row of g is in cache (above 512 KB of
   // x_weight, as two whole GEMMs after the pass); then grad_a may be None: g is not kept.
+  // With out (the conv's output) and out_coef (Tensor[3, C]), the gradient at out is
+  // grad * out_coef[0] + out * out_coef[1] + out_coef[2] (the next BN's backward), made one
+  // tile at a time as it is read.
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
         " Tensor scale, Tensor shift, Tensor mean, Tensor(a!)? grad_a, Tensor? x=None,"
-        " Tensor? x_weight=None, Tensor(b!)? grad_x=None) -> (Tensor[], Tensor, Tensor)");
+        " Tensor? x_weight=None, Tensor(b!)? grad_x=None, Tensor? out=None,"
+        " Tensor? out_coef=None) -> (Tensor[], Tensor, Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
   // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
   // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]

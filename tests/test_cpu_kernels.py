@@ -248,7 +248,9 @@ def test_bn_out_variants_in_place(relu):
 
 # (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough that the prologue's 1 MiB
 # tile of input rows holds 1 to 8 output rows (several tiles per image, partial last tiles).
-BN_SIZES = [(2, 7, 9, 8), (2, 33, 1, 1), (3, 17, 4, 4), (1, 400, 12, 40), (1, 700, 5, 50)]
+# (1, 400, 30, 20): several tiles of output rows per image at both strides
+BN_SIZES = [(2, 7, 9, 8), (2, 33, 1, 1), (3, 17, 4, 4), (1, 400, 12, 40), (1, 700, 5, 50),
+            (1, 400, 30, 20)]
 
 
 def _bn_inputs(size, k, seed):
@@ -304,6 +306,26 @@ def test_dw_conv_bn(size, k, stride):
         torch.testing.assert_close(sums_x, bsums)
         if grad_a is not None:
             torch.testing.assert_close(grad_a, gpre)
+    # with out and out_coef the gradient at out is dy * alpha + out * beta + delta (the next
+    # BN's backward, applied per tile as it is read), against autograd at that gradient
+    zo = torch.randn(y.shape, dtype=DT, generator=g).contiguous(memory_format=torch.channels_last)
+    coef = torch.randn(3, ch, dtype=DT, generator=g)
+    dz = dy * coef[0].view(1, -1, 1, 1) + zo * coef[1].view(1, -1, 1, 1) + coef[2].view(1, -1, 1, 1)
+    pre2 = pre.detach().requires_grad_()
+    wr2 = [w.clone().requires_grad_() for w in ws]
+    want = torch.autograd.grad(reference(pre2.relu(), wr2, stride), [pre2, *wr2], dz)
+    wmat = want[0].permute(0, 2, 3, 1).reshape(-1, ch)
+    for grad_a in (torch.empty_like(gpre), None):
+        gws2, sums2, gtx = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+            dy, a, ws, stride, scale, shift, mean, grad_a, x, xw, gx, zo, coef)
+        for got, w in zip(gws2, want[1:]):
+            torch.testing.assert_close(got, w)
+        torch.testing.assert_close(gx, wmat @ xw)
+        torch.testing.assert_close(gtx, wmat.t() @ x)
+        torch.testing.assert_close(sums2, torch.stack([want[0].sum((0, 2, 3)),
+                                                       (want[0] * c).sum((0, 2, 3))]))
+        if grad_a is not None:
+            torch.testing.assert_close(grad_a, want[0])
 
 
 def test_dw_conv_bn_strided_input_and_opcheck():
@@ -328,7 +350,14 @@ def test_dw_conv_bn_strided_input_and_opcheck():
     g_out = torch.empty_like(a, memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="without grad_a it needs x"):
         torch.ops.fbnet_fast.dw_conv_bn_backward_out(dy, a, ws, 2, scale, shift, mean, None)
-    for extra in ((g_out,), (g_out, *pw1), (None, *pw1)):
+    coef = (torch.randn_like(dy), torch.randn(3, 24, dtype=DT))
+    with pytest.raises(RuntimeError, match=r"out_coef must be Tensor\[3, 24\]"):
+        torch.ops.fbnet_fast.dw_conv_bn_backward_out(dy, a, ws, 2, scale, shift, mean, g_out,
+                                                     None, None, None, coef[0], coef[1][:2])
+    with pytest.raises(RuntimeError, match="out and out_coef go together"):
+        torch.ops.fbnet_fast.dw_conv_bn_backward_out(dy, a, ws, 2, scale, shift, mean, g_out,
+                                                     None, None, None, coef[0])
+    for extra in ((g_out,), (g_out, *pw1), (None, *pw1), (None, *pw1, *coef)):
         torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
                               (dy, a, ws, 2, scale, shift, mean, *extra),
                               test_utils=("test_schema", "test_autograd_registration",

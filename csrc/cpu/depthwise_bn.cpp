@@ -4,9 +4,12 @@
 //     rows in a per-thread scratch buffer as the conv reads them (the prologue), so BN1's
 //     output is never written; it returns the per-channel mean and variance of its output
 //     (the epilogue: BN2's batch statistics, summed while the output rows are in cache);
-//   backward: grad-weight reads its input through the same prologue; grad-input leaves the
+//   backward: grad-weight reads its input through the same prologue; its output gradient
+//     may come through the next BN's backward, also applied per tile; grad-input leaves the
 //     gradient at BN1's output before the ReLU (zero where a * scale + shift <= 0) and
 //     returns the two sums BN1's backward needs.
+// Both work on tiles of output rows, all channels at a time (whole pixels are contiguous, so
+// the reads stream), in per-thread buffers kept across calls.
 #include "channel_sums.h"
 #include "depthwise_kernels.h"
 #include "gemm_tile.h"
@@ -15,47 +18,53 @@
 namespace fbnet_fast {
 namespace {
 
-// Cache bytes per thread for the prologue's tile of one group's input rows (L2 is 2 MiB
-// per core on the project's machines): the larger the tile, the fewer halo rows are
-// transformed twice.
-constexpr int64_t kTileBytes = 1 << 20;
+// Cache bytes per thread for the tiles of rows the kernels transform into buffers (L2 is
+// 2 MiB per core on the project's machines); at least kMinTileRows output rows per tile, so
+// the halo rows that two tiles both transform stay a fraction of the work.
+constexpr int64_t kTileBytes = 3 << 19;
+constexpr int64_t kMinTileRows = 8;
 
-// relu(a * scale + shift) of group g's channels of input rows [lo, hi) of image n into buf
-// (laid out [rows][W][C], only g's channels written); returns S re-pointed at buf.
+// Output rows per tile when each takes `per_row` buffer elements of type T and a tile `halo`
+// more.
 template <typename T>
-Shape bn_relu_rows(const Shape& S, const Group<T>& g, const T* a, const T* sc, const T* sh,
-                   int64_t n, int64_t lo, int64_t hi, T* buf) {
+int64_t tile_rows(int64_t per_row, int64_t halo) {
+  const int64_t fit = (kTileBytes / static_cast<int64_t>(sizeof(T)) - halo) / per_row;
+  return std::max(kMinTileRows, fit);
+}
+
+// The widest kernel's halo: rows (and columns) on each side of a window's centre.
+inline int64_t max_halo(const Checked& r) {
+  int64_t P = 0;
+  for (int64_t k : r.ks) P = std::max(P, k / 2);
+  return P;
+}
+
+// relu(a * scale + shift) of input rows [lo, hi) of image n into buf (laid out [rows][W][C]);
+// returns S re-pointed at buf. All channels at once: whole pixels are contiguous, so the
+// reads stream.
+template <typename T>
+Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t n, int64_t lo,
+                   int64_t hi, T* buf) {
   for (int64_t ih = lo; ih < hi; ++ih)
     for (int64_t iw = 0; iw < S.W; ++iw) {
       const T* src = a + n * S.xn + ih * S.xh + iw * S.xw;
       T* d = buf + ((ih - lo) * S.W + iw) * S.C;
 #pragma omp simd
-      for (int64_t c = g.c0; c < g.c0 + g.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
+      for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
     }
   Shape t = S;
   t.xn = 0; t.xh = S.W * S.C; t.xw = S.C; t.h0 = lo;
   return t;
 }
 
-// Calls f(n, oh0, oh1, St, buf) for tiles of the output rows [r0, r1) (row = n * Ho + oh)
-// of group g: a tile stays inside one image, and buf (addressed by St) holds
-// relu(a * scale + shift) of g's channels of every input row the tile reads.
-template <typename T, typename F>
-void for_bn_relu_tiles(const Shape& S, const Group<T>& g, const T* a, const T* sc, const T* sh,
-                       int64_t r0, int64_t r1, F&& f) {
-  static thread_local std::vector<T> buf;  // kept: no allocation per call
-  const int64_t pad = g.k / 2;
-  const int64_t fit = kTileBytes / static_cast<int64_t>(sizeof(T)) / (S.W * g.C);  // input rows
-  const int64_t tile = std::max<int64_t>(1, (fit - 2 * pad - 1) / S.s + 1);  // output rows
-  const auto need = static_cast<size_t>(
-      std::min((tile - 1) * S.s + 2 * pad + 1, S.H) * S.W * S.C);
-  if (buf.size() < need) buf.resize(need);
+// Calls f(n, oh0, oh1) for tiles of at most `tile` output rows of [r0, r1) (row = n * Ho +
+// oh), each inside one image.
+template <typename F>
+void for_tiles(const Shape& S, int64_t r0, int64_t r1, int64_t tile, F&& f) {
   for (int64_t r = r0; r < r1;) {
     const int64_t n = r / S.Ho, oh0 = r % S.Ho;
     const int64_t oh1 = std::min({S.Ho, oh0 + tile, oh0 + r1 - r});
-    const int64_t lo = std::max<int64_t>(0, oh0 * S.s - pad);
-    const int64_t hi = std::min<int64_t>(S.H, (oh1 - 1) * S.s + pad + 1);
-    f(n, oh0, oh1, bn_relu_rows(S, g, a, sc, sh, n, lo, hi, buf.data()), buf.data());
+    f(n, oh0, oh1);
     r += oh1 - oh0;
   }
 }
@@ -84,57 +93,86 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     using T = scalar_t;
     const auto gs = make_groups<T>(r, wt.const_data_ptr<T>(), nullptr);
     T* op = out.mutable_data_ptr<T>();
+    const T* ap = a.const_data_ptr<T>();
+    const T* scp = sc.const_data_ptr<T>();
+    const T* shp = sh.const_data_ptr<T>();
+    const int64_t P = max_halo(r), row_a = S.W * C;
+    const int64_t tile = tile_rows<T>(S.s * row_a, 2 * P * row_a);
+    const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      T* ba = thread_buffer<T>(1, a_rows * row_a);  // kept across calls: no allocation per call
+      std::vector<T> part(2 * C);
+      T* p1 = part.data();
+      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows, parts, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
-        std::vector<T> part(2 * C);
-        T* p1 = part.data();
-        T* p2 = p1 + C;
-        for (const auto& g : gs)
-          for_bn_relu_tiles<T>(S, g, a.const_data_ptr<T>(), sc.const_data_ptr<T>(),
-                               sh.const_data_ptr<T>(), r0, r1,
-                               [&](int64_t n, int64_t oh0, int64_t oh1, const Shape& St,
-                                   const T* buf) {
-            for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, buf, op, n, oh);
-            // the epilogue, over the tile's output while it is in cache: BN2's sums (in T
-            // per output row, vectorized, then into double)
-            for (int64_t oh = oh0; oh < oh1; ++oh) {
-              std::fill(p1, p1 + C, T(0));
-              std::fill(p2, p2 + C, T(0));
-              for (int64_t ow = 0; ow < S.Wo; ++ow) {
-                const int64_t px = ((n * S.Ho + oh) * S.Wo + ow) * C;
-                const T* o = op + px;
-                _Pragma("omp simd")
-                for (int64_t c = g.c0; c < g.c0 + g.C; ++c) {
-                  p1[c] += o[c];
-                  p2[c] += o[c] * o[c];
-                }
+        for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
+          const int64_t lo = std::max<int64_t>(0, oh0 * S.s - P);
+          const int64_t hi = std::min(S.H, (oh1 - 1) * S.s + P + 1);
+          const Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba);
+          for (const auto& g : gs)
+            for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, ba, op, n, oh);
+          // the epilogue, over the tile's output while it is in cache: BN2's sums (in T per
+          // output row, vectorized, then into double)
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            std::fill(p1, p1 + 2 * C, T(0));
+            for (int64_t ow = 0; ow < S.Wo; ++ow) {
+              const T* o = op + ((n * S.Ho + oh) * S.Wo + ow) * C;
+              _Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                p1[c] += o[c];
+                p2[c] += o[c] * o[c];
               }
-              add_partials(p1, p2, g.c0, g.c0 + g.C, s1, s2);
             }
-          });
+            add_partials(p1, p2, 0, C, s1, s2);
+          }
+        });
       }
     });
   });
   return stats_tensor(acc, parts, C, rows * S.Wo, a.scalar_type());
 }
 
-// Backward of dw_conv_bn_out's conv given grad (dL/dout). Writes into grad_a
-// g = dL/d(a * scale + shift): the conv's grad-input where a * scale + shift > 0, else 0
-// (without grad_a, g lives one row at a time in a buffer and is never written).
-// Returns the grad of each weight, Tensor[2, C] float64: per channel, the sum of g and of
-// g * (a - mean) (BN1's backward sums), and with x (Tensor[N*H*W, C_in], the rows the first
-// 1x1 read to make a) and x_weight (Tensor[C, C_in]) the first 1x1's two products while each
-// row of g is in cache: grad_x = g x_weight, and g^T x returned as Tensor[C, C_in] (empty
-// without x). When x_weight is larger than kTiledWeightBytes they are two whole GEMMs after
-// the pass instead: streaming the weight once per row would cost more.
+// Output-gradient rows [lo, hi) of image n as the next BN's backward makes them:
+// grad * alpha + z * beta + delta (coef = [alpha; beta; delta]), into buf (laid out
+// [rows][Wo][C]).
+template <typename T>
+void bn_grad_rows(const Shape& S, const T* grad, const T* z, const T* coef, int64_t n,
+                  int64_t lo, int64_t hi, T* buf) {
+  const T *al = coef, *be = coef + S.C, *de = coef + 2 * S.C;
+  const int64_t base = (n * S.Ho + lo) * S.Wo * S.C;
+  for (int64_t p = 0; p < (hi - lo) * S.Wo; ++p) {
+    const T* gp = grad + base + p * S.C;
+    const T* zp = z + base + p * S.C;
+    T* d = buf + p * S.C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < S.C; ++c) d[c] = gp[c] * al[c] + zp[c] * be[c] + de[c];
+  }
+}
+
+// Backward of dw_conv_bn_out's conv given grad (dL/dout), or with out (the conv's output)
+// and out_coef (Tensor[3, C]) given grad * out_coef[0] + out * out_coef[1] + out_coef[2]
+// (the next BN's backward, applied to each tile of rows as it is read, so that gradient is
+// never written). Writes into grad_a g = dL/d(a * scale + shift): the conv's grad-input where
+// a * scale + shift > 0, else 0 (without grad_a, g lives one row at a time in a buffer and is
+// never written). Returns the grad of each weight, Tensor[2, C] float64: per channel, the sum
+// of g and of g * (a - mean) (BN1's backward sums), and with x (Tensor[N*H*W, C_in], the rows
+// the first 1x1 read to make a) and x_weight (Tensor[C, C_in]) the first 1x1's two products
+// while each row of g is in cache: grad_x = g x_weight, and g^T x returned as Tensor[C, C_in]
+// (empty without x). When x_weight is larger than kTiledWeightBytes they are two whole GEMMs
+// after the pass instead: streaming the weight once per row would cost more.
+// One pass over tiles of output rows does it all: each tile transforms the gradient rows and
+// BN1 + ReLU of a's rows it reads into per-thread buffers, takes grad-weight from them, and
+// the grad-input of the input rows the tile owns (stride s: s per output row) with its
+// epilogue row by row.
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_out_cpu(
     const at::Tensor& grad_in, const at::Tensor& a_in, at::TensorList weights, int64_t stride,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const std::optional<at::Tensor>& grad_a, const std::optional<at::Tensor>& x_in,
-    const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x) {
+    const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x,
+    const std::optional<at::Tensor>& out_in, const std::optional<at::Tensor>& out_coef) {
   const char* op = "dw_conv_bn_backward_out";
   TORCH_CHECK(grad_a.has_value() || x_in.has_value(), op,
               ": without grad_a it needs x, x_weight and grad_x (g is then not kept)");
@@ -145,8 +183,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
   const auto &a = in.x, &gy = in.gy, &wt = in.wt, &wi = in.wi;
   check_bn(a, S, op, {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}});
   auto sc = scale.contiguous(), sh = shift.contiguous(), mu = mean.contiguous();
-  const int64_t C = S.C, rows_in = S.N * S.H, parts_in = num_parts(rows_in);
-  const int64_t rows = S.N * S.Ho, parts = num_parts(rows);
+  const int64_t C = S.C, rows = S.N * S.Ho, parts = num_parts(rows);
+  TORCH_CHECK(out_in.has_value() == out_coef.has_value(), op, ": out and out_coef go together");
+  at::Tensor z, coef;
+  if (out_in.has_value()) {
+    check_grad(*out_in, a, S, op);
+    z = out_in->contiguous(at::MemoryFormat::ChannelsLast);
+    TORCH_CHECK(out_coef->dim() == 2 && out_coef->size(0) == 3 && out_coef->size(1) == C &&
+                    out_coef->scalar_type() == a.scalar_type(),
+                op, ": out_coef must be Tensor[3, ", C, "] of dtype ", a.scalar_type(),
+                " (alpha, beta, delta), got shape ", out_coef->sizes());
+    coef = out_coef->contiguous();
+  }
   TORCH_CHECK(x_in.has_value() == x_weight.has_value() && x_in.has_value() == grad_x.has_value(),
               op, ": x, x_weight and grad_x go together");
   int64_t Ci = 0, ldx = 0;
@@ -171,16 +219,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       xw_whole = true;
     } else {
       xw = x_weight->contiguous();
-      gxw = at::empty({parts_in, C, round_up(Ci, 32 / a.element_size())}, a.options());
+      gxw = at::empty({parts, C, round_up(Ci, 32 / a.element_size())}, a.options());
     }
   }
   const bool pw1 = xw.defined();
-  std::vector<double> acc(parts_in * 2 * C, 0.0);
+  const int64_t P = max_halo(r);
+  std::vector<double> acc(parts * 2 * C, 0.0);
   auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_backward", [&] {
     using T = scalar_t;
     const T* ap = a.const_data_ptr<T>();
     const T* gp = gy.const_data_ptr<T>();
+    const T* zp = z.defined() ? z.const_data_ptr<T>() : nullptr;
+    const T* cp = z.defined() ? coef.const_data_ptr<T>() : nullptr;
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
     const T* mp = mu.const_data_ptr<T>();
@@ -198,60 +249,72 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     }
     const T* xp = pw1 ? x.const_data_ptr<T>() : nullptr;
     T* gxp = pw1 ? grad_x->mutable_data_ptr<T>() : nullptr;
-    at::parallel_for(0, parts_in, 1, [&](int64_t b, int64_t e) {
+    // output rows per tile: a's rows (s per output row, plus the halo), the gradient's rows
+    // when they are transformed (one per output row, plus the halo)
+    const int64_t row_a = S.W * C, row_d = zp ? S.Wo * C : 0;
+    const int64_t tile = tile_rows<T>(S.s * row_a + row_d, 2 * P * (row_a + row_d));
+    const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
+    const int64_t d_rows = std::min(S.Ho, tile + 2 * P);
+    const T* wp = wt.const_data_ptr<T>();
+    T* gwp = gw_parts.mutable_data_ptr<T>();
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      T* ba = thread_buffer<T>(1, a_rows * row_a);  // kept across calls: no allocation per call
+      T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) : nullptr;
+      T* grow_buf = gap ? nullptr : thread_buffer<T>(3, S.W * C);
       std::vector<T> xrow(pw1 ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
-      std::vector<T> grow_buf(gap ? 0 : S.W * C);
-      Shape Sr = S;  // S, its output one row of g in grow_buf
+      std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
+      T* p1 = part.data();
+      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
-        const auto [r0, r1] = share(rows_in, parts_in, t);
+        const auto [r0, r1] = share(rows, parts, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
         T* gxt = pw1 ? gxw.mutable_data_ptr<T>() + t * C * Cp : nullptr;
         if (pw1) std::fill(gxt, gxt + C * Cp, T(0));
-        std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
-        T* p1 = part.data();
-        T* p2 = p1 + C;
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t n = row / S.H, ih = row % S.H;
-          T* grow = gap ? gap + row * S.W * C : grow_buf.data();
-          Sr.o0 = gap ? 0 : row;
-          for (const auto& g : gi) grad_input_row<T>(Sr, g, gp, gap ? gap : grow, n, ih);
-          std::fill(p1, p1 + 2 * C, T(0));
-          for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
-            T* o = grow + iw * C;
-            const T* z = ap + n * S.xn + ih * S.xh + iw * S.xw;
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) {
-              const T gv = z[c] * scp[c] + shp[c] > T(0) ? o[c] : T(0);
-              o[c] = gv;
-              p1[c] += gv;
-              p2[c] += gv * (z[c] - mp[c]);
+        const auto gs = make_groups<T>(r, wp, gwp + t * wt.numel());
+        for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
+          const int64_t i0 = oh0 * S.s, i1 = std::min(S.H, oh1 * S.s);  // the rows it owns
+          const int64_t a_lo = std::max<int64_t>(0, i0 - P);
+          const int64_t a_hi = std::min(S.H, (oh1 - 1) * S.s + P + 1);
+          // the gradient rows grad-weight (oh0..oh1) and grad-input (of rows i0..i1) read
+          const int64_t d_lo = std::min(oh0, i0 <= P ? 0 : (i0 - P + S.s - 1) / S.s);
+          const int64_t d_hi = std::max(oh1, std::min(S.Ho, (i1 - 1 + P) / S.s + 1));
+          Shape Sg = S;  // the gradient as the tile reads it
+          Sg.g0 = zp ? n * S.Ho + d_lo : 0;
+          const T* gt = zp ? bd : gp;
+          if (zp) bn_grad_rows<T>(S, gp, zp, cp, n, d_lo, d_hi, bd);
+          Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, a_lo, a_hi, ba);
+          St.g0 = Sg.g0;
+          for (const auto& g : gs)
+            for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gt, ba, n, oh);
+          for (int64_t ih = i0; ih < i1; ++ih) {
+            const int64_t row = n * S.H + ih;
+            T* grow = gap ? gap + row * S.W * C : grow_buf;
+            Sg.o0 = gap ? 0 : row;
+            for (const auto& g : gi) grad_input_row<T>(Sg, g, gt, gap ? gap : grow, n, ih);
+            std::fill(p1, p1 + 2 * C, T(0));
+            for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
+              T* o = grow + iw * C;
+              const T* zr = ap + n * S.xn + ih * S.xh + iw * S.xw;
+              _Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                const T gv = zr[c] * scp[c] + shp[c] > T(0) ? o[c] : T(0);
+                o[c] = gv;
+                p1[c] += gv;
+                p2[c] += gv * (zr[c] - mp[c]);
+              }
             }
+            add_partials(p1, p2, 0, C, s1, s2);
+            if (!pw1) continue;
+            // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
+            for (int64_t iw = 0; iw < S.W; ++iw)
+              std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
+            gemm_tile<T>(S.W, Cp, C, grow, C, 1, wpad.data(), Cp, dxrow.data(), Cp, false);
+            for (int64_t iw = 0; iw < S.W; ++iw)
+              std::copy_n(dxrow.data() + iw * Cp, Ci, gxp + (row * S.W + iw) * Ci);
+            gemm_tile<T>(C, Cp, S.W, grow, 1, C, xrow.data(), Cp, gxt, Cp, true);
           }
-          add_partials(p1, p2, 0, C, s1, s2);
-          if (!pw1) continue;
-          // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
-          for (int64_t iw = 0; iw < S.W; ++iw)
-            std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
-          gemm_tile<T>(S.W, Cp, C, grow, C, 1, wpad.data(), Cp, dxrow.data(), Cp, false);
-          for (int64_t iw = 0; iw < S.W; ++iw)
-            std::copy_n(dxrow.data() + iw * Cp, Ci, gxp + (row * S.W + iw) * Ci);
-          gemm_tile<T>(C, Cp, S.W, grow, 1, C, xrow.data(), Cp, gxt, Cp, true);
-        }
-      }
-    });
-    const T* wp = wt.const_data_ptr<T>();
-    T* gwp = gw_parts.mutable_data_ptr<T>();
-    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const auto gs_t = make_groups<T>(r, wp, gwp + t * wt.numel());
-        const auto [r0, r1] = share(rows, parts, t);
-        for (const auto& g : gs_t)
-          for_bn_relu_tiles<T>(S, g, ap, scp, shp, r0, r1,
-                               [&](int64_t n, int64_t oh0, int64_t oh1, const Shape& St,
-                                   const T* buf) {
-            for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gp, buf, n, oh);
-          });
+        });
       }
     });
   });
@@ -262,7 +325,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     at::mm_out(gx, g, *x_weight);
     gxw = at::mm(g.t(), x);
   }
-  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts_in, C), gxw};
+  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts, C), gxw};
 }
 
 }  // namespace

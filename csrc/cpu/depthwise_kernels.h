@@ -34,6 +34,7 @@ struct Shape {
   int64_t xn, xh, xw;  // input strides (channel stride is 1)
   int64_t h0 = 0;      // the first input row x holds (a tile of rows in a scratch buffer)
   int64_t o0 = 0;      // the first output row (n * rows + row) out holds (0: all of them)
+  int64_t g0 = 0;      // the first grad row (n * Ho + oh) gy holds (a tile in a buffer)
 };
 
 template <typename T>
@@ -92,7 +93,7 @@ inline void bwd_input_px(const Shape& S, const Group<T>& g, const T* gy, T* gx, 
                          int64_t ih, int64_t iw, int64_t cb, int len_rt) {
   const int len = L > 0 ? L : len_rt;
   const int64_t p = g.k / 2;
-  const T* gb = gy + n * S.Ho * S.Wo * S.C + g.c0 + cb;
+  const T* gb = gy + (n * S.Ho - S.g0) * S.Wo * S.C + g.c0 + cb;
   T acc[kBlock<T>] = {};
   for (int64_t kh = 0; kh < g.k; ++kh) {
     const int64_t a = ih + p - kh;  // = oh * s
@@ -123,7 +124,7 @@ inline void bwd_weight_px(const Shape& S, const Group<T>& g, const T* gy, const 
   const int64_t p = g.k / 2;
   const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
   const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
-  const T* gp = gy + ((n * S.Ho + oh) * S.Wo + ow) * S.C + g.c0 + cb;
+  const T* gp = gy + ((n * S.Ho + oh - S.g0) * S.Wo + ow) * S.C + g.c0 + cb;
   T gv[kBlock<T>];
 #pragma omp simd
   for (int c = 0; c < len; ++c) gv[c] = gp[c];
@@ -226,7 +227,7 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
     constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
     using vt = vec_t<T, B>;
     for (int64_t cb = c0; cb < c1; cb += VL) {
-      const T* gb = gy + (n * S.Ho + oh) * S.Wo * S.C + g.c0 + cb;
+      const T* gb = gy + (n * S.Ho + oh - S.g0) * S.Wo * S.C + g.c0 + cb;
       for (int64_t kh = th.lo; kh < th.hi; ++kh) {
         const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
         vt acc[K] = {};
@@ -278,7 +279,7 @@ void bwd_input_row_s2(const Shape& S, const Group<T>& g, const T* gy, T* gx, int
         vt acc = {};
         const int kw0 = (iw + P) % 2;
         for (int t = 0; t < nk; ++t) {
-          const T* gr = gy + (n * S.Ho + ohs[t]) * S.Wo * S.C + g.c0 + cb;
+          const T* gr = gy + (n * S.Ho + ohs[t] - S.g0) * S.Wo * S.C + g.c0 + cb;
           const T* wr = g.w + khs[t] * K * g.C + cb;
 #pragma GCC unroll 8
           for (int kw = kw0; kw < K; kw += 2) {
@@ -450,7 +451,7 @@ void grad_input_row(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64
                     int64_t ih) {
   if (S.s == 1) {
     Shape Sg = S;  // grad as the conv's input
-    Sg.xn = S.Ho * S.Wo * S.C; Sg.xh = S.Wo * S.C; Sg.xw = S.C; Sg.h0 = 0;
+    Sg.xn = S.Ho * S.Wo * S.C; Sg.xh = S.Wo * S.C; Sg.xw = S.C; Sg.h0 = S.g0;
     return fwd_row<T>(Sg, g, gy, gx, n, ih);
   }
   bwd_input_row_s2_any<T>(S, g, gy, gx, n, ih);

@@ -295,13 +295,12 @@ def mixed_block_cpu_backward(
         torch.ops.fbnet_fast.bn3_backward_out.default(r.Z, dY, c3.beta, c3.delta,
                                                       c3.alpha.view(1, k, O) * mk3, dZ)
         # the second 1x1s' backward with BN2's ReLU mask and sums as its epilogue: g2 = dL/d(BN2
-        # output before the ReLU), then dD = alpha g2 + beta D + delta in place
+        # output before the ReLU)
         g2 = _ws.get("dH2", (M2, T), x)
         dpw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out.default(
             dZ.view(M2, k * O), r.D, r.bn2.scale, r.bn2.shift, r.bn2.mean, pw2, p.pw2_segments,
             g2)
         c2 = _bn_grad_sums(r.bn2, bn2_weight, sums2, M2, training)
-        torch.ops.fbnet_fast.bn_grad_apply_out.default(g2, r.D, c2.alpha, c2.beta, c2.delta, g2)
         dX = None
         res = mr[:, conv_cols].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
@@ -328,15 +327,18 @@ def mixed_block_cpu_backward(
                 dX[:, ::L.stride, ::L.stride] = dXs.view(n, ho, wo, C)
                 dX = dX.view(M1, C)
         # depthwise, BN1 + ReLU, first GEMM
-        dD, dg2, db2 = g2, c2.dgamma, c2.dbeta
-        # the depthwise backward makes g = dL/d(BN1 output before the ReLU) one row at a
+        dg2, db2 = c2.dgamma, c2.dbeta
+        # the depthwise backward applies BN2's backward (dD = alpha g2 + beta D + delta) to
+        # each tile of rows it reads, makes g = dL/d(BN1 output before the ReLU) one row at a
         # time and takes BN1's two sums and the first 1x1's products of g from that row:
-        # neither g nor dA = alpha g + beta A + delta is written (_pw1_backward takes dA apart)
+        # neither dD, g nor dA = alpha g + beta A + delta is written (_pw1_backward takes dA
+        # apart)
         alpha1 = r.g1 * r.bn1.rstd
         gW = x.new_empty(M1, C)
         dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
-            r.geo.image_out(dD), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
-            r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW)
+            r.geo.image_out(g2), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
+            r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
+            r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]))
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
         dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, r.A, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
