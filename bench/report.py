@@ -158,9 +158,11 @@ PASSES = [  # (step, {tensor: passes} before, {tensor: passes} now)
     ("BN3 backward, mask gradient", {"Z": 3, "Y": 4, "X": 1}, {"Z": 3, "Y": 4, "X": 1}),
     ("second 1x1s backward (now one op: dZ read once, BN2's ReLU mask and sums inside)",
      {"Z": 2, "D": 2}, {"Z": 1, "D": 2}),
-    ("BN2 + ReLU backward (sums, then apply; now the apply alone)", {"D": 5}, {"D": 3}),
-    ("depthwise backward: grad-input, grad-weight, ReLU mask + BN1 sums inside",
-     {"D": 2, "A": 3}, {"D": 2, "A": 3}),
+    ("BN2 + ReLU backward (sums, then apply; now the depthwise backward's prologue)",
+     {"D": 5}, {}),
+    ("depthwise backward: grad-input, grad-weight, ReLU mask + BN1 sums inside (now one "
+     "pass over tiles reading BN2's input gradient and D once)",
+     {"D": 2, "A": 3}, {"D": 2, "A": 2}),
     ("BN1 + ReLU backward (folded into the first 1x1's backward)", {}, {}),
     ("first 1x1 backward (weights, input; now the products of g are the depthwise backward's"
      " epilogue, up to 512 KB of weight, whole GEMMs reading g twice above)",

@@ -54,10 +54,6 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("zdot(Tensor z, Tensor dy) -> Tensor");
   m.def("bn3_backward_out(Tensor z, Tensor dy, Tensor beta, Tensor delta, Tensor alpha,"
         " Tensor(a!) dz) -> ()");
-  // out = g * alpha + z * beta + delta per channel (BN's backward applied once its sums are
-  // known); out may be g.
-  m.def("bn_grad_apply_out(Tensor g, Tensor z, Tensor alpha, Tensor beta, Tensor delta,"
-        " Tensor(a!) out) -> ()");
   // The candidates' second 1x1 convs with BN2 + ReLU as prologue (csrc/cpu/pointwise.cpp):
   // `segments` is a flat list of (out_start, out_len, in_start, in_len, w_offset) tuples, each
   // z[:, out_start:+out_len] = relu(d * scale + shift)[:, in_start:+in_len] W^T with W the

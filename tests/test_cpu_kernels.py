@@ -449,13 +449,6 @@ def test_pointwise_bn_bad_input_and_opcheck():
     dz = torch.randn(z.shape, dtype=DT, generator=g)
     torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_backward_out.default,
                           (dz, d, scale, shift, d.mean(0), w, flat, torch.empty_like(d)))
-    alpha, beta, delta = (torch.randn(d.shape[1], dtype=DT, generator=g) for _ in range(3))
-    out = torch.empty_like(d)
-    torch.ops.fbnet_fast.bn_grad_apply_out(dz[:, :1].expand_as(d).contiguous(), d, alpha, beta,
-                                           delta, out)
-    torch.testing.assert_close(out, dz[:, :1] * alpha + d * beta + delta)
-    torch.library.opcheck(torch.ops.fbnet_fast.bn_grad_apply_out.default,
-                          (torch.randn_like(d), d, alpha, beta, delta, out))
 
 
 # --- the mask-weighted combine over Z = [N, P, k, O] and its BN3 backward -----------------

@@ -212,40 +212,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   return {dz, dw, db};
 }
 
-// out = g * alpha + z * beta + delta per channel: BN's backward applied, once its sums are
-// known (the kernel that made g took them). out may be g itself (elementwise, in place).
-void bn_grad_apply_out_cpu(const at::Tensor& g_in, const at::Tensor& z_in, const at::Tensor& alpha,
-                           const at::Tensor& beta, const at::Tensor& delta, const at::Tensor& out) {
-  auto g = rows_of(g_in, "bn_grad_apply_out", "g");
-  auto z = rows_of(z_in, "bn_grad_apply_out", "z");
-  TORCH_CHECK(g.sizes() == z.sizes() && g.scalar_type() == z.scalar_type(),
-              "bn_grad_apply_out: g (", g.sizes(), ", ", g.scalar_type(), ") and z (", z.sizes(),
-              ", ", z.scalar_type(), ") must have the same shape and dtype");
-  const int64_t M = g.size(0), C = g.size(1), lg = g.stride(0), lz = z.stride(0);
-  for (auto [v, n] : {std::pair{alpha, "alpha"}, {beta, "beta"}, {delta, "delta"}})
-    check_vec(v, C, g, "bn_grad_apply_out", n);
-  check_out(out, g, "bn_grad_apply_out", "out");
-  auto a = alpha.contiguous(), b = beta.contiguous(), d = delta.contiguous();
-  const int64_t lo = out.stride(0);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bn_grad_apply", [&] {
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    const scalar_t* dp = d.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* gr = gp + r * lg;
-        const scalar_t* zr = zp + r * lz;
-        scalar_t* o = op + r * lo;
-_Pragma("omp simd")
-        for (int64_t c = 0; c < C; ++c) o[c] = gr[c] * ap[c] + zr[c] * bp[c] + dp[c];
-      }
-    });
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
@@ -254,7 +220,6 @@ TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("bn_backward", &bn_backward_cpu);
   m.impl("scale_shift_out", &scale_shift_out_cpu);
   m.impl("bn_backward_out", &bn_backward_out_cpu);
-  m.impl("bn_grad_apply_out", &bn_grad_apply_out_cpu);
 }
 
 }  // namespace fbnet_fast

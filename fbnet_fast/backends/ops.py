@@ -141,10 +141,6 @@ if AVAILABLE:
                      lambda: "pointwise_bn_backward_out: [M, C] matrices")
         return torch.empty_like(weight), d.new_empty((2, d.shape[1]), dtype=torch.float64)
 
-    @torch.library.register_fake("fbnet_fast::bn_grad_apply_out")
-    def _(g, z, alpha, beta, delta, out):
-        torch._check(g.dim() == 2 and g.shape == z.shape, lambda: "bn_grad_apply_out: [M, C]")
-
     @torch.library.register_fake("fbnet_fast::channel_stats")
     def _(x):
         torch._check(x.dim() == 2, lambda: "channel_stats: x must be [M, C]")
