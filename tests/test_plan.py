@@ -191,6 +191,6 @@ def test_running_update_equals_batch_norm():
     rm, rv = torch.randn(C, dtype=DT), torch.rand(C, dtype=DT) + 0.5
     ref_m, ref_v = rm.clone(), rv.clone()
     F.batch_norm(z, ref_m, ref_v, gamma, beta, True, BN_MOMENTUM, BN_EPS)
-    update_running(rm, rv, *batch_stats(z.sum(0), (z * z).sum(0), M), M)
+    update_running([rm], [rv], *([t] for t in batch_stats(z.sum(0), (z * z).sum(0), M)), [M])
     torch.testing.assert_close(rm, ref_m)
     torch.testing.assert_close(rv, ref_v)

@@ -219,7 +219,7 @@ def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tenso
         mr = _mask_rows(mask, n)                       # [Nm, K]
         nm = mr.shape[0]
         k = p.n_conv
-        conv_cols = list(p.mask_cols[:k])
+        conv_cols = p.conv_cols
         bn3 = bn_coef(*r.bn3, bn3_weight, bn3_bias)
         mk = mr[:, conv_cols].view(nm, k, 1)
         # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one pass over Z
@@ -282,7 +282,7 @@ def mixed_block_cpu_backward(
         Sdy = dY.sum(1)                                         # [n, O]
         dm = x.new_zeros(n, K)                                  # per example
         k = p.n_conv
-        conv_cols = list(p.mask_cols[:k])
+        conv_cols = p.conv_cols
         # every slot's BN3 backward at once, on [n, pixels, k, O] views; the BN3 input
         # gradient is g = m_i * dy, so the sums below weight each example by its mask
         g3 = bn3_weight.view(k, O)
@@ -306,8 +306,7 @@ def mixed_block_cpu_backward(
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
         if L.residual:
             Sx = torch.mul(dY, r.X.view(n, h * w, C), out=_ws.get("dYX", dY.shape, x)).sum((1, 2))
-            for sl in L.slots:
-                dm[:, sl.index] += Sx
+            dm[:, conv_cols] += Sx[:, None]
             if L.skip_index >= 0:
                 dm[:, L.skip_index] = Sx
                 res = res + mr[:, L.skip_index]

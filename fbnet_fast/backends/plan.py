@@ -158,6 +158,13 @@ class FusedPlan:
         return _gather(dense, self.on(dense.device).pw1_index)
 
     @cached_property
+    def conv_cols(self):
+        """The conv candidates' mask columns as an index: a slice when they are the first
+        ``n_conv`` (FBNet's space puts the skip last), which indexes without a copy."""
+        cols = self.mask_cols[:self.n_conv]
+        return slice(0, len(cols)) if cols == tuple(range(len(cols))) else list(cols)
+
+    @cached_property
     def pw2_segments(self) -> list:
         """``pw2_groups`` as the flat list of ints the C++ ``pointwise_bn`` ops take."""
         return [v for seg in self.pw2_groups for v in seg]
@@ -306,13 +313,17 @@ BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")   # the BNs of a MixedBlock, in pack
 
 
 @torch.no_grad()
-def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                   count: int) -> None:
-    """The running-statistics update of ``F.batch_norm`` from a batch's mean and biased
-    variance over ``count`` values per channel (the running variance is unbiased)."""
-    unbiased = var * (count / (count - 1))
-    running_mean.mul_(1 - BN_MOMENTUM).add_(mean.to(running_mean.dtype), alpha=BN_MOMENTUM)
-    running_var.mul_(1 - BN_MOMENTUM).add_(unbiased.to(running_var.dtype), alpha=BN_MOMENTUM)
+def update_running(running_means: list, running_vars: list, means: list, variances: list,
+                   counts: list) -> None:
+    """The running-statistics update of ``F.batch_norm`` for several BNs, each from a
+    batch's mean and biased variance over ``counts[i]`` values per channel (the running
+    variance is unbiased): four foreach calls for all of them, not four ops per BN (this runs
+    on every training call)."""
+    unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
+    torch._foreach_mul_(running_means, 1 - BN_MOMENTUM)
+    torch._foreach_add_(running_means, list(means), alpha=BN_MOMENTUM)
+    torch._foreach_mul_(running_vars, 1 - BN_MOMENTUM)
+    torch._foreach_add_(running_vars, unbiased, alpha=BN_MOMENTUM)
 
 
 # --- the adapter between a MixedBlock and a fused op --------------------------------------
@@ -341,13 +352,11 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra) -> Tensor:
     args = fused_op_args(block, x, weights)
     y, stats = op(*args, *extra)
     if block.training:
-        running, off = args[14], 0
-        counts = (geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out)
-        for i in range(len(running) // 2):
-            rm, rv = running[2 * i], running[2 * i + 1]
-            c = rm.shape[0]
-            update_running(rm, rv, stats[0, off:off + c], stats[1, off:off + c], counts[i])
-            off += c
+        rms, rvs = args[14][0::2], args[14][1::2]
+        sizes = [t.shape[0] for t in rms]
+        st = stats.to(rms[0].dtype)
+        update_running(rms, rvs, st[0].split(sizes), st[1].split(sizes),
+                       [geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out][:len(rms)])
     return y
 
 
