@@ -9,8 +9,9 @@ mask-weighted combine. The BNs take no passes of their own (bench/report.py's ``
 counts them): BN1's statistics come from the input's [C_in, C_in] covariance, BN1 + ReLU is
 the depthwise's prologue and BN2's statistics its epilogue, BN2 + ReLU is the second 1x1's
 prologue and BN3's statistics its epilogue. In the backward the second 1x1s leave the
-gradient at BN2 (ReLU mask applied) with BN2's sums; the depthwise makes the gradient at
-BN1 one row at a time and takes BN1's sums and the first 1x1's two products of it from that
+gradient at BN2 (ReLU mask applied) with BN2's sums; the depthwise backward applies BN2's
+backward to each tile of it as it loads it (its prologue) and makes the gradient at BN1 one
+row at a time and takes BN1's sums and the first 1x1's two products of it from that
 row, so it is never written, and BN1's backward is taken apart in [C_in]-sized terms; the
 mask-weighted combine and BN3's backward are C++ passes over all candidates' second 1x1
 outputs at once. No loop over the candidates runs in Python. The backward recomputes the
