@@ -57,6 +57,12 @@ Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t
   return t;
 }
 
+// The input rows [lo, hi) that output rows [oh0, oh1) read through a window of halo P.
+inline std::pair<int64_t, int64_t> input_rows(const Shape& S, int64_t P, int64_t oh0,
+                                              int64_t oh1) {
+  return {std::max<int64_t>(0, oh0 * S.s - P), std::min(S.H, (oh1 - 1) * S.s + P + 1)};
+}
+
 // Calls f(n, oh0, oh1) for tiles of at most `tile` output rows of [r0, r1) (row = n * Ho +
 // oh), each inside one image.
 template <typename F>
@@ -109,8 +115,7 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
-          const int64_t lo = std::max<int64_t>(0, oh0 * S.s - P);
-          const int64_t hi = std::min(S.H, (oh1 - 1) * S.s + P + 1);
+          const auto [lo, hi] = input_rows(S, P, oh0, oh1);
           const Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba);
           for (const auto& g : gs)
             for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, ba, op, n, oh);
@@ -274,8 +279,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
         const auto gs = make_groups<T>(r, wp, gwp + t * wt.numel());
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const int64_t i0 = oh0 * S.s, i1 = std::min(S.H, oh1 * S.s);  // the rows it owns
-          const int64_t a_lo = std::max<int64_t>(0, i0 - P);
-          const int64_t a_hi = std::min(S.H, (oh1 - 1) * S.s + P + 1);
+          const auto [a_lo, a_hi] = input_rows(S, P, oh0, oh1);
           // the gradient rows grad-weight (oh0..oh1) and grad-input (of rows i0..i1) read
           const int64_t d_lo = std::min(oh0, i0 <= P ? 0 : (i0 - P + S.s - 1) / S.s);
           const int64_t d_hi = std::max(oh1, std::min(S.Ho, (i1 - 1 + P) / S.s + 1));
