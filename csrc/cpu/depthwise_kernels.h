@@ -1,10 +1,11 @@
 // Depthwise KxK conv on the CPU over channels-last (NHWC) data.
 //
 // Channels are contiguous, so every inner loop runs over a 64-byte vector of channels with
-// the accumulators in registers. K = 3 and 5 have register-tiled row kernels (4 output
-// pixels per weight load in the forward; K accumulators per kernel row over a whole output
-// row in grad-weight), over 64-byte vectors of channels and one 32-byte vector where that much
-// is left; edges, narrower channel tails and other K go pixel by pixel. Grad-input is
+// the accumulators in registers. K = 3 and 5 have register-tiled row kernels over blocks of
+// 8 interior outputs (each input vector loaded once per kernel row and used for every output
+// or tap it meets: a pixel's vectors are C elements apart, so each load is a new cache line
+// and loads, not FMAs, set the pace), over 64-byte vectors of channels and one 32-byte vector
+// where that much is left; edges, narrower channel tails and other K go pixel by pixel. Grad-input is
 // the forward with flipped kernels at stride 1 and, at stride 2, a gather of only the taps
 // of matching parity (no atomics);
 // grad-weight sums per thread over its share of the N*H_out rows into a private [K*K, C]
@@ -156,8 +157,38 @@ inline std::pair<int64_t, int64_t> interior(int64_t W, int64_t Wo, int64_t s, in
   return {lo, std::max(lo, hi)};
 }
 
-// One output row of one group with K known at compile time: 4 output pixels per step share
-// each weight load (1.25 loads per FMA instead of 2); edges and the channel tail go per pixel.
+// NB consecutive interior outputs from column ow of one output row (window rows th, first
+// input row ih0): each input vector is loaded once per kernel row and serves every output
+// whose window holds it (NB + K - 1 loads per kernel row at stride 1, not NB * K).
+template <typename T, int B, int K, int Sd, int NB>
+inline void window_row(const T* xb, const Shape& S, Taps th, int64_t ih0, int64_t ow,
+                       const T* w, int64_t wC, vec_t<T, B> (&acc)[NB]) {
+  using vt = vec_t<T, B>;
+  constexpr int P = K / 2;
+#pragma GCC unroll 16
+  for (int j = 0; j < NB; ++j) acc[j] = vt{};
+  for (int64_t kh = th.lo; kh < th.hi; ++kh) {
+    const T* xr = xb + (ih0 + kh - S.h0) * S.xh + (ow * Sd - P) * S.xw;
+    vt wk[K];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw) wk[kw] = vload<B>(w + (kh * K + kw) * wC);
+#pragma GCC unroll 32
+    for (int i = 0; i < Sd * (NB - 1) + K; ++i) {
+      vt xv = vload<B>(xr + i * S.xw);
+#ifdef __AVX512F__
+      asm("" : "+v"(xv));  // one load per vector: left alone, GCC re-loads it for every FMA
+#endif
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw) {
+        const int d = i - kw;
+        if (d >= 0 && d % Sd == 0 && d / Sd < NB) acc[d / Sd] += xv * wk[kw];
+      }
+    }
+  }
+}
+
+// One output row of one group with K known at compile time: blocks of 8, then 4, then 1
+// interior outputs through window_row; edges and the channel tail go per pixel.
 template <typename T, int K>
 void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh) {
   constexpr int P = K / 2;
@@ -186,26 +217,17 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
       };
       int64_t ow = 0;
       for (; ow < lo; ++ow) one(ow);
-      for (; ow + 4 <= hi; ow += 4) {
-        vt a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int64_t kh = th.lo; kh < th.hi; ++kh) {
-          const T* xr = xb + (ih0 + kh - S.h0) * S.xh + (ow * s - P) * S.xw;
-          const T* wr = g.w + kh * K * g.C + cb;
-#pragma GCC unroll 8
-          for (int kw = 0; kw < K; ++kw) {
-            const vt wv = vload<B>(wr + kw * g.C);
-            const T* xp = xr + kw * S.xw;
-            a0 += vload<B>(xp) * wv;
-            a1 += vload<B>(xp + s * S.xw) * wv;
-            a2 += vload<B>(xp + 2 * s * S.xw) * wv;
-            a3 += vload<B>(xp + 3 * s * S.xw) * wv;
-          }
-        }
-        vstore(ob + ow * S.C, a0);
-        vstore(ob + (ow + 1) * S.C, a1);
-        vstore(ob + (ow + 2) * S.C, a2);
-        vstore(ob + (ow + 3) * S.C, a3);
-      }
+      auto block = [&](auto nb) {  // nb interior outputs from ow on
+        constexpr int NB = decltype(nb)::value;
+        vt acc[NB];
+        if (s == 1) window_row<T, B, K, 1, NB>(xb, S, th, ih0, ow, g.w + cb, g.C, acc);
+        else window_row<T, B, K, 2, NB>(xb, S, th, ih0, ow, g.w + cb, g.C, acc);
+        for (int j = 0; j < NB; ++j) vstore(ob + (ow + j) * S.C, acc[j]);
+        ow += NB;
+      };
+      while (ow + 8 <= hi) block(std::integral_constant<int, 8>{});
+      if (ow + 4 <= hi) block(std::integral_constant<int, 4>{});
+      while (ow < hi) block(std::integral_constant<int, 1>{});
       for (; ow < S.Wo; ++ow) one(ow);
     }
   });
@@ -214,8 +236,31 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
       fwd_px<T, 0>(S, g, x, out, n, oh, ow, cv, static_cast<int>(g.C - cv));
 }
 
+// Grad-weight of one kernel row over NB consecutive interior outputs: acc[kw] += g[j] *
+// x[Sd * j + kw], with g at `g` (outputs `gs` apart) and x at the first window's left (columns
+// `xs` apart); each x vector is loaded once and serves every tap it meets.
+template <typename T, int B, int K, int Sd, int NB>
+inline void weight_row(const T* g, int64_t gs, const T* x, int64_t xs, vec_t<T, B> (&acc)[K]) {
+  using vt = vec_t<T, B>;
+  vt gv[NB];
+#pragma GCC unroll 16
+  for (int j = 0; j < NB; ++j) gv[j] = vload<B>(g + j * gs);
+#pragma GCC unroll 32
+  for (int i = 0; i < Sd * (NB - 1) + K; ++i) {
+    vt xv = vload<B>(x + i * xs);
+#ifdef __AVX512F__
+    asm("" : "+v"(xv));
+#endif
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw) {
+      const int d = i - kw;
+      if (d >= 0 && d % Sd == 0 && d / Sd < NB) acc[kw] += gv[d / Sd] * xv;
+    }
+  }
+}
+
 // Grad-weight of one output row with K known: per kernel row, K accumulators stay in
-// registers over the whole output row, and each grad vector serves K taps.
+// registers over the whole output row, filled 8 interior outputs at a time by weight_row.
 template <typename T, int K>
 void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
                          int64_t oh) {
@@ -231,20 +276,26 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
       for (int64_t kh = th.lo; kh < th.hi; ++kh) {
         const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
         vt acc[K] = {};
-        for (int64_t ow = 0; ow < S.Wo; ++ow) {
+        auto edge = [&](int64_t ow) {  // taps outside the row skipped
           const vt gv = vload<B>(gb + ow * S.C);
           const T* xp = xr + (ow * s - P) * S.xw;
-          if (ow >= lo && ow < hi) {
 #pragma GCC unroll 8
-            for (int kw = 0; kw < K; ++kw) acc[kw] += gv * vload<B>(xp + kw * S.xw);
-          } else {
-#pragma GCC unroll 8
-            for (int kw = 0; kw < K; ++kw) {
-              const int64_t iw = ow * s - P + kw;
-              if (iw >= 0 && iw < S.W) acc[kw] += gv * vload<B>(xp + kw * S.xw);
-            }
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t iw = ow * s - P + kw;
+            if (iw >= 0 && iw < S.W) acc[kw] += gv * vload<B>(xp + kw * S.xw);
           }
-        }
+        };
+        auto block = [&](int64_t ow, auto nb) {
+          constexpr int NB = decltype(nb)::value;
+          const T* xp = xr + (ow * s - P) * S.xw;
+          if (s == 1) weight_row<T, B, K, 1, NB>(gb + ow * S.C, S.C, xp, S.xw, acc);
+          else weight_row<T, B, K, 2, NB>(gb + ow * S.C, S.C, xp, S.xw, acc);
+        };
+        int64_t ow = 0;
+        for (; ow < lo; ++ow) edge(ow);
+        for (; ow + 8 <= hi; ow += 8) block(ow, std::integral_constant<int, 8>{});
+        for (; ow < hi; ++ow) block(ow, std::integral_constant<int, 1>{});
+        for (; ow < S.Wo; ++ow) edge(ow);
         T* wp = g.gw + kh * K * g.C + cb;
 #pragma GCC unroll 8
         for (int kw = 0; kw < K; ++kw) vstore(wp + kw * g.C, vload<B>(wp + kw * g.C) + acc[kw]);
