@@ -98,21 +98,46 @@ class DeviceIndex(NamedTuple):
     """The plan's index tensors on one device (see ``FusedPlan``)."""
 
     perm: Optional[Tensor]
-    pw1_index: Optional[Tensor]
     mask_cols: Tensor
+
+
+class _Pw1Block(NamedTuple):
+    """Rows [row0, +rows) of the dense first-1x1 matrix, from pw1_weight[offset:]: one
+    candidate with ``groups`` > 1, or a run of ungrouped ones (the same rows, in order).
+    The shuffle puts a grouped candidate's output channel o = g * mid_g + j (group g) in row
+    j * G + g, reading input columns [g * cin_g, +cin_g): a diagonal over the two group
+    dimensions of its rows."""
+
+    row0: int
+    rows: int
+    offset: int
+    groups: int
+    in_channels: int
+
+    def packed_view(self, w: Tensor) -> Tensor:
+        G, C = self.groups, self.in_channels
+        block = w[self.offset:self.offset + self.rows * (C // G)]
+        return block.view(self.rows, C) if G == 1 else block.view(G, self.rows // G, C // G)
+
+    def dense_view(self, dense: Tensor) -> Tensor:
+        G, C = self.groups, self.in_channels
+        rows = dense[self.row0:self.row0 + self.rows]
+        if G == 1:
+            return rows
+        return (rows.view(self.rows // G, G, G, C // G).diagonal(dim1=1, dim2=2)
+                .permute(2, 0, 1))
 
 
 @dataclass(frozen=True, eq=False)
 class FusedPlan:
     """Where every candidate's channels and weights go in the fused pipeline.
 
-    The index tensors are None when no candidate is grouped: then the flat weights are
-    already dense and no channel moves.
+    ``perm`` is None when no candidate is grouped: then the flat weights are already dense
+    and no channel moves.
     """
 
     layout: MixedLayout
     perm: Optional[Tensor]       # expanded column r <- BN1 (stored-order) channel perm[r]
-    pw1_index: Optional[Tensor]  # pw1_weight element -> position in the dense [T, C_in]
     pw2_groups: tuple            # Segment per (candidate, group): Z columns <- expanded ones
     dw_runs: tuple               # DwRun per stretch of candidates with equal kernel size
     mask_cols: tuple             # candidate (mask) columns: conv candidates, then skip
@@ -134,8 +159,7 @@ class FusedPlan:
         idx = self._on.get(key)
         if idx is None:
             cols = torch.tensor(self.mask_cols, dtype=torch.long)
-            idx = DeviceIndex(*(None if t is None else t.to(device)
-                                for t in (self.perm, self.pw1_index, cols)))
+            idx = DeviceIndex(*(None if t is None else t.to(device) for t in (self.perm, cols)))
             self._on[key] = idx
         return idx
 
@@ -146,17 +170,38 @@ class FusedPlan:
 
     def unshuffle(self, t: Tensor) -> Tensor:
         """Inverse of ``shuffle`` (BN1 statistics and gradients back to stored order)."""
-        return _scatter(t, self.on(t.device).perm, t.shape)
+        return _scatter(t, self.on(t.device).perm)
 
     def dense_pw1(self, w: Tensor) -> Tensor:
-        """pw1_weight as the flat dense [T, C_in] matrix of the first GEMM."""
+        """pw1_weight as the flat dense [T, C_in] matrix of the first GEMM: one strided copy
+        per grouped candidate and per run of ungrouped ones (an element-wise index costs
+        2-4x more on the widest layers, every call)."""
+        if self.perm is None:
+            return w
         L = self.layout
-        return _scatter(w, self.on(w.device).pw1_index, (L.total_mid * L.in_channels,))
+        dense = w.new_zeros(L.total_mid, L.in_channels)
+        for b in self._pw1_blocks:
+            b.dense_view(dense).copy_(b.packed_view(w))
+        return dense.view(-1)
 
     def packed_pw1(self, dense: Tensor) -> Tensor:
         """The gradient of the dense first GEMM's weight, back in pw1_weight's order."""
-        return _gather(dense, self.on(dense.device).pw1_index)
+        if self.perm is None:
+            return dense
+        d = dense.view(self.layout.total_mid, self.layout.in_channels)
+        return torch.cat([b.dense_view(d).reshape(-1) for b in self._pw1_blocks])
 
+    @cached_property
+    def _pw1_blocks(self) -> list:
+        """pw1_weight in pieces, in order: each grouped candidate, each run of ungrouped ones."""
+        C, out = self.layout.in_channels, []
+        for s in self.layout.slots:
+            G = s.spec.groups
+            if G == 1 and out and out[-1].groups == 1:
+                out[-1] = out[-1]._replace(rows=out[-1].rows + s.mid)
+            else:
+                out.append(_Pw1Block(s.mid_offset, s.mid, s.pw1_offset, G, C))
+        return out
     @cached_property
     def conv_cols(self):
         """The conv candidates' mask columns as an index: a slice when they are the first
@@ -188,15 +233,14 @@ class FusedPlan:
         return out
 
 
-# index_select and index_copy_ rather than t[index] and index_put_: on the CPU they run in
-# parallel, 2-3x faster on the widest layers' 700k-element weights (per call, every step).
+# The channel permutation of BN1's vectors (T elements).
 def _gather(t: Tensor, index: Optional[Tensor]) -> Tensor:
     return t if index is None else t.index_select(0, index)
 
 
-def _scatter(t: Tensor, index: Optional[Tensor], shape: tuple) -> Tensor:
-    """A zero tensor of ``shape`` with t's rows at ``index`` (t itself without an index)."""
-    return t if index is None else t.new_zeros(shape).index_copy_(0, index, t)
+def _scatter(t: Tensor, index: Optional[Tensor]) -> Tensor:
+    """t's rows moved to ``index`` (a permutation; t itself without one)."""
+    return t if index is None else torch.empty_like(t).index_copy_(0, index, t)
 
 
 def _build(L: MixedLayout) -> FusedPlan:
@@ -206,7 +250,6 @@ def _build(L: MixedLayout) -> FusedPlan:
     C, O, T = L.in_channels, L.out_channels, L.total_mid
     grouped = any(s.spec.groups > 1 for s in L.slots)
     perm = torch.empty(T, dtype=torch.long)
-    pw1_index = torch.empty(L.pw1_numel, dtype=torch.long)
     runs, groups = [], []
     for s in L.slots:
         G, mid = s.spec.groups, s.mid
@@ -216,9 +259,6 @@ def _build(L: MixedLayout) -> FusedPlan:
         o = torch.arange(mid)
         col = s.mid_offset + (o % mid_g) * G + o // mid_g
         perm[col] = s.mid_offset + o
-        start = col * C + (o // mid_g) * cin_g
-        pw1_index[s.pw1_offset:s.pw1_offset + mid * cin_g] = (
-            start[:, None] + torch.arange(cin_g)).flatten()
         if runs and runs[-1].kernel == s.spec.kernel:
             runs[-1] = runs[-1]._replace(channels=runs[-1].channels + mid)
         else:
@@ -231,8 +271,8 @@ def _build(L: MixedLayout) -> FusedPlan:
     cols = tuple(s.index for s in L.slots) + ((L.skip_index,) if skip else ())
     n_skip = O if skip and L.skip_is_conv else 0
     if not grouped:
-        perm = pw1_index = None
-    return FusedPlan(L, perm, pw1_index, tuple(groups), tuple(runs), cols,
+        perm = None
+    return FusedPlan(L, perm, tuple(groups), tuple(runs), cols,
                      (T, T, len(L.slots) * O, n_skip))
 
 
