@@ -322,7 +322,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       }
     });
   });
-  if (pw1) gxw = gxw.sum(0).narrow(1, 0, Ci).contiguous();
+  if (pw1) {  // the parts added up, without their padding columns
+    auto sum = at::empty({C, Ci}, a.options());
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gxw_sum", [&] {
+      const scalar_t* src = gxw.const_data_ptr<scalar_t>();
+      scalar_t* o = sum.mutable_data_ptr<scalar_t>();
+      const int64_t Cp = gxw.size(2);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < Ci; ++i) {
+          scalar_t v = 0;
+          for (int64_t t = 0; t < parts; ++t) v += src[(t * C + c) * Cp + i];
+          o[c * Ci + i] = v;
+        }
+    });
+    gxw = sum;
+  }
   if (xw_whole) {  // g as the [N*H*W, C] matrix of its channels-last data
     const auto g = ga.permute({0, 2, 3, 1}).reshape({-1, C});
     auto gx = *grad_x;

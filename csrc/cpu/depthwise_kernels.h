@@ -421,12 +421,25 @@ inline at::Tensor channel_contiguous(const at::Tensor& x) {
   return x.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Each weight as [k*k, C_g] contiguous, concatenated.
-inline at::Tensor taps_major(at::TensorList weights, const Checked& r) {
-  std::vector<at::Tensor> parts;
-  for (size_t i = 0; i < weights.size(); ++i)
-    parts.push_back(weights[i].reshape({r.cs[i], r.ks[i] * r.ks[i]}).t().reshape({-1}));
-  return at::cat(parts).contiguous();
+// Each weight as [k*k, C_g] contiguous (tap-major, so a tap's channels are contiguous),
+// concatenated; taps reversed (the kernel flipped) with `flip`. One pass, no temporaries:
+// it runs on every call, and the widest layers' weights are 100k elements.
+inline at::Tensor taps_major(at::TensorList weights, const Checked& r, bool flip = false) {
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) total += r.cs[i] * r.ks[i] * r.ks[i];
+  auto out = at::empty({total}, weights[0].options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "taps_major", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const auto w = weights[i].contiguous();
+      const scalar_t* src = w.const_data_ptr<scalar_t>();
+      const int64_t C = r.cs[i], kk = r.ks[i] * r.ks[i];
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < kk; ++t) o[t * C + c] = src[c * kk + (flip ? kk - 1 - t : t)];
+      o += C * kk;
+    }
+  });
+  return out;
 }
 
 template <typename T>
@@ -465,11 +478,7 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& x, const Shape&
 // The weights grad-input reads (as taps_major): flipped at stride 1, where grad-input is the
 // forward conv of grad; as they are at stride 2.
 inline at::Tensor grad_input_taps(at::TensorList weights, const Checked& r) {
-  if (r.S.s != 1) return taps_major(weights, r);
-  std::vector<at::Tensor> flipped;
-  for (size_t i = 0; i < weights.size(); ++i)
-    flipped.push_back(weights[i].reshape({r.cs[i], r.ks[i], r.ks[i]}).flip({1, 2}));
-  return taps_major(flipped, r);
+  return taps_major(weights, r, r.S.s == 1);
 }
 
 // A backward's checked inputs: the shapes (with x's strides), x with contiguous channels,
@@ -509,17 +518,27 @@ void grad_input_row(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64
 }
 
 // The per-thread grad-weight partials [parts, K*K*C taps-major] summed, as one
-// Tensor[C_g, K, K] (the weight's own shape) per group.
+// Tensor[C_g, K, K] (the weight's own shape) per group, each written in one pass.
 inline std::vector<at::Tensor> split_grad_weights(const at::Tensor& gw_parts,
                                                   at::TensorList weights, const Checked& r) {
-  auto gw_flat = gw_parts.sum(0);
+  const int64_t parts = gw_parts.size(0), total = gw_parts.size(1);
   std::vector<at::Tensor> gws;
   int64_t off = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
-    const int64_t kk = r.ks[i] * r.ks[i], n = r.cs[i] * kk;
-    gws.push_back(gw_flat.narrow(0, off, n).view({kk, r.cs[i]}).t().contiguous()
-                      .view(weights[i].sizes()));
-    off += n;
+    auto gw = at::empty(weights[i].sizes(), gw_parts.options());
+    const int64_t C = r.cs[i], kk = r.ks[i] * r.ks[i];
+    AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "split_grad_weights", [&] {
+      const scalar_t* src = gw_parts.const_data_ptr<scalar_t>() + off;
+      scalar_t* o = gw.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < kk; ++t) {
+          scalar_t v = 0;
+          for (int64_t p = 0; p < parts; ++p) v += src[p * total + t * C + c];
+          o[c * kk + t] = v;
+        }
+    });
+    gws.push_back(gw);
+    off += C * kk;
   }
   return gws;
 }
