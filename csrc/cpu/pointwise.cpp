@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "channel_sums.h"
@@ -329,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const auto wb = weight_blocks<T>(w.const_data_ptr<T>(), segs, false);
     const auto& off = wb.off;
     const int64_t total = wb.total;
-    std::vector<T> gw_parts(parts * total);
+    std::unique_ptr<T[]> gw_parts(new T[parts * total]);  // each part zeroes its own
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
     const int64_t tile = tile_rows<T>(ldh);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
@@ -338,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
       std::vector<T> part(2 * C);
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(M, parts, t);
-        T* gwt = gw_parts.data() + t * total;
+        T* gwt = gw_parts.get() + t * total;
         std::fill(gwt, gwt + total, T(0));
         for (int64_t t0 = r0; t0 < r1; t0 += tile) {
           const int64_t R = std::min(tile, r1 - t0);
