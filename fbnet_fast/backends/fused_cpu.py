@@ -198,8 +198,7 @@ def _mask_rows(mask: Tensor, n: int) -> Tensor:
 
 # --- the ops ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fbnet_fast::mixed_block_cpu", mutates_args=(), device_types="cpu")
-def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
+def mixed_block_cpu_impl(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
                     bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
                     bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
                     skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor],
@@ -247,6 +246,10 @@ def mixed_block_cpu(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tenso
         return y, p.pack_stats(stats)
 
 
+mixed_block_cpu = torch.library.custom_op("fbnet_fast::mixed_block_cpu", mutates_args=(),
+                                          device_types="cpu")(mixed_block_cpu_impl)
+
+
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu")
 def _(x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running, layout, training):
     p = plan_for(layout)
@@ -258,9 +261,7 @@ def _(x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running, layout
     return y, x.new_empty(2, sum(p.stat_sizes))
 
 
-@torch.library.custom_op("fbnet_fast::mixed_block_cpu_backward", mutates_args=(),
-                         device_types="cpu")
-def mixed_block_cpu_backward(
+def mixed_block_cpu_backward_impl(
         grad: Tensor, x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
         bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
         bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
@@ -387,6 +388,11 @@ def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, A: Tensor, c: 
     return dW1, dX
 
 
+mixed_block_cpu_backward = torch.library.custom_op(
+    "fbnet_fast::mixed_block_cpu_backward", mutates_args=(),
+    device_types="cpu")(mixed_block_cpu_backward_impl)
+
+
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu_backward")
 def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, layout, training):
     fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
@@ -396,11 +402,13 @@ def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, la
             + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)] + skip)
 
 
-register_fused_autograd("mixed_block_cpu")
+_eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
+                                 mixed_block_cpu_backward_impl)
 
 
 # --- the backend entry point --------------------------------------------------------------
 
 def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:
     """``MixedBlock`` forward on the fused op; updates the BN running statistics in training."""
-    return call_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, block, x, weights.to(x.dtype))
+    return call_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, block, x, weights.to(x.dtype),
+                         eager=_eager)
