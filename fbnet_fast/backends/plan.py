@@ -422,9 +422,14 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     if forward_impl is None:
         return None
     setup_context, backward = _fused_autograd(backward_impl, op_inputs=False)
+
+    def forward(ctx, *inputs):  # ctx-style: a separate setup_context costs a signature bind
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
     return type(f"{name}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward_impl), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
