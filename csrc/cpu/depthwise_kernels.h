@@ -5,9 +5,9 @@
 // 8 interior outputs (each input vector loaded once per kernel row and used for every output
 // or tap it meets: a pixel's vectors are C elements apart, so each load is a new cache line
 // and loads, not FMAs, set the pace), over 64-byte vectors of channels and one 32-byte vector
-// where that much is left; edges, narrower channel tails and other K go pixel by pixel. Grad-input is
-// the forward with flipped kernels at stride 1 and, at stride 2, a gather of only the taps
-// of matching parity (no atomics);
+// where that much is left; edges, narrower channel tails and other K go pixel by pixel.
+// Grad-input is the forward with flipped kernels at stride 1 and, at stride 2, a gather of
+// only the taps of matching parity (no atomics);
 // grad-weight sums per thread over its share of the N*H_out rows into a private [K*K, C]
 // partial, then the partials are reduced.
 #pragma once

@@ -200,11 +200,12 @@ def _mask_rows(mask: Tensor, n: int) -> Tensor:
 
 # --- the ops ----------------------------------------------------------------------------
 
-def mixed_block_cpu_impl(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
-                    bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
-                    bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
-                    skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor],
-                    running: List[Tensor], layout: str, training: bool) -> tuple[Tensor, Tensor]:
+def mixed_block_cpu_impl(
+        x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor, bn1_weight: Tensor,
+        bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor, bn3_weight: Tensor,
+        bn3_bias: Tensor, skip_weight: Optional[Tensor], skip_bn_weight: Optional[Tensor],
+        skip_bn_bias: Optional[Tensor], running: List[Tensor], layout: str,
+        training: bool) -> tuple[Tensor, Tensor]:
     """Returns (y Tensor[N, C_out, H', W'] in x's memory format, statistics Tensor[2, S]).
 
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
