@@ -73,3 +73,27 @@ def test_workspace_reuse_is_safe():
         y_inf = fused(big, mask)
     torch.testing.assert_close(y_inf, ref(big, mask))
     compare(fused, ref, size=5, seed=2)                 # buffers made in inference mode
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["batch_mask", "example_mask"])
+def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
+    """Eager calls run the op's implementation through an autograd.Function: its output, every
+    gradient and the running statistics equal those of the custom op (grouped candidates, a
+    conv skip, stride 2)."""
+    from fbnet_fast.backends import fused_cpu
+    assert fused_cpu._eager is not None
+
+    def run(eager):
+        monkeypatch.setattr(fused_cpu, "_eager", eager)
+        torch.manual_seed(3)
+        block = MixedBlock(16, 24, 2, backend="cpu").to(DT).train()
+        x = torch.randn(3, 16, 9, 9, dtype=DT, requires_grad=True)
+        shape = (3, 9) if per_example else (9,)
+        mask = torch.softmax(torch.randn(shape, dtype=DT), -1).requires_grad_()
+        y = block(x, mask)
+        y.backward(torch.randn_like(y))
+        grads = [x.grad, mask.grad] + [p.grad for p in block.parameters()]
+        return [y.detach(), *grads, *(b.clone() for b in block.buffers())]
+
+    for a, b in zip(run(fused_cpu._eager), run(None), strict=True):
+        torch.testing.assert_close(a, b)
