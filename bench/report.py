@@ -144,11 +144,16 @@ def mixed_flops(n, c_in, c_out, s, h) -> float:
 # (the depthwise output), Z = [N*H'*W', k*C_out] (the k candidates' second 1x1 outputs),
 # X = [N*H*W, C_in], Y = [N*H'*W', C_out]. A pass over cached data (a row or tile just
 # written) is not counted.
-PASSES = [  # (step, {tensor: passes} before, {tensor: passes} now)
-    ("first 1x1, forward + recomputed", {"X": 2, "A": 2}, {"X": 2, "A": 2}),
+# (step, {tensor: passes} before, {tensor: passes} now[, now where A is made whole: maps with
+# at most C_in^2 / 16 rows, where BN1's statistics are taken from A, not X's covariance])
+PASSES = [
+    ("first 1x1, forward + recomputed (now the forward's is made per tile in the depthwise's"
+     " prologue, where BN1's statistics come from the covariance)", {"X": 2, "A": 2},
+     {"X": 1, "A": 1}, {"X": 2, "A": 2}),
     ("BN1 statistics (from X's [C, C] covariance)", {"X": 4}, {"X": 4}),
     ("BN1 + ReLU applied (the depthwise prologue)", {}, {}),
-    ("depthwise forward + recomputed", {"A": 2, "D": 2}, {"A": 2, "D": 2}),
+    ("depthwise forward + recomputed (now the forward reads X, not A)", {"A": 2, "D": 2},
+     {"X": 1, "A": 1, "D": 2}, {"A": 2, "D": 2}),
     ("BN2 statistics (the depthwise epilogue)", {}, {}),
     ("BN2 + ReLU applied, forward + recomputed (now the second 1x1s' prologue)",
      {"D": 3}, {}),
@@ -178,9 +183,12 @@ def pass_budget(n: int, c_in: int, c_out: int, s: int, h: int, bandwidth: float)
     m1, m2, t = n * h * h, n * ho * ho, layout.total_mid
     size = {"A": m1 * t, "D": m2 * t, "Z": m2 * len(layout.slots) * c_out, "X": m1 * c_in,
             "Y": m2 * c_out}
+    whole_a = 16 * m1 <= c_in * c_in  # fused_cpu._stats_via_covariance's rule, reversed
     out = {}
     for col, when in ((1, "before"), (2, "now")):
-        elems = sum(size[k] * v for row in PASSES for k, v in row[col].items())
+        elems = sum(size[k] * v for row in PASSES
+                    for k, v in (row[3] if col == 2 and whole_a and len(row) > 3
+                                 else row[col]).items())
         out[f"passes_{when}"] = elems / size["A"]
         out[f"MB_{when}"] = 4 * elems / 2**20
         out[f"bw_floor_ms_{when}"] = 4 * elems / bandwidth * 1e3

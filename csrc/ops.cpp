@@ -32,8 +32,10 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // per-channel mean and biased variance of out; the backward writes g = dL/d(a * scale +
   // shift) (the conv's grad-input, zero where the ReLU was off) into grad_a and returns the
   // weights' grads and Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
+  // With a_weight (Tensor[C, C_in]), a is the first 1x1's input (Tensor[N, C_in, H, W]) and
+  // the depthwise input is relu((a a_weight^T) * scale + shift), made one tile at a time.
   m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
-        " Tensor(a!) out) -> Tensor");
+        " Tensor(a!) out, Tensor? a_weight=None) -> Tensor");
   // With x (Tensor[N*H*W, C_in], the rows the first 1x1 read to make a) and x_weight
   // (Tensor[C, C_in]) the backward also writes grad_x = g x_weight and returns g^T x
   // (Tensor[C, C_in]; empty without x), while each row of g is in cache (above 512 KB of

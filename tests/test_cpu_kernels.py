@@ -328,6 +328,42 @@ def test_dw_conv_bn(size, k, stride):
             torch.testing.assert_close(grad_a, want[0])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("size", BN_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_dw_conv_bn_makes_a_per_tile(size, k, stride):
+    """With a_weight, a = x a_weight^T is made per tile from the first 1x1's input x: output
+    and statistics against F.conv2d on the whole a (the 700-channel case's weight, 100 inputs,
+    560 KB, takes the whole-GEMM path)."""
+    a, scale, shift, ws, g = _bn_inputs(size, k, 7 * sum(size) + k + stride)
+    n, c, h, w = a.shape
+    ci = 100 if c == 700 else 5
+    x = torch.randn(n, ci, h, w, dtype=DT, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    aw = torch.randn(c, ci, dtype=DT, generator=g)
+    a = F.conv2d(x, aw.view(c, ci, 1, 1))
+    y = reference((a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).relu(), ws, stride)
+    out, stats = ops.dw_conv_bn(x, ws, stride, scale, shift, a_weight=aw)
+    torch.testing.assert_close(out, y)
+    var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
+    torch.testing.assert_close(stats, torch.stack([mean, var]))
+
+
+def test_dw_conv_bn_a_weight_errors_and_opcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, dtype=DT).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(10, 3, 3, dtype=DT), torch.randn(6, 5, 5, dtype=DT)]
+    sc, sh = torch.randn(16, dtype=DT), torch.randn(16, dtype=DT)
+    with pytest.raises(RuntimeError, match=r"a_weight must be Tensor\[C, C_in = 6\]"):
+        ops.dw_conv_bn(x, ws, 1, sc, sh, a_weight=torch.randn(16, 5, dtype=DT))
+    with pytest.raises(RuntimeError, match=r"cover 16 channels but the conv's input \(x through "
+                                           r"a_weight\) has 12"):
+        ops.dw_conv_bn(x, ws, 1, sc, sh, a_weight=torch.randn(12, 6, dtype=DT))
+    out = torch.empty(2, 16, 5, 4, dtype=DT).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
+                          (x, ws, 1, sc, sh, out, torch.randn(16, 6, dtype=DT)))
+
+
 def test_dw_conv_bn_strided_input_and_opcheck():
     """A channel slice of a wider channels_last tensor is read in place; opcheck both ops."""
     torch.manual_seed(3)

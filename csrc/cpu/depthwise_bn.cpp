@@ -57,6 +57,28 @@ Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t
   return t;
 }
 
+// The first 1x1's output a = x w^T for input rows [lo, hi) of image n, then relu(a * scale +
+// shift), into buf (laid out [rows][W][ld], ld >= C); returns S re-pointed at buf. x is the
+// block input (channels contiguous, strides xs), wt its weight transposed to [C_in, ld]
+// and zero-padded: a is made per tile and never written whole.
+template <typename T>
+Shape pw_bn_relu_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
+                      int64_t ld, const T* sc, const T* sh, int64_t n, int64_t lo, int64_t hi,
+                      T* buf) {
+  for (int64_t ih = lo; ih < hi; ++ih) {
+    T* row = buf + (ih - lo) * S.W * ld;
+    gemm_tile<T>(S.W, ld, Ci, x + n * xs[0] + ih * xs[2], xs[3], 1, wt, ld, row, ld, false);
+    for (int64_t iw = 0; iw < S.W; ++iw) {
+      T* d = row + iw * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
+    }
+  }
+  Shape t = S;
+  t.xn = 0; t.xh = S.W * ld; t.xw = ld; t.h0 = lo;
+  return t;
+}
+
 // The input rows [lo, hi) that output rows [oh0, oh1) read through a window of halo P.
 inline std::pair<int64_t, int64_t> input_rows(const Shape& S, int64_t P, int64_t oh0,
                                               int64_t oh1) {
@@ -81,16 +103,37 @@ void check_bn(const at::Tensor& a, const Shape& S, const char* op,
 }
 
 // out = dw_conv(relu(a * scale + shift)); returns Tensor[2, C] in a's dtype: per channel, the
-// mean and biased variance of out (BN2's batch statistics).
+// mean and biased variance of out (BN2's batch statistics). With a_weight (Tensor[C, C_in]),
+// `a` is the first 1x1's input x (Tensor[N, C_in, H, W]) and a = x a_weight^T is made per
+// tile in the prologue, never written (above kTiledWeightBytes of a_weight, where every tile
+// would stream the weight again, one whole GEMM makes a first).
 at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, int64_t stride,
                               const at::Tensor& scale, const at::Tensor& shift,
-                              const at::Tensor& out) {
-  auto r = check_inputs(a_in, weights, stride);
+                              const at::Tensor& out, const std::optional<at::Tensor>& a_weight) {
+  const char* name = "dw_conv_bn_out";
   auto a = channel_contiguous(a_in);
+  int64_t Ci = 0;
+  at::Tensor aw;
+  if (a_weight.has_value()) {
+    aw = a_weight->contiguous();
+    Ci = a.size(1);
+    TORCH_CHECK(aw.dim() == 2 && aw.size(1) == Ci && aw.scalar_type() == a.scalar_type(), name,
+                ": a_weight must be Tensor[C, C_in = ", Ci, "] of dtype ", a.scalar_type(),
+                " (a is then the first 1x1's input), got shape ", aw.sizes(), " and dtype ",
+                aw.scalar_type());
+    if (weight_bound(aw)) {  // a made whole, then as without a_weight
+      const auto rows = a.permute({0, 2, 3, 1}).reshape({-1, Ci});
+      a = at::mm(rows, aw.t()).view({a.size(0), a.size(2), a.size(3), aw.size(0)})
+              .permute({0, 3, 1, 2});
+      aw = at::Tensor();
+    }
+  }
+  const bool fused = aw.defined();
+  auto r = check_inputs(a, weights, stride, fused ? aw.size(0) : -1);
   auto& S = r.S;
   S.xn = a.stride(0); S.xh = a.stride(2); S.xw = a.stride(3);
-  check_bn(a, S, "dw_conv_bn_out", {{&scale, "scale"}, {&shift, "shift"}});
-  check_out(out, a, {S.N, S.C, S.Ho, S.Wo}, "dw_conv_bn_out", "out");
+  check_bn(a, S, name, {{&scale, "scale"}, {&shift, "shift"}});
+  check_out(out, a, {S.N, S.C, S.Ho, S.Wo}, name, "out");
   auto wt = taps_major(weights, r);
   auto sc = scale.contiguous(), sh = shift.contiguous();
   const int64_t rows = S.N * S.Ho, parts = num_parts(rows), C = S.C;
@@ -102,7 +145,17 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     const T* ap = a.const_data_ptr<T>();
     const T* scp = sc.const_data_ptr<T>();
     const T* shp = sh.const_data_ptr<T>();
-    const int64_t P = max_halo(r), row_a = S.W * C;
+    // the buffer's pixel stride: C, or with a_weight C padded to whole 32-byte vectors (the
+    // tile GEMM writes whole vectors), and a_weight transposed to [C_in, ld] for it
+    const int64_t ld = fused ? round_up(C, 32 / static_cast<int64_t>(sizeof(T))) : C;
+    std::vector<T> awt(fused ? Ci * ld : 0, T(0));
+    if (fused) {
+      const T* src = aw.const_data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < Ci; ++i) awt[i * ld + c] = src[c * Ci + i];
+    }
+    const int64_t xs[4] = {a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
+    const int64_t P = max_halo(r), row_a = S.W * ld;
     const int64_t tile = tile_rows<T>(S.s * row_a, 2 * P * row_a);
     const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
@@ -116,7 +169,9 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
         double* s2 = s1 + C;
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const auto [lo, hi] = input_rows(S, P, oh0, oh1);
-          const Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba);
+          const Shape St =
+              fused ? pw_bn_relu_rows<T>(S, ap, xs, Ci, awt.data(), ld, scp, shp, n, lo, hi, ba)
+                    : bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba);
           for (const auto& g : gs)
             for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, ba, op, n, oh);
           // the epilogue, over the tile's output while it is in cache: BN2's sums (in T per

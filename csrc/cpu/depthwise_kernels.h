@@ -385,7 +385,10 @@ struct Checked {
   std::vector<int64_t> ks, cs;
 };
 
-inline Checked check_inputs(const at::Tensor& x, at::TensorList weights, int64_t stride) {
+// `channels`: the channels the weights must cover (x's own by default; another count when x
+// is the input the conv's input is made from).
+inline Checked check_inputs(const at::Tensor& x, at::TensorList weights, int64_t stride,
+                            int64_t channels = -1) {
   TORCH_CHECK(x.dim() == 4, "dw_conv: x must be Tensor[N, C, H, W], got ", x.dim(), " dims");
   TORCH_CHECK(stride == 1 || stride == 2, "dw_conv: stride must be 1 or 2, got ", stride);
   TORCH_CHECK(!weights.empty(), "dw_conv: weights must hold at least one tensor");
@@ -404,11 +407,14 @@ inline Checked check_inputs(const at::Tensor& x, at::TensorList weights, int64_t
     r.ks.push_back(w.size(-1));
     total += w.size(0);
   }
-  TORCH_CHECK(total == x.size(1), "dw_conv: the weights cover ", total,
-              " channels but x has ", x.size(1), " (shape ", x.sizes(), ")");
+  const bool own = channels < 0;
+  if (own) channels = x.size(1);
+  TORCH_CHECK(total == channels, "dw_conv: the weights cover ", total, " channels but ",
+              own ? "x has " : "the conv's input (x through a_weight) has ", channels,
+              " (x shape ", x.sizes(), ")");
   TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "dw_conv: empty spatial size ", x.sizes());
   auto& S = r.S;
-  S.N = x.size(0); S.C = x.size(1); S.H = x.size(2); S.W = x.size(3); S.s = stride;
+  S.N = x.size(0); S.C = channels; S.H = x.size(2); S.W = x.size(3); S.s = stride;
   S.Ho = (S.H - 1) / stride + 1;  // = floor((H + 2*(K/2) - K) / s) + 1 for odd K
   S.Wo = (S.W - 1) / stride + 1;
   return r;

@@ -120,7 +120,11 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     W1 = p.dense_pw1(pw1).view(T, C)
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
-    A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x))
+    # A = X W1^T is written only where it is read whole: by the backward (keep), and for BN1's
+    # statistics where the map is too small for the covariance route; else the depthwise
+    # makes it one tile at a time from X (its prologue), and it never reaches memory
+    need_a = keep or (stats_in is None and training and not _stats_via_covariance(X))
+    A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x)) if need_a else None
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
@@ -131,9 +135,10 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     r.bn1 = bn_coef(m1, v1, g1, b1)
     # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
     Dm = _ws.get("D", (M2, T), x)
+    a_in, a_weight = (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
     m2, v2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(
-        geo.image_in(A), dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift,
-        geo.image_out(Dm))
+        a_in, dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift, geo.image_out(Dm),
+        a_weight)
     if stats_in is not None:
         m2, v2 = stats_in["bn2"]
     elif not training:

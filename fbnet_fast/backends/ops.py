@@ -5,7 +5,7 @@ wrappers raise with the reason and ``jit.why_unavailable()`` says why.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,16 +46,20 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
 
 
 def dw_conv_bn(a: Tensor, weights: Sequence[Tensor], stride: int, scale: Tensor,
-               shift: Tensor) -> tuple:
+               shift: Tensor, a_weight: Optional[Tensor] = None) -> tuple:
     """(out, stats): out = ``dw_conv(relu(a * scale + shift), weights, stride)`` (BN + ReLU
     applied as the conv reads its input) and stats Tensor[2, C], the per-channel mean and
-    biased variance of out (its batch statistics, taken as it is written)."""
+    biased variance of out (its batch statistics, taken as it is written). With a_weight
+    (Tensor[C, C_in]), ``a`` is the first 1x1's input and its output a a_weight^T is made
+    per tile, never written."""
     _require()
     n, c, h, w = a.shape
+    if a_weight is not None:
+        c = a_weight.shape[0]
     out = a.new_empty((n, c, conv_out(h, stride), conv_out(w, stride))).contiguous(
         memory_format=torch.channels_last)
     stats = torch.ops.fbnet_fast.dw_conv_bn_out.default(a, list(weights), stride, scale, shift,
-                                                        out)
+                                                        out, a_weight)
     return out, stats
 
 
@@ -107,8 +111,8 @@ if AVAILABLE:
         return gx, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_out")
-    def _(a, weights, stride, scale, shift, out):
-        return a.new_empty((2, a.shape[1]))
+    def _(a, weights, stride, scale, shift, out, a_weight=None):
+        return a.new_empty((2, a.shape[1] if a_weight is None else a_weight.shape[0]))
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
     def _(grad, a, weights, stride, scale, shift, mean, grad_a=None, x=None, x_weight=None,
