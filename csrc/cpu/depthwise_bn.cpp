@@ -2,8 +2,10 @@
 // the wide [N*H*W, 22*C] tensors between them are read and written fewer times:
 //   forward: its input is relu(a * scale + shift) (BN1 + ReLU), applied to a tile of input
 //     rows in a per-thread scratch buffer as the conv reads them (the prologue), so BN1's
-//     output is never written; it returns the per-channel mean and variance of its output
-//     (the epilogue: BN2's batch statistics, summed while the output rows are in cache);
+//     output is never written; given the first 1x1's input and weight instead of a, the
+//     prologue makes a's rows too (a tile GEMM), so a is never written either; it returns
+//     the per-channel mean and variance of its output (the epilogue: BN2's batch
+//     statistics, summed while the output rows are in cache);
 //   backward: grad-weight reads its input through the same prologue; its output gradient
 //     may come through the next BN's backward, also applied per tile; grad-input leaves the
 //     gradient at BN1's output before the ReLU (zero where a * scale + shift <= 0) and

@@ -3,7 +3,9 @@
 
 Data stays channels-last, so every 1x1 conv is a plain GEMM on a [pixels, channels] matrix:
 one GEMM for all candidates' first 1x1 (grouped ones block-diagonal, the channel shuffle
-folded into the row order), one C++ depthwise pass over all expanded channels, one C++ op for
+folded into the row order; where BN1's statistics come from the input's covariance the
+forward runs it per depthwise tile instead, so its output is never written), one C++
+depthwise pass over all expanded channels, one C++ op for
 every candidate's second 1x1 (``pointwise_bn_out``, csrc/cpu/pointwise.cpp), and the
 mask-weighted combine. The BNs take no passes of their own (bench/report.py's ``PASSES``
 counts them): BN1's statistics come from the input's [C_in, C_in] covariance, BN1 + ReLU is
