@@ -123,10 +123,14 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
                 ": a_weight must be Tensor[C, C_in = ", Ci, "] of dtype ", a.scalar_type(),
                 " (a is then the first 1x1's input), got shape ", aw.sizes(), " and dtype ",
                 aw.scalar_type());
-    if (weight_bound(aw)) {  // a made whole, then as without a_weight
+    if (weight_bound(aw)) {  // a made whole (in scratch slot 0), then as without a_weight
+      const int64_t N = a.size(0), H = a.size(2), W = a.size(3), C = aw.size(0);
       const auto rows = a.permute({0, 2, 3, 1}).reshape({-1, Ci});
-      a = at::mm(rows, aw.t()).view({a.size(0), a.size(2), a.size(3), aw.size(0)})
-              .permute({0, 3, 1, 2});
+      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_whole_a", [&] {
+        auto whole = scratch<scalar_t>(0, {N * H * W, C}, {C, 1}, a.options());
+        at::mm_out(whole, rows, aw.t());
+        a = whole.view({N, H, W, C}).permute({0, 3, 1, 2});
+      });
       aw = at::Tensor();
     }
   }
