@@ -41,6 +41,13 @@ inline int64_t max_halo(const Checked& r) {
   return P;
 }
 
+// S re-pointed at a buffer of input rows from `lo` on, laid out [rows][W][ld].
+inline Shape tile_view(const Shape& S, int64_t lo, int64_t ld) {
+  Shape t = S;
+  t.xn = 0; t.xh = S.W * ld; t.xw = ld; t.h0 = lo;
+  return t;
+}
+
 // relu(a * scale + shift) of input rows [lo, hi) of image n into buf (laid out [rows][W][C]);
 // returns S re-pointed at buf. All channels at once: whole pixels are contiguous, so the
 // reads stream.
@@ -54,9 +61,7 @@ Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t
 #pragma omp simd
       for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
     }
-  Shape t = S;
-  t.xn = 0; t.xh = S.W * S.C; t.xw = S.C; t.h0 = lo;
-  return t;
+  return tile_view(S, lo, S.C);
 }
 
 // The first 1x1's output a = x w^T for input rows [lo, hi) of image n, then relu(a * scale +
@@ -76,9 +81,7 @@ Shape pw_bn_relu_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci,
       for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
     }
   }
-  Shape t = S;
-  t.xn = 0; t.xh = S.W * ld; t.xw = ld; t.h0 = lo;
-  return t;
+  return tile_view(S, lo, ld);
 }
 
 // The input rows [lo, hi) that output rows [oh0, oh1) read through a window of halo P.
