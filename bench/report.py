@@ -34,6 +34,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fbnet_fast
 from fbnet_fast import MixedBlock
+from fbnet_fast.backends.plan import bn1_stats_via_covariance
 from fbnet_fast.nn.space import SearchSpace, conv_out
 from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
 from fbnet_fast.testing import make_pair
@@ -183,7 +184,7 @@ def pass_budget(n: int, c_in: int, c_out: int, s: int, h: int, bandwidth: float)
     m1, m2, t = n * h * h, n * ho * ho, layout.total_mid
     size = {"A": m1 * t, "D": m2 * t, "Z": m2 * len(layout.slots) * c_out, "X": m1 * c_in,
             "Y": m2 * c_out}
-    whole_a = 16 * m1 <= c_in * c_in  # fused_cpu._stats_via_covariance's rule, reversed
+    whole_a = not bn1_stats_via_covariance(m1, c_in)
     out = {}
     for col, when in ((1, "before"), (2, "now")):
         elems = sum(size[k] * v for row in PASSES

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from . import jit
-from .plan import (BNCoef, BNGrad, FusedPlan, bn_coef, bn_grad, call_fused_op, dw_weights,
-                   plan_for, register_fused_autograd)
+from .plan import (BNCoef, BNGrad, FusedPlan, bn1_stats_via_covariance, bn_coef, bn_grad,
+                   call_fused_op, dw_weights, plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -125,13 +125,13 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     # A = X W1^T is written only where it is read whole: by the backward (keep), and for BN1's
     # statistics where the map is too small for the covariance route; else the depthwise
     # makes it one tile at a time from X (its prologue), and it never reaches memory
-    need_a = keep or (stats_in is None and training and not _stats_via_covariance(X))
+    via_cov = bn1_stats_via_covariance(M1, C)
+    need_a = keep or (stats_in is None and training and not via_cov)
     A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x)) if need_a else None
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
-        m1, v1 = (_pw_stats(X, W1) if _stats_via_covariance(X)
-                  else torch.ops.fbnet_fast.channel_stats.default(A))
+        m1, v1 = _pw_stats(X, W1) if via_cov else torch.ops.fbnet_fast.channel_stats.default(A)
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef(m1, v1, g1, b1)
@@ -175,15 +175,6 @@ def _centered(X: Tensor):
     mx = X.mean(0)
     Xc = torch.sub(X, mx, out=_ws.get("Xc", X.shape, X))
     return mx, Xc, Xc.t() @ Xc
-
-
-def _stats_via_covariance(X: Tensor) -> bool:
-    """Whether BN1's statistics come from X's [C_in, C_in] covariance (T C_in^2
-    multiply-adds) rather than a pass over A ([M, T] read): from M > C_in^2 / 16, about where
-    the GEMM rate over the copy bandwidth puts the break-even. The 7x7 and 3x3 maps with
-    C_in >= 112 have fewer rows."""
-    m, c = X.shape
-    return 16 * m > c * c
 
 
 def _grad_via_covariance(X: Tensor) -> bool:

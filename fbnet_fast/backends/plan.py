@@ -23,8 +23,8 @@ from ..nn.space import conv_out
 
 __all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
            "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "relu_grad_sums",
-           "apply_bn_grad", "update_running", "BN_ROLES", "fused_op_args", "call_fused_op",
-           "register_fused_autograd"]
+           "apply_bn_grad", "update_running", "bn1_stats_via_covariance", "BN_ROLES",
+           "fused_op_args", "call_fused_op", "register_fused_autograd"]
 
 
 class Segment(NamedTuple):
@@ -202,6 +202,7 @@ class FusedPlan:
             else:
                 out.append(_Pw1Block(s.mid_offset, s.mid, s.pw1_offset, G, C))
         return out
+
     @cached_property
     def conv_cols(self):
         """The conv candidates' mask columns as an index: a slice when they are the first
@@ -335,6 +336,14 @@ def bn_grad(bn: BNCoef, gamma: Tensor, sum_g: Tensor, sum_gz: Tensor, count: int
     beta = -alpha * bn.rstd * dgamma / count
     delta = -alpha * sum_g / count - beta * bn.mean
     return BNGrad(alpha, beta, delta, dgamma, sum_g)
+
+
+def bn1_stats_via_covariance(rows: int, in_channels: int) -> bool:
+    """Whether the CPU backend takes BN1's statistics from the input's [C_in, C_in] covariance
+    (T C_in^2 multiply-adds) rather than a pass over A ([M, T] read), and so its forward
+    never writes A: from M > C_in^2 / 16, about where the GEMM rate over the copy bandwidth
+    puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have fewer rows."""
+    return 16 * rows > in_channels * in_channels
 
 
 def relu_grad_sums(grad: Tensor, pre: Tensor, z: Tensor) -> tuple:
