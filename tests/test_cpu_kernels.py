@@ -246,9 +246,9 @@ def test_bn_out_variants_in_place(relu):
 
 # --- the depthwise conv with BN1 + ReLU as its prologue, BN statistics as its epilogue ------
 
-# (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough that the prologue's 1 MiB
-# tile of input rows holds 1 to 8 output rows (several tiles per image, partial last tiles).
-# (1, 400, 30, 20): several tiles of output rows per image at both strides
+# (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough for several tiles of
+# output rows per image (the kernels' 1.5 MB tiles hold at least 8 output rows; partial last
+# tiles); (1, 400, 30, 20): several tiles per image at both strides
 BN_SIZES = [(2, 7, 9, 8), (2, 33, 1, 1), (3, 17, 4, 4), (1, 400, 12, 40), (1, 700, 5, 50),
             (1, 400, 30, 20)]
 
