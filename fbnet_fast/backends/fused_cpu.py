@@ -51,7 +51,7 @@ if jit.load():
 
 # --- NHWC matrices and the C++ ops -------------------------------------------------------
 
-def _nhwc(t: Tensor) -> Tensor:
+def nhwc(t: Tensor) -> Tensor:
     """[N, C, H, W] -> the [N*H*W, C] matrix of its channels-last data (a view when possible)."""
     n, c, h, w = t.shape
     return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * w, c)
@@ -118,7 +118,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     s, O, T = L.stride, L.out_channels, L.total_mid
     ho, wo = geo.ho, geo.wo
     r = _Fwd()
-    r.X = X = _nhwc(x)
+    r.X = X = nhwc(x)
     W1 = p.dense_pw1(pw1).view(T, C)
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
@@ -158,7 +158,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     r.Z = Z.view(n, ho * wo, k, O)
     r.skip = None
     if L.skip_index >= 0 and L.skip_is_conv:
-        Xs = X if s == 1 else _nhwc(x[:, :, ::s, ::s])
+        Xs = X if s == 1 else nhwc(x[:, :, ::s, ::s])
         S = Xs @ sw.view(O, C).t()
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
@@ -279,7 +279,7 @@ def mixed_block_cpu_backward_impl(
         n, C, h, w, ho, wo = r.shape
         O, T, K = L.out_channels, L.total_mid, mask.shape[-1]
         M1, M2 = n * h * w, n * ho * wo
-        dY = _nhwc(grad).view(n, ho * wo, O)
+        dY = nhwc(grad).view(n, ho * wo, O)
         mr = _mask_rows(mask, n)
         nm = mr.shape[0]
         Sdy = dY.sum(1)                                         # [n, O]

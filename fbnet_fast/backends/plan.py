@@ -254,7 +254,7 @@ def _build(L: MixedLayout) -> FusedPlan:
     runs, groups = [], []
     for s in L.slots:
         G, mid = s.spec.groups, s.mid
-        mid_g, cin_g, out_g = mid // G, C // G, O // G
+        mid_g, out_g = mid // G, O // G
         # pw1 output channel o (group o // mid_g) lands in expanded column ``col``:
         # channel_shuffle moves channel g * mid_g + j to j * G + g.
         o = torch.arange(mid)

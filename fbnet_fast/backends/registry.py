@@ -24,7 +24,7 @@ import torch
 from . import selfcheck
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "resolve", "available", "check_name",
-           "reset"]
+           "reset", "fast_layers"]
 
 ENV_VAR = "FBNET_FAST_BACKEND"
 
@@ -131,6 +131,17 @@ def pick_name(name: str, device: torch.device) -> str:
         warnings.warn(f"fbnet_fast: {'; '.join(passed_over)}; using the {picked!r} backend",
                       RuntimeWarning, stacklevel=4)
     return picked
+
+
+def fast_layers(model, device: torch.device | str, name: str = "auto"):
+    """``model`` (a discrete FBNet) with its BN and depthwise layers on the fused CPU family's
+    kernels (``cpu_layers.accelerate``, in place) where a MixedBlock with backend ``name``
+    would use that family on ``device``; else unchanged. Returns ``model``."""
+    device = torch.device(device)
+    if device.type == "cpu" and pick_name(name, device) == "cpu":
+        from .cpu_layers import accelerate
+        accelerate(model)
+    return model
 
 
 def reset() -> None:

@@ -65,18 +65,20 @@ class CandidateBlock(nn.Module):
         self.has_skip = not shape_changes(in_chs, out_chs, stride)
         self.conv_pw = nn.Conv2d(in_chs, mid, 1, groups=groups, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
+        self.act1 = nn.ReLU()
         self.shuffle = ChannelShuffle(groups) if groups > 1 else nn.Identity()
         self.conv_dw = nn.Conv2d(mid, mid, kernel_size, stride, kernel_size // 2,
                                  groups=mid, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
+        self.act2 = nn.ReLU()
         self.conv_pwl = nn.Conv2d(mid, out_chs, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = torch.relu(self.bn1(self.conv_pw(x)))
+        x = self.act1(self.bn1(self.conv_pw(x)))
         x = self.shuffle(x)
-        x = torch.relu(self.bn2(self.conv_dw(x)))
+        x = self.act2(self.bn2(self.conv_dw(x)))
         x = self.bn3(self.conv_pwl(x))
         if self.has_skip:
             x = x + shortcut

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backends import registry
 from ..latency.loss import default_unit, objective
 from ..latency.table import LatencyTable
 from ..nn.architecture import Architecture, sample_architectures
@@ -209,7 +210,8 @@ def _train_one(arch, data, all_idx, settings: dict, cfg, device, cl: bool):
     """Train ``arch`` from scratch (``evaluate.finetune`` on fresh weights); (val top-1,
     mean val CE)."""
     seed_all(settings["seed"])          # the same init seed for every architecture
-    model = create_model(arch, data.num_classes).to(device)
+    model = registry.fast_layers(create_model(arch, data.num_classes).to(device), device,
+                                 cfg.backend)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     finetune(model, data, settings["steps"], settings["lr"], settings["batch_size"],

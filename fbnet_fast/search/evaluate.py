@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import registry
 from . import data as data_mod
 from .config import cosine_lr
 
@@ -48,14 +49,16 @@ def finetune(model, data, steps: int, lr: float, batch_size: int, seed: int, dev
 
 def arch_accuracy(net, arch, data, indices, batch_size: int, device, channels_last: bool,
                   workers: int = 4, calib_images: int = 1024, finetune_steps: int = 0,
-                  finetune_lr: float = 0.1, seed: int = 0) -> float:
+                  finetune_lr: float = 0.1, seed: int = 0, backend: str = "auto") -> float:
     """Top-1 of one discrete architecture, starting from the supernet's weights, on ``indices``.
 
     It is first fine-tuned for ``finetune_steps`` on the weight split (see ``finetune``).
     The BN running statistics then describe the mixture or the fine-tuning's last batches,
     not the final path, so they are re-estimated on ``calib_images`` weight-split images
-    (one-shot NAS's usual practice) before counting."""
-    model = net.extract(arch)
+    (one-shot NAS's usual practice) before counting. ``backend``: the search's MixedBlock
+    backend, which also decides whether the model trains on the C++ layers
+    (``registry.fast_layers``)."""
+    model = registry.fast_layers(net.extract(arch), device, backend)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if finetune_steps:

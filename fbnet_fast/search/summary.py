@@ -42,7 +42,7 @@ def finish(cfg, net, table, data, d: Dist, rd: RunDir, last: dict, t_start: floa
                 "theta_acc": round(arch_accuracy(
                     net, a, data, data.theta_idx, max(cfg.batch_size, 256), d.device, cl,
                     cfg.workers, finetune_steps=cfg.finetune_steps,
-                    finetune_lr=cfg.finetune_lr, seed=cfg.seed), 6),
+                    finetune_lr=cfg.finetune_lr, seed=cfg.seed, backend=cfg.backend), 6),
             })
         summary = {
             "archs": rows, "num_classes": data.num_classes, "chance": 1.0 / data.num_classes,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from ..backends import registry
 from ..nn.architecture import resolve_arch
 from ..nn.models import create_model
 from . import data as data_mod
@@ -106,7 +107,7 @@ def _train(cfg: TrainConfig, d: Dist, resume, quiet: bool) -> dict:
             rd.write_config(dataclasses.asdict(cfg))
         arch.save(rd.path("arch.json"))
     seed_all(cfg.seed)
-    model = create_model(arch, data.num_classes).to(d.device)
+    model = registry.fast_layers(create_model(arch, data.num_classes).to(d.device), d.device)
     cl = d.device.type == "cpu"
     if cl:
         model = model.to(memory_format=torch.channels_last)

@@ -1,0 +1,139 @@
+"""The discrete models' C++ layers (``backends/cpu_layers.py``) against the torch modules they
+replace, in float64: outputs, every gradient, the BN buffers, and whole FBNets."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fbnet_fast import create_model
+from fbnet_fast.backends import jit, registry
+from fbnet_fast.nn.architecture import Architecture
+from fbnet_fast.nn.blocks import CandidateBlock, ConvBNReLU
+from fbnet_fast.nn.space import SearchSpace
+
+pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
+
+if jit.load():
+    from fbnet_fast.backends import cpu_layers
+
+DT = torch.float64
+CL = torch.channels_last
+# (N, C, H, W) of the quick preset's and the 224x224 models' BNs, odd sizes, a 1x1 map
+BN_SIZES = [(4, 8, 16, 16), (3, 24, 7, 9), (2, 144, 4, 4), (5, 17, 1, 1)]
+
+
+def _bn_pair(c, relu, momentum):
+    torch.manual_seed(c)
+    ref = nn.BatchNorm2d(c, momentum=momentum).to(DT)
+    with torch.no_grad():
+        ref.weight.uniform_(-1.5, 1.5)    # negative gammas flip the ReLU's mask
+        ref.bias.normal_()
+        ref.running_mean.normal_()
+        ref.running_var.uniform_(0.5, 2.0)
+    ours = copy.deepcopy(ref)
+    ours.__class__ = cpu_layers.BatchNorm2d
+    ours.relu = relu
+    return ref, ours
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "average"])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("size", BN_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_matches_torch(size, relu, momentum):
+    ref, ours = _bn_pair(size[1], relu, momentum)
+    for step in range(2):          # two steps: the running statistics' update twice
+        x = (torch.randn(size, dtype=DT) * 2 + 0.5).contiguous(memory_format=CL)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref = ref(x1)
+        y_ref = torch.relu(y_ref) if relu else y_ref
+        y = ours(x2)
+        assert type(y.grad_fn).__name__ == "_TrainBNBackward"        # the C++ path ran
+        assert y.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(y, y_ref)
+        dy = torch.randn_like(y)
+        y_ref.backward(dy)
+        y.backward(dy)
+        torch.testing.assert_close(x2.grad, x1.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
+    ref.eval(), ours.eval()
+    x = torch.randn(size, dtype=DT).contiguous(memory_format=CL)
+    torch.testing.assert_close(ours(x), torch.relu(ref(x)) if relu else ref(x))
+
+
+def test_batch_norm_leaves_what_it_does_not_cover_to_torch():
+    ref, ours = _bn_pair(8, True, 0.1)
+    x = torch.randn(4, 8, 5, 5, dtype=DT)                    # NCHW: torch's own BN
+    y = ours(x)
+    assert y.is_contiguous() and "TrainBN" not in type(y.grad_fn).__name__
+
+    torch.testing.assert_close(y, torch.relu(ref(x)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours(torch.randn(1, 8, 1, 1, dtype=DT).contiguous(memory_format=CL))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_matches_conv2d(k, stride):
+    torch.manual_seed(10 * k + stride)
+    ref = nn.Conv2d(48, 48, k, stride, k // 2, groups=48, bias=False).to(DT)
+    ours = copy.deepcopy(ref)
+    ours.__class__ = cpu_layers.DepthwiseConv2d
+    x = torch.randn(3, 48, 9, 8, dtype=DT).contiguous(memory_format=CL)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x1), ours(x2)
+    assert "fbnet_fast_dw_conv" in type(y.grad_fn).__name__           # the C++ path ran
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    y_ref.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+def _train_step(model, x, y):
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def test_accelerated_fbnet_trains_like_the_plain_one():
+    """A whole model at the quick preset's shapes, one training step, then eval: the same
+    loss, gradients, BN buffers and eval output; the same state-dict keys and parameters."""
+    torch.manual_seed(0)
+    space = SearchSpace.small(width=0.25, head_channels=256)      # the quick preset's
+    arch = Architecture(["k3_e6", "k5_e1_g2", "skip", "k5_e3", "skip", "k3_e1_g2"]
+                        + ["k3_e1", "k5_e6", "k3_e3", "k5_e1"] * 4, space)
+    plain = create_model(arch, num_classes=10).to(DT).to(memory_format=CL).train()
+    fast = copy.deepcopy(plain)
+    params = list(fast.parameters())
+    assert cpu_layers.accelerate(fast) is fast
+    assert list(fast.parameters()) == params and all(a is b for a, b in zip(fast.parameters(), params))
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    bns = [m for m in fast.modules() if isinstance(m, cpu_layers.BatchNorm2d)]
+    assert len(bns) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert sum(b.relu for b in bns) == sum(isinstance(m, nn.ReLU) for m in plain.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in fast.modules())
+    assert sum(isinstance(m, cpu_layers.DepthwiseConv2d) for m in fast.modules()) == sum(
+        isinstance(m, CandidateBlock) for m in plain.modules())
+    x = torch.randn(4, 3, 32, 32, dtype=DT).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+    torch.testing.assert_close(_train_step(fast, x, y), _train_step(plain, x, y))
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(fast.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    fast.eval(), plain.eval()
+    torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_fast_layers_follows_the_backend_choice():
+    model = create_model(["k3_e3"] * 22, num_classes=10)
+    assert registry.fast_layers(model, "cpu", "reference") is model
+    assert not any(isinstance(m, cpu_layers.BatchNorm2d) for m in model.modules())
+    registry.fast_layers(model, "cpu", "cpu")
+    assert isinstance(model.stem[1], cpu_layers.BatchNorm2d) and model.stem[1].relu
+    assert isinstance(model.stem[2], nn.Identity) and isinstance(model.stem, ConvBNReLU)
