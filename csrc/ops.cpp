@@ -43,10 +43,12 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // With out (the conv's output) and out_coef (Tensor[3, C]), the gradient at out is
   // grad * out_coef[0] + out * out_coef[1] + out_coef[2] (the next BN's backward), made one
   // tile at a time as it is read.
+  // weight_grads=False (no weight needs a gradient, as in a θ step) skips the weights' grads
+  // and g^T x: they come back as an empty list and an empty tensor.
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
         " Tensor scale, Tensor shift, Tensor mean, Tensor(a!)? grad_a, Tensor? x=None,"
         " Tensor? x_weight=None, Tensor(b!)? grad_x=None, Tensor? out=None,"
-        " Tensor? out_coef=None) -> (Tensor[], Tensor, Tensor)");
+        " Tensor? out_coef=None, bool weight_grads=True) -> (Tensor[], Tensor, Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
   // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
   // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]
@@ -62,9 +64,11 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // row-major [out_len, in_len] block of `weight` at w_offset. pointwise_bn_out returns
   // Tensor[2, C_z] in d's dtype, z's per-column mean and biased variance; the backward writes
   // g = dL/d(d * scale + shift) (zero where the ReLU was off) into grad_d and returns the
-  // weight's gradient and Tensor[2, C] float64, the per-channel sums of g and g * (d - mean).
+  // weight's gradient (empty with weight_grad=False) and Tensor[2, C] float64, the per-channel
+  // sums of g and g * (d - mean).
   m.def("pointwise_bn_out(Tensor d, Tensor scale, Tensor shift, Tensor weight, int[] segments,"
         " Tensor(a!) z) -> Tensor");
   m.def("pointwise_bn_backward_out(Tensor dz, Tensor d, Tensor scale, Tensor shift, Tensor mean,"
-        " Tensor weight, int[] segments, Tensor(a!) grad_d) -> (Tensor, Tensor)");
+        " Tensor weight, int[] segments, Tensor(a!) grad_d, bool weight_grad=True)"
+        " -> (Tensor, Tensor)");
 }

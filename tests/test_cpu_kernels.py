@@ -326,6 +326,16 @@ def test_dw_conv_bn(size, k, stride):
                                                        (want[0] * c).sum((0, 2, 3))]))
         if grad_a is not None:
             torch.testing.assert_close(grad_a, want[0])
+    # without weight_grads (a θ step): the same g, grad_x and sums, no weight grads, no g^T x
+    for grad_a in (torch.empty_like(gpre), None):
+        gx.fill_(float("nan"))
+        gws3, sums3, gtx3 = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+            dy, a, ws, stride, scale, shift, mean, grad_a, x, xw, gx, zo, coef, False)
+        assert gws3 == [] and gtx3.numel() == 0
+        torch.testing.assert_close(gx, wmat @ xw)
+        torch.testing.assert_close(sums3, sums2)
+        if grad_a is not None:
+            torch.testing.assert_close(grad_a, want[0])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -393,7 +403,8 @@ def test_dw_conv_bn_strided_input_and_opcheck():
     with pytest.raises(RuntimeError, match="out and out_coef go together"):
         torch.ops.fbnet_fast.dw_conv_bn_backward_out(dy, a, ws, 2, scale, shift, mean, g_out,
                                                      None, None, None, coef[0])
-    for extra in ((g_out,), (g_out, *pw1), (None, *pw1), (None, *pw1, *coef)):
+    for extra in ((g_out,), (g_out, *pw1), (None, *pw1), (None, *pw1, *coef),
+                  (None, *pw1, *coef, False)):
         torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_backward_out.default,
                               (dy, a, ws, 2, scale, shift, mean, *extra),
                               test_utils=("test_schema", "test_autograd_registration",
@@ -454,6 +465,12 @@ def test_pointwise_bn(case, dtype):
     gref = pre.grad.double()
     torch.testing.assert_close(sums, torch.stack([gref.sum(0), (gref * (d - mu).double()).sum(0)]),
                                **tol)
+    gd2 = torch.full_like(d, float("nan"))          # without the weight's gradient: the rest
+    gw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out(dz, d, scale, shift, mu, w, flat,
+                                                                gd2, False)
+    assert gw2.numel() == 0
+    torch.testing.assert_close(gd2, gd, rtol=0, atol=0)
+    torch.testing.assert_close(sums2, sums, rtol=0, atol=0)
 
 
 def test_pointwise_bn_bad_input_and_opcheck():
@@ -483,8 +500,10 @@ def test_pointwise_bn_bad_input_and_opcheck():
     torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_out.default,
                           (d, scale, shift, w, flat, z))
     dz = torch.randn(z.shape, dtype=DT, generator=g)
-    torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_backward_out.default,
-                          (dz, d, scale, shift, d.mean(0), w, flat, torch.empty_like(d)))
+    for weight_grad in (True, False):
+        torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_backward_out.default,
+                              (dz, d, scale, shift, d.mean(0), w, flat, torch.empty_like(d),
+                               weight_grad))
 
 
 # --- the mask-weighted combine over Z = [N, P, k, O] and its BN3 backward -----------------

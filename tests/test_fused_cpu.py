@@ -97,3 +97,46 @@ def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
 
     for a, b in zip(run(fused_cpu._eager), run(None), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 2, 9), (24, 24, 1, 8), (112, 112, 1, 3)],
+                         ids=["skip_conv_s2", "residual", "whole_gemms"])
+def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
+    """A θ step freezes the weights: the backward skips their gradients (weight_grads=False)
+    and gives the same input and mask gradients as the full backward, in float64; a conv skip,
+    a residual layer and the 112-channel case whose first 1x1 runs as whole GEMMs."""
+    asked = []                       # the flag each kernel call got
+
+    class Spy:
+        def __init__(self, op):
+            self.op = op
+
+        def default(self, *args):
+            asked.append(args[-1])
+            return self.op.default(*args)
+
+    for name in ("dw_conv_bn_backward_out", "pointwise_bn_backward_out"):
+        monkeypatch.setattr(torch.ops.fbnet_fast, name, Spy(getattr(torch.ops.fbnet_fast, name)))
+    c_in, c_out, stride, size = shape
+    torch.manual_seed(4)
+    block = MixedBlock(c_in, c_out, stride, backend="cpu").to(DT).train()
+    x = torch.randn(3, c_in, size, size, dtype=DT)
+    mask = torch.softmax(torch.randn(block.num_candidates, dtype=DT), -1)
+    dy = torch.randn(3, c_out, (size + stride - 1) // stride, (size + stride - 1) // stride,
+                     dtype=DT)
+
+    def grads(frozen):
+        for p in block.parameters():
+            p.requires_grad_(not frozen)
+            p.grad = None
+        xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        block(xi, mi).backward(dy)
+        return xi.grad, mi.grad
+
+    full = grads(False)
+    assert asked == [True, True]
+    frozen = grads(True)
+    assert asked[2:] == [False, False]
+    assert all(p.grad is None for p in block.parameters())
+    for a, b in zip(frozen, full, strict=True):
+        torch.testing.assert_close(a, b)

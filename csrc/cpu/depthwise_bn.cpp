@@ -231,7 +231,9 @@ void bn_grad_rows(const Shape& S, const T* grad, const T* z, const T* coef, int6
 // the first 1x1 read to make a) and x_weight (Tensor[C, C_in]) the first 1x1's two products
 // while each row of g is in cache: grad_x = g x_weight, and g^T x returned as Tensor[C, C_in]
 // (empty without x). When x_weight is larger than kTiledWeightBytes they are two whole GEMMs
-// after the pass instead: streaming the weight once per row would cost more.
+// after the pass instead: streaming the weight once per row would cost more. Without
+// weight_grads (a step where no weight needs a gradient) the weights' grads and g^T x are
+// skipped: an empty list and an empty tensor come back.
 // One pass over tiles of output rows does it all: each tile transforms the gradient rows and
 // BN1 + ReLU of a's rows it reads into per-thread buffers, takes grad-weight from them, and
 // the grad-input of the input rows the tile owns (stride s: s per output row) with its
@@ -241,7 +243,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const std::optional<at::Tensor>& grad_a, const std::optional<at::Tensor>& x_in,
     const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x,
-    const std::optional<at::Tensor>& out_in, const std::optional<at::Tensor>& out_coef) {
+    const std::optional<at::Tensor>& out_in, const std::optional<at::Tensor>& out_coef,
+    bool weight_grads) {
   const char* op = "dw_conv_bn_backward_out";
   TORCH_CHECK(grad_a.has_value() || x_in.has_value(), op,
               ": without grad_a it needs x, x_weight and grad_x (g is then not kept)");
@@ -288,13 +291,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       xw_whole = true;
     } else {
       xw = x_weight->contiguous();
-      gxw = at::empty({parts, C, round_up(Ci, 32 / a.element_size())}, a.options());
+      if (weight_grads)
+        gxw = at::empty({parts, C, round_up(Ci, 32 / a.element_size())}, a.options());
     }
   }
   const bool pw1 = xw.defined();
+  const bool gxt_on = pw1 && weight_grads;  // g^T x per tile
   const int64_t P = max_halo(r);
   std::vector<double> acc(parts * 2 * C, 0.0);
-  auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
+  auto gw_parts = at::zeros({weight_grads ? parts : 0, wt.numel()}, wt.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_backward", [&] {
     using T = scalar_t;
     const T* ap = a.const_data_ptr<T>();
@@ -309,7 +314,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     T* gap = ga.defined() ? ga.mutable_data_ptr<T>() : nullptr;  // else g stays in a row
     const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
     // the first 1x1's weight as [C, Cp], zero-padded to whole 32-byte vectors
-    const int64_t Cp = pw1 ? gxw.size(2) : 0;
+    const int64_t Cp = pw1 ? round_up(Ci, 32 / int64_t(sizeof(T))) : 0;
     std::vector<T> wpad;
     if (pw1) {
       wpad.assign(C * Cp, T(0));
@@ -330,7 +335,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       T* ba = thread_buffer<T>(1, a_rows * row_a);  // kept across calls: no allocation per call
       T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) : nullptr;
       T* grow_buf = gap ? nullptr : thread_buffer<T>(3, S.W * C);
-      std::vector<T> xrow(pw1 ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
+      std::vector<T> xrow(gxt_on ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
       std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
       T* p1 = part.data();
       T* p2 = p1 + C;
@@ -338,9 +343,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
         const auto [r0, r1] = share(rows, parts, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
-        T* gxt = pw1 ? gxw.mutable_data_ptr<T>() + t * C * Cp : nullptr;
-        if (pw1) std::fill(gxt, gxt + C * Cp, T(0));
-        const auto gs = make_groups<T>(r, wp, gwp + t * wt.numel());
+        T* gxt = gxt_on ? gxw.mutable_data_ptr<T>() + t * C * Cp : nullptr;
+        if (gxt_on) std::fill(gxt, gxt + C * Cp, T(0));
+        const auto gs = make_groups<T>(r, wp, weight_grads ? gwp + t * wt.numel() : nullptr);
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const int64_t i0 = oh0 * S.s, i1 = std::min(S.H, oh1 * S.s);  // the rows it owns
           const auto [a_lo, a_hi] = input_rows(S, P, oh0, oh1);
@@ -353,8 +358,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
           if (zp) bn_grad_rows<T>(S, gp, zp, cp, n, d_lo, d_hi, bd);
           Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, a_lo, a_hi, ba);
           St.g0 = Sg.g0;
-          for (const auto& g : gs)
-            for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gt, ba, n, oh);
+          if (weight_grads)
+            for (const auto& g : gs)
+              for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gt, ba, n, oh);
           for (int64_t ih = i0; ih < i1; ++ih) {
             const int64_t row = n * S.H + ih;
             T* grow = gap ? gap + row * S.W * C : grow_buf;
@@ -375,18 +381,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
             add_partials(p1, p2, 0, C, s1, s2);
             if (!pw1) continue;
             // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
-            for (int64_t iw = 0; iw < S.W; ++iw)
-              std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
             gemm_tile<T>(S.W, Cp, C, grow, C, 1, wpad.data(), Cp, dxrow.data(), Cp, false);
             for (int64_t iw = 0; iw < S.W; ++iw)
               std::copy_n(dxrow.data() + iw * Cp, Ci, gxp + (row * S.W + iw) * Ci);
+            if (!gxt_on) continue;
+            for (int64_t iw = 0; iw < S.W; ++iw)
+              std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
             gemm_tile<T>(C, Cp, S.W, grow, 1, C, xrow.data(), Cp, gxt, Cp, true);
           }
         });
       }
     });
   });
-  if (pw1) {  // the parts added up, without their padding columns
+  if (gxt_on) {  // the parts added up, without their padding columns
     auto sum = at::empty({C, Ci}, a.options());
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gxw_sum", [&] {
       const scalar_t* src = gxw.const_data_ptr<scalar_t>();
@@ -405,9 +412,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const auto g = ga.permute({0, 2, 3, 1}).reshape({-1, C});
     auto gx = *grad_x;
     at::mm_out(gx, g, *x_weight);
-    gxw = at::mm(g.t(), x);
+    if (weight_grads) gxw = at::mm(g.t(), x);
   }
-  return {split_grad_weights(gw_parts, weights, r), sums_tensor(acc, parts, C), gxw};
+  auto grads = weight_grads ? split_grad_weights(gw_parts, weights, r) : std::vector<at::Tensor>{};
+  return {grads, sums_tensor(acc, parts, C), gxw};
 }
 
 }  // namespace

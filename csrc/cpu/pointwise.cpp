@@ -273,7 +273,7 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
 std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const at::Tensor& dz_in, const at::Tensor& d_in, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& weight_in,
-    at::IntArrayRef segments, const at::Tensor& gd) {
+    at::IntArrayRef segments, const at::Tensor& gd, bool weight_grad) {
   const char* op = "pointwise_bn_backward_out";
   auto d = rows_of(d_in, op, "d");
   auto dz = rows_of(dz_in, op, "dz");
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
   const int64_t ldg = gd.stride(0);
   auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   auto mu = mean.contiguous();
-  auto gw = at::empty_like(w);
+  auto gw = weight_grad ? at::empty_like(w) : at::empty({0}, w.options());
   const int64_t parts = num_parts(M);
   std::vector<double> acc(parts * 2 * C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
@@ -310,9 +310,11 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
       for (const auto& g : segs) {  // dh into grad_d, then the mask in place
         const auto dzs = dz.narrow(1, g.out0, g.out_len);
         auto dh = gd.narrow(1, g.in0, g.in_len);
-        auto gws = block(gw, g);
         at::mm_out(dh, dzs, block(w, g));
-        at::mm_out(gws, dzs.t(), h.narrow(1, g.in0, g.in_len));
+        if (weight_grad) {
+          auto gws = block(gw, g);
+          at::mm_out(gws, dzs.t(), h.narrow(1, g.in0, g.in_len));
+        }
       }
       const T* hp = h.const_data_ptr<T>();
       at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
@@ -330,7 +332,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     const auto wb = weight_blocks<T>(w.const_data_ptr<T>(), segs, false);
     const auto& off = wb.off;
     const int64_t total = wb.total;
-    std::unique_ptr<T[]> gw_parts(new T[parts * total]);  // each part zeroes its own
+    // each part zeroes its own
+    std::unique_ptr<T[]> gw_parts(new T[weight_grad ? parts * total : 0]);
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
     const int64_t tile = tile_rows<T>(ldh);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
@@ -339,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
       std::vector<T> part(2 * C);
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(M, parts, t);
-        T* gwt = gw_parts.get() + t * total;
-        std::fill(gwt, gwt + total, T(0));
+        T* gwt = weight_grad ? gw_parts.get() + t * total : nullptr;
+        if (weight_grad) std::fill(gwt, gwt + total, T(0));
         for (int64_t t0 = r0; t0 < r1; t0 += tile) {
           const int64_t R = std::min(tile, r1 - t0);
           bn_relu_tile<T>(dp, ldd, C, scp, shp, t0, R, h, ldh);
@@ -351,8 +354,9 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
             // dW += dz^T h
             gemm_tile<T>(R, g.pad_in, g.out_len, dzs, ldz, 1, wb.data.data() + off[s], g.pad_in,
                          dh + g.in0, ldh, false);
-            gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
-                         gwt + off[s], g.pad_in, true);
+            if (weight_grad)
+              gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
+                           gwt + off[s], g.pad_in, true);
           }
           g_epilogue<T>(h, ldh, dh, ldh, dp + t0 * ldd, ldd, mp, R, C,
                         gp + t0 * ldg, ldg, part.data(), acc.data() + t * 2 * C,
@@ -360,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
         }
       }
     });
+    if (!weight_grad) return;
     // the parts' gradients added up, in parallel over the segments
     T* gwp = gw.mutable_data_ptr<T>();
     at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t b, int64_t e) {

@@ -267,9 +267,11 @@ def mixed_block_cpu_backward_impl(
         bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
         bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
         skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor], stats: Tensor,
-        layout: str, training: bool) -> List[Tensor]:
+        layout: str, training: bool, weight_grads: bool = True) -> List[Tensor]:
     """Gradients of ``mixed_block_cpu`` w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the
-    skip conv (empty tensors when the skip is the identity), recomputing the forward from x."""
+    skip conv (empty tensors when the skip is the identity), recomputing the forward from x.
+    Without ``weight_grads`` (no weight needs one: a θ step) the three convs' weight
+    gradients are skipped, about a third of the kernels' work, and come back empty."""
     p = plan_for(layout)
     L = p.layout
     with torch.no_grad():
@@ -302,7 +304,7 @@ def mixed_block_cpu_backward_impl(
         g2 = _ws.get("dH2", (M2, T), x)
         dpw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out.default(
             dZ.view(M2, k * O), r.D, r.bn2.scale, r.bn2.shift, r.bn2.mean, pw2, p.pw2_segments,
-            g2)
+            g2, weight_grads)
         c2 = _bn_grad_sums(r.bn2, bn2_weight, sums2, M2, training)
         dX = None
         res = mr[:, conv_cols].sum(1) if L.residual else None
@@ -320,7 +322,7 @@ def mixed_block_cpu_backward_impl(
             G = (dY * mr[:, L.skip_index].view(nm, 1, 1)).view(M2, O)
             dS, dsg, dsb = _bn_bwd(G, S, bn.mean, bn.rstd, skip_bn_weight, skip_bn_bias, training)
             Ws = skip_weight.view(O, C)
-            dsw = (dS.t() @ Xs).flatten()
+            dsw = (dS.t() @ Xs).flatten() if weight_grads else x.new_empty(0)
             dXs = dS @ Ws
             if L.stride == 1:
                 dX = dXs
@@ -340,11 +342,12 @@ def mixed_block_cpu_backward_impl(
         dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
             r.geo.image_out(g2), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
-            r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]))
+            r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]), weight_grads)
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
-        dW1, dX = _pw1_backward(gX.mul_(alpha1[:, None]), gW, r.X, r.W1, r.A, c1, dX, training)
+        dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
+        dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
-        dpw1 = p.packed_pw1(dW1.flatten())
+        dpw1 = p.packed_pw1(dW1.flatten()) if weight_grads else x.new_empty(0)
         if res is not None:
             dX = dX.view(n, h * w, C).addcmul_(dY, res.view(nm, 1, 1)).view(M1, C)
         dg1, db1 = p.unshuffle(dg1), p.unshuffle(db1)
@@ -352,7 +355,7 @@ def mixed_block_cpu_backward_impl(
         if not x.is_contiguous(memory_format=torch.channels_last):
             dx = dx.contiguous()
         dmask = dm if mask.dim() == 2 else dm.sum(0)
-        ddw = torch.cat([t.reshape(-1) for t in dws])
+        ddw = torch.cat([t.reshape(-1) for t in dws]) if weight_grads else x.new_empty(0)
         return [dx, dmask, dpw1, ddw, dpw2, dg1, db1, dg2, db2,
                 c3.dgamma.flatten(), c3.dbeta.flatten(), dsw, dsg, dsb]
 
@@ -366,27 +369,29 @@ def _bn_grad_sums(bn: BNCoef, gamma: Tensor, sums: Tensor, count: int,
     return BNGrad(*(t.to(bn.mean.dtype) for t in c))
 
 
-def _pw1_backward(dW1: Tensor, dX: Tensor, X: Tensor, W1: Tensor, A: Tensor, c: BNGrad,
-                  dX_skip: Optional[Tensor], training: bool):
-    """(dW1, dX) of A = X W1^T given dA = alpha g + beta A + delta per channel, from the two
-    products of g (dW1 = alpha g^T X and dX = g (alpha W1), which the depthwise backward
-    takes): dW1 gains (beta A + delta)^T X and dX gains (beta A + delta) W1. With many rows
-    these come from the narrow X alone: A = Xc W1^T + W1 mean(x) (Xc = X - mean(x)), so
-    beta A + delta = beta Xc W1^T + e with e = delta + beta W1 mean(x), and dW1 gains
-    beta W1 Xc^T Xc + e sum(X), dX gains Xc W1^T (beta W1) + e W1. Both are updated in
-    place; ``dX_skip`` (the skip's part) is added to dX."""
+def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: Tensor,
+                  c: BNGrad, dX_skip: Optional[Tensor], training: bool) -> Tensor:
+    """dX (and dW1 unless it is None: no weight gradients) of A = X W1^T given dA = alpha g +
+    beta A + delta per channel, from the two products of g (dW1 = alpha g^T X and dX =
+    g (alpha W1), which the depthwise backward takes): dW1 gains (beta A + delta)^T X and dX
+    gains (beta A + delta) W1. With many rows these come from the narrow X alone: A = Xc W1^T
+    + W1 mean(x) (Xc = X - mean(x)), so beta A + delta = beta Xc W1^T + e with e = delta +
+    beta W1 mean(x), and dW1 gains beta W1 Xc^T Xc + e sum(X), dX gains Xc W1^T (beta W1) +
+    e W1. Both are updated in place; ``dX_skip`` (the skip's part) is added to dX."""
     if dX_skip is not None:
         dX.add_(dX_skip)
     if training and _grad_via_covariance(X):
         mx, Xc, XcXc = _centered(X)
         bW1 = c.beta[:, None] * W1
         e = c.delta + bW1 @ mx
-        dW1.add_(bW1 @ XcXc).addr_(e, X.sum(0))
+        if dW1 is not None:
+            dW1.add_(bW1 @ XcXc).addr_(e, X.sum(0))
         dX.addmm_(Xc, W1.t() @ bW1).add_(e @ W1)
     elif training:
-        dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))
+        if dW1 is not None:
+            dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))
         dX.addmm_(torch.mul(A, c.beta, out=_ws.get("bA", A.shape, A)), W1).add_(c.delta @ W1)
-    return dW1, dX
+    return dX
 
 
 mixed_block_cpu_backward = torch.library.custom_op(
@@ -395,12 +400,18 @@ mixed_block_cpu_backward = torch.library.custom_op(
 
 
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu_backward")
-def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, layout, training):
+def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, layout, training,
+      weight_grads=True):
     fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
            else torch.contiguous_format)
-    skip = [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (sw, sg, sb)]
-    return ([torch.empty_like(x, memory_format=fmt)]
-            + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)] + skip)
+    def like(t, conv=False):  # the convs' weight gradients are empty without weight_grads
+        keep = t is not None and (weight_grads or not conv)
+        return torch.empty_like(t) if keep else x.new_empty(0)
+
+    return ([torch.empty_like(x, memory_format=fmt), like(mask)]
+            + [like(t, conv=True) for t in (pw1, dw, pw2)]
+            + [like(t) for t in (g1, b1, g2, b2, g3, b3)]
+            + [like(sw, conv=True), like(sg), like(sb)])
 
 
 _eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,

@@ -116,7 +116,9 @@ if AVAILABLE:
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
     def _(grad, a, weights, stride, scale, shift, mean, grad_a=None, x=None, x_weight=None,
-          grad_x=None, out=None, out_coef=None):
+          grad_x=None, out=None, out_coef=None, weight_grads=True):
+        if not weight_grads:
+            return [], a.new_empty((2, a.shape[1]), dtype=torch.float64), a.new_empty(0)
         gxw = a.new_empty(0) if x_weight is None else torch.empty_like(x_weight)  # g^T x
         return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
                 a.new_empty((2, a.shape[1]), dtype=torch.float64), gxw)
@@ -140,10 +142,11 @@ if AVAILABLE:
         return d.new_empty((2, z.shape[1]))
 
     @torch.library.register_fake("fbnet_fast::pointwise_bn_backward_out")
-    def _(dz, d, scale, shift, mean, weight, segments, grad_d):
+    def _(dz, d, scale, shift, mean, weight, segments, grad_d, weight_grad=True):
         torch._check(d.dim() == 2 and dz.dim() == 2,
                      lambda: "pointwise_bn_backward_out: [M, C] matrices")
-        return torch.empty_like(weight), d.new_empty((2, d.shape[1]), dtype=torch.float64)
+        gw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+        return gw, d.new_empty((2, d.shape[1]), dtype=torch.float64)
 
     @torch.library.register_fake("fbnet_fast::channel_stats")
     def _(x):

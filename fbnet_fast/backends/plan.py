@@ -424,7 +424,9 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     Given the two ops' Python implementations, also returns an ``autograd.Function`` over
     them with the same saving and gradients: the eager path (``call_fused_op``), which skips
     the custom op's dispatch, argument checks and pytree handling (about 0.4 ms of a small
-    layer's forward and backward, on each of the 22 layers of every step)."""
+    layer's forward and backward, on each of the 22 layers of every step). Its backward
+    passes ``weight_grads=False`` to the implementation when no weight needs a gradient (the
+    θ steps of a search)."""
     backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
     setup_context, backward = _fused_autograd(backward_op, op_inputs=True)
     torch.library.register_autograd(f"fbnet_fast::{name}", backward, setup_context=setup_context)
@@ -455,7 +457,13 @@ def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
 
     def backward(ctx, grad, _grad_stats):
         x, mask, stats, *params = ctx.saved_tensors
-        grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain)
+        if op_inputs:
+            grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain)
+        else:  # the implementation skips the weights' gradients when none needs one
+            need = ctx.needs_input_grad
+            grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain,
+                                weight_grads=any(need[2:14]))
+            grads = [g if n else None for g, n in zip(grads, need)]
         skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
         running = [None] * ctx.n_running if op_inputs else None
         return (*grads[:11], *skip_grads, running, *[None] * len(ctx.plain))

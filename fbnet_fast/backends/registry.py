@@ -139,8 +139,8 @@ def fast_layers(model, device: torch.device | str, name: str = "auto"):
     would use that family on ``device``; else unchanged. Returns ``model``."""
     device = torch.device(device)
     if device.type == "cpu" and pick_name(name, device) == "cpu":
-        from .cpu_layers import accelerate
-        accelerate(model)
+        # loaded like a family's module, on first use: importing it builds the C++ kernels
+        importlib.import_module(".cpu_layers", __package__).accelerate(model)
     return model
 
 
