@@ -37,31 +37,41 @@ def _bn_pair(c, relu, momentum):
     return ref, ours
 
 
+def _check_step(ref, ours, x, ref_fn=None):
+    """One forward and backward of both modules from x: the same output, x gradient and
+    parameter gradients. Returns our output."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = (ref_fn or ref)(x1), ours(x2)
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    y_ref.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    return y
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "average"])
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 @pytest.mark.parametrize("size", BN_SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_batch_norm_matches_torch(size, relu, momentum):
     ref, ours = _bn_pair(size[1], relu, momentum)
+
+    def ref_fn(t):
+        return torch.relu(ref(t)) if relu else ref(t)
+
     for step in range(2):          # two steps: the running statistics' update twice
+        ref.zero_grad(), ours.zero_grad()
         x = (torch.randn(size, dtype=DT) * 2 + 0.5).contiguous(memory_format=CL)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ref = ref(x1)
-        y_ref = torch.relu(y_ref) if relu else y_ref
-        y = ours(x2)
+        y = _check_step(ref, ours, x, ref_fn)
         assert type(y.grad_fn).__name__ == "_TrainBNBackward"        # the C++ path ran
         assert y.is_contiguous(memory_format=CL)
-        torch.testing.assert_close(y, y_ref)
-        dy = torch.randn_like(y)
-        y_ref.backward(dy)
-        y.backward(dy)
-        torch.testing.assert_close(x2.grad, x1.grad)
-        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
-        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
     ref.eval(), ours.eval()
     x = torch.randn(size, dtype=DT).contiguous(memory_format=CL)
-    torch.testing.assert_close(ours(x), torch.relu(ref(x)) if relu else ref(x))
+    torch.testing.assert_close(ours(x), ref_fn(x))
 
 
 def test_batch_norm_leaves_what_it_does_not_cover_to_torch():
@@ -69,7 +79,6 @@ def test_batch_norm_leaves_what_it_does_not_cover_to_torch():
     x = torch.randn(4, 8, 5, 5, dtype=DT)                    # NCHW: torch's own BN
     y = ours(x)
     assert y.is_contiguous() and "TrainBN" not in type(y.grad_fn).__name__
-
     torch.testing.assert_close(y, torch.relu(ref(x)))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ours(torch.randn(1, 8, 1, 1, dtype=DT).contiguous(memory_format=CL))
@@ -83,15 +92,8 @@ def test_depthwise_matches_conv2d(k, stride):
     ours = copy.deepcopy(ref)
     ours.__class__ = cpu_layers.DepthwiseConv2d
     x = torch.randn(3, 48, 9, 8, dtype=DT).contiguous(memory_format=CL)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y = ref(x1), ours(x2)
+    y = _check_step(ref, ours, x)
     assert "fbnet_fast_dw_conv" in type(y.grad_fn).__name__           # the C++ path ran
-    torch.testing.assert_close(y, y_ref)
-    dy = torch.randn_like(y)
-    y_ref.backward(dy)
-    y.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
 
 
 def _train_step(model, x, y):
