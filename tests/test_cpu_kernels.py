@@ -175,11 +175,20 @@ def test_channel_stats():
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_scale_shift(relu):
-    x = _matrix(seed=1)
-    scale, shift = torch.randn(70, dtype=DT), torch.randn(70, dtype=DT) * 5
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("m, c", [(57, 70), (61, 8), (37, 24), (29, 5), (3, 17)])
+def test_scale_shift(relu, m, c, dtype):
+    """Wide rows one at a time; narrow contiguous ones (8-24 channels) folded several rows
+    to one, with the rows left over (m not a multiple) done alone; also in place."""
+    g = torch.Generator().manual_seed(m + c)
+    x = torch.randn(m, c, dtype=dtype, generator=g)
+    scale = torch.randn(c, dtype=dtype, generator=g)
+    shift = torch.randn(c, dtype=dtype, generator=g) * 5
     y = x * scale + shift
-    torch.testing.assert_close(ops.scale_shift(x, scale, shift, relu), y.relu() if relu else y)
+    want = y.relu() if relu else y
+    torch.testing.assert_close(ops.scale_shift(x, scale, shift, relu), want)
+    torch.ops.fbnet_fast.scale_shift_out(x, scale, shift, relu, x)
+    torch.testing.assert_close(x, want)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -8,6 +8,7 @@
 #include "channel_sums.h"
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -61,6 +62,17 @@ void check_out(const at::Tensor& out, const at::Tensor& x, const char* op, const
   check_rows_out(out, x.size(0), x.size(1), x, op, name);
 }
 
+// Rows of a narrow contiguous matrix to take as one (1: none): a row of R * C values holds
+// whole 64-byte vectors, at least 64 of them, where a row of C (8-24 channels in the small
+// models) is one short, partly masked vector and the loop's overhead per row dominates.
+inline int64_t fold_rows(int64_t C, int64_t element_size) {
+  const int64_t V = 64 / element_size;
+  if (C % V == 0 || C >= 64) return 1;
+  int64_t R = V / std::gcd(C, V);
+  while (R * C < 64) R *= 2;
+  return R;
+}
+
 // out = relu(x * scale + shift) (relu optional); out may be x itself (elementwise, in place).
 void scale_shift_out_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
                          bool relu, const at::Tensor& out) {
@@ -69,6 +81,15 @@ void scale_shift_out_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
   check_vec(scale, C, x, "scale_shift", "scale");
   check_vec(shift, C, x, "scale_shift", "shift");
   check_out(out, x, "scale_shift_out", "out");
+  const int64_t R = fold_rows(C, x.element_size());
+  if (R > 1 && M >= R && ld == C && out.stride(0) == C) {  // contiguous: R rows as one
+    const int64_t Mf = M / R * R;
+    scale_shift_out_cpu(x.narrow(0, 0, Mf).view({Mf / R, R * C}), scale.repeat({R}),
+                        shift.repeat({R}), relu, out.narrow(0, 0, Mf).view({Mf / R, R * C}));
+    if (Mf < M)
+      scale_shift_out_cpu(x.narrow(0, Mf, M - Mf), scale, shift, relu, out.narrow(0, Mf, M - Mf));
+    return;
+  }
   auto sc = scale.contiguous(), sh = shift.contiguous();
   const int64_t lo = out.stride(0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale_shift", [&] {
