@@ -156,7 +156,7 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     const T* shp = sh.const_data_ptr<T>();
     // the buffer's pixel stride: C, or with a_weight C padded to whole 32-byte vectors (the
     // tile GEMM writes whole vectors), and a_weight transposed to [C_in, ld] for it
-    const int64_t ld = fused ? round_up(C, 32 / static_cast<int64_t>(sizeof(T))) : C;
+    const int64_t ld = fused ? round_up(C, kLanes<T, 32>) : C;
     std::vector<T> awt(fused ? Ci * ld : 0, T(0));
     if (fused) {
       const T* src = aw.const_data_ptr<T>();
@@ -269,7 +269,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
   }
   TORCH_CHECK(x_in.has_value() == x_weight.has_value() && x_in.has_value() == grad_x.has_value(),
               op, ": x, x_weight and grad_x go together");
-  int64_t Ci = 0, ldx = 0;
+  int64_t Ci = 0, ldx = 0, Cp = 0;  // Cp: x_weight's rows padded to whole 32-byte vectors
   bool xw_whole = false;
   at::Tensor x, xw, gxw = at::empty({0}, a.options());
   if (x_in.has_value()) {
@@ -291,8 +291,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       xw_whole = true;
     } else {
       xw = x_weight->contiguous();
-      if (weight_grads)
-        gxw = at::empty({parts, C, round_up(Ci, 32 / a.element_size())}, a.options());
+      Cp = round_up(Ci, 32 / a.element_size());
+      if (weight_grads) gxw = at::empty({parts, C, Cp}, a.options());
     }
   }
   const bool pw1 = xw.defined();
@@ -313,8 +313,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       ga = scratch<T>(0, {S.N, C, S.H, S.W}, {S.H * S.W * C, 1, S.W * C, C}, a.options());
     T* gap = ga.defined() ? ga.mutable_data_ptr<T>() : nullptr;  // else g stays in a row
     const auto gi = make_groups<T>(r, wi.const_data_ptr<T>(), nullptr);
-    // the first 1x1's weight as [C, Cp], zero-padded to whole 32-byte vectors
-    const int64_t Cp = pw1 ? round_up(Ci, 32 / int64_t(sizeof(T))) : 0;
+    // the first 1x1's weight as [C, Cp], zero-padded
     std::vector<T> wpad;
     if (pw1) {
       wpad.assign(C * Cp, T(0));
@@ -398,7 +397,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gxw_sum", [&] {
       const scalar_t* src = gxw.const_data_ptr<scalar_t>();
       scalar_t* o = sum.mutable_data_ptr<scalar_t>();
-      const int64_t Cp = gxw.size(2);
       for (int64_t c = 0; c < C; ++c)
         for (int64_t i = 0; i < Ci; ++i) {
           scalar_t v = 0;

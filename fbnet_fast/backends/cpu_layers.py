@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .fused_cpu import nhwc
+from .plan import bn_coef, update_running
 from ..nn.blocks import CandidateBlock, ConvBNReLU
 
 __all__ = ["BatchNorm2d", "DepthwiseConv2d", "accelerate"]
@@ -38,16 +39,11 @@ class _TrainBN(torch.autograd.Function):
                 relu: bool):
         z = nhwc(x)
         mean, var = ops.channel_stats(z)
-        with torch.no_grad():  # F.batch_norm's update: the running variance is unbiased
-            n = z.shape[0]
-            running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-            running_var.mul_(1 - factor).add_(var * (n / (n - 1)), alpha=factor)
-        rstd = (var + eps).rsqrt()
-        scale = weight * rstd
+        update_running([running_mean], [running_var], [mean], [var], [z.shape[0]], factor)
+        bn = bn_coef(mean, var, weight, bias, eps)
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        torch.ops.fbnet_fast.scale_shift_out.default(z, scale, bias - mean * scale, relu,
-                                                     nhwc(y))
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        torch.ops.fbnet_fast.scale_shift_out.default(z, bn.scale, bn.shift, relu, nhwc(y))
+        ctx.save_for_backward(x, mean, bn.rstd, weight, bias)
         ctx.relu = relu
         return y
 

@@ -117,11 +117,12 @@ if AVAILABLE:
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
     def _(grad, a, weights, stride, scale, shift, mean, grad_a=None, x=None, x_weight=None,
           grad_x=None, out=None, out_coef=None, weight_grads=True):
+        sums = a.new_empty((2, a.shape[1]), dtype=torch.float64)
         if not weight_grads:
-            return [], a.new_empty((2, a.shape[1]), dtype=torch.float64), a.new_empty(0)
+            return [], sums, a.new_empty(0)
         gxw = a.new_empty(0) if x_weight is None else torch.empty_like(x_weight)  # g^T x
         return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
-                a.new_empty((2, a.shape[1]), dtype=torch.float64), gxw)
+                sums, gxw)
 
     @torch.library.register_fake("fbnet_fast::combine_out")
     def _(z, coef, shift, out):

@@ -300,8 +300,9 @@ class BNCoef(NamedTuple):
     shift: Tensor    # beta - mean * scale
 
 
-def bn_coef(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor) -> BNCoef:
-    rstd = torch.rsqrt(var + BN_EPS)
+def bn_coef(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
+            eps: float = BN_EPS) -> BNCoef:
+    rstd = torch.rsqrt(var + eps)
     scale = gamma * rstd
     return BNCoef(mean, var, rstd, scale, beta - mean * scale)
 
@@ -363,16 +364,16 @@ BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")   # the BNs of a MixedBlock, in pack
 
 @torch.no_grad()
 def update_running(running_means: list, running_vars: list, means: list, variances: list,
-                   counts: list) -> None:
+                   counts: list, momentum: float = BN_MOMENTUM) -> None:
     """The running-statistics update of ``F.batch_norm`` for several BNs, each from a
     batch's mean and biased variance over ``counts[i]`` values per channel (the running
     variance is unbiased): four foreach calls for all of them, not four ops per BN (this runs
     on every training call)."""
     unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
-    torch._foreach_mul_(running_means, 1 - BN_MOMENTUM)
-    torch._foreach_add_(running_means, list(means), alpha=BN_MOMENTUM)
-    torch._foreach_mul_(running_vars, 1 - BN_MOMENTUM)
-    torch._foreach_add_(running_vars, unbiased, alpha=BN_MOMENTUM)
+    torch._foreach_mul_(running_means, 1 - momentum)
+    torch._foreach_add_(running_means, list(means), alpha=momentum)
+    torch._foreach_mul_(running_vars, 1 - momentum)
+    torch._foreach_add_(running_vars, unbiased, alpha=momentum)
 
 
 # --- the adapter between a MixedBlock and a fused op --------------------------------------
