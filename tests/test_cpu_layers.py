@@ -139,3 +139,5 @@ def test_fast_layers_follows_the_backend_choice():
     registry.fast_layers(model, "cpu", "cpu")
     assert isinstance(model.stem[1], cpu_layers.BatchNorm2d) and model.stem[1].relu
     assert isinstance(model.stem[2], nn.Identity) and isinstance(model.stem, ConvBNReLU)
+    with pytest.raises(ValueError, match="unknown backend 'fused'"):
+        registry.fast_layers(model, "cpu", "fused")

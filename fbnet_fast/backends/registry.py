@@ -138,7 +138,7 @@ def fast_layers(model, device: torch.device | str, name: str = "auto"):
     kernels (``cpu_layers.accelerate``, in place) where a MixedBlock with backend ``name``
     would use that family on ``device``; else unchanged. Returns ``model``."""
     device = torch.device(device)
-    if device.type == "cpu" and pick_name(name, device) == "cpu":
+    if device.type == "cpu" and pick_name(check_name(name), device) == "cpu":
         # loaded like a family's module, on first use: importing it builds the C++ kernels
         importlib.import_module(".cpu_layers", __package__).accelerate(model)
     return model
