@@ -34,7 +34,17 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of: eager_nchw, eager_channels_last, "
+                        "compile_default, compile_max_autotune, triton, cuda (default: all)")
+    p.add_argument("--no-layers", action="store_true")
     p.add_argument("--no-supernet", action="store_true")
+    p.add_argument("--supernet-batches", default=",".join(map(str, SUPERNET_BATCHES)))
+    p.add_argument("--supernet-reps", type=int, default=None,
+                   help="timed repetitions of a SuperNet step (default: --reps)")
+    p.add_argument("--check-only", action="store_true", help="correctness, no timings")
+    p.add_argument("--no-check", action="store_true",
+                   help="timings only (the correctness was checked in an earlier call)")
     p.add_argument("--out", default=None, help="JSON output path (default: stdout only)")
     return p.parse_args(argv)
 
@@ -115,8 +125,8 @@ def measure(step, device, reps, warmup=3):
     return statistics.median(times), peak
 
 
-def _providers(device, compile_ok):
-    """name -> (backend, memory_format, compile mode or None)."""
+def _providers(device, compile_ok, wanted=None):
+    """name -> (backend, memory_format, compile mode or None), restricted to ``wanted``."""
     import torch
     from fbnet_fast.backends import registry as backends
     out = {"eager_nchw": ("reference", torch.contiguous_format, None),
@@ -127,7 +137,7 @@ def _providers(device, compile_ok):
     for fam in ("triton", "cuda"):
         if backends.BACKENDS[fam].why_unavailable(device) is None:
             out[fam] = (fam, torch.channels_last, None)
-    return out
+    return {k: v for k, v in out.items() if wanted is None or k in wanted}
 
 
 def _autocast(device, dtype_name):
@@ -138,13 +148,13 @@ def _autocast(device, dtype_name):
     return contextlib.nullcontext()
 
 
-def time_layers(device, shapes, batch, reps, dtypes, compile_ok):
+def time_layers(device, shapes, batch, reps, dtypes, compile_ok, wanted=None, emit=None):
     import torch
     from fbnet_fast import MixedBlock
     rows = []
     for c_in, c_out, stride, size in shapes:
         for dt in dtypes:
-            for name, (backend, fmt, mode) in _providers(device, compile_ok).items():
+            for name, (backend, fmt, mode) in _providers(device, compile_ok, wanted).items():
                 torch.manual_seed(0)
                 block = MixedBlock(c_in, c_out, stride, backend=backend).to(device)
                 x = torch.randn(batch, c_in, size, size, device=device).to(memory_format=fmt)
@@ -165,13 +175,15 @@ def time_layers(device, shapes, batch, reps, dtypes, compile_ok):
                     rows.append({"kind": "layer", "shape": [c_in, c_out, stride, size],
                                  "batch": batch, "dtype": dt, "provider": name,
                                  "error": f"{type(e).__name__}: {e}"[:500]})
+                if emit:
+                    emit(rows[-1])
                 del block, x, fwd
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
 
 
-def time_supernet(device, batches, reps, dtypes, compile_ok):
+def time_supernet(device, batches, reps, dtypes, compile_ok, wanted=None, emit=None):
     import torch
     import torch.nn.functional as F
     from fbnet_fast import SearchSpace
@@ -179,7 +191,7 @@ def time_supernet(device, batches, reps, dtypes, compile_ok):
     rows = []
     for batch in batches:
         for dt in dtypes:
-            for name, (backend, fmt, mode) in _providers(device, compile_ok).items():
+            for name, (backend, fmt, mode) in _providers(device, compile_ok, wanted).items():
                 torch.manual_seed(0)
                 try:
                     net = SuperNet(SearchSpace(), num_classes=100, backend=backend).to(device)
@@ -206,6 +218,8 @@ def time_supernet(device, batches, reps, dtypes, compile_ok):
                     rows.append({"kind": "supernet", "batch": batch, "dtype": dt,
                                  "provider": name, "error": f"{type(e).__name__}: {e}"[:500]})
                 finally:
+                    if emit:
+                        emit(rows[-1])
                     net = fwd = opt = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -283,32 +297,49 @@ def main(argv=None) -> int:
     else:
         check_shapes = [((c, o, s, 8), None) for c, o, s in LAYER_SHAPES]
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    checks = check_correctness(device, fused, check_shapes, dtype)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               platform.processor() or platform.machine(),
-              "torch": torch.__version__, "correctness": checks, "timings": []}
+              "torch": torch.__version__, "correctness": [], "timings": []}
+
+    def save():
+        """After every result, so a run stopped part-way still leaves what it measured."""
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    checks = [] if args.no_check else check_correctness(device, fused, check_shapes, dtype)
+    report["correctness"] = checks
+    save()
     ok = all(c["ok"] for c in checks)
-    print(f"correctness ({', '.join(fused)}): {'ok' if ok else 'FAILED'}")
+    if checks:
+        print(f"correctness ({', '.join(fused)}): {'ok' if ok else 'FAILED'}", flush=True)
     for c in checks:
         print(f"  {c['backend']:7} {c['shape']} {c['dtype']}: "
               + ", ".join(f"{k} {v:.1e}" for k, v in c["errors"].items()))
-    if ok and device.type == "cuda":
+    if ok and device.type == "cuda" and not args.check_only:
         import triton
         report["triton"] = triton.__version__
         dtypes = args.dtypes.split(",")
         reps = 5 if args.quick else args.reps
-        shapes = layer_shapes[:2] if args.quick else layer_shapes
-        rows = time_layers(device, shapes, args.layer_batch, reps, dtypes, not args.no_compile)
+        wanted = set(args.providers.split(",")) if args.providers else None
+        rows = report["timings"]
+
+        def emit(row):
+            rows.append(row)
+            add_ratios(rows)
+            save()
+            print(table([row]).splitlines()[-1], flush=True)
+        if not args.no_layers:
+            shapes = layer_shapes[:2] if args.quick else layer_shapes
+            time_layers(device, shapes, args.layer_batch, reps, dtypes, not args.no_compile,
+                        wanted, emit)
         if not args.no_supernet:
-            batches = SUPERNET_BATCHES[:1] if args.quick else SUPERNET_BATCHES
-            rows += time_supernet(device, batches, reps, dtypes, not args.no_compile)
-        add_ratios(rows)
-        report["timings"] = rows
+            batches = [int(b) for b in args.supernet_batches.split(",")]
+            time_supernet(device, batches[:1] if args.quick else batches,
+                          args.supernet_reps or reps, dtypes, not args.no_compile, wanted, emit)
         print(table(rows))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    save()
     return 0 if ok else 1
 
 
