@@ -5,10 +5,10 @@
 # and the whole run keeps inside SECONDS, so a slow stage cannot starve the ones after it.
 #
 #   bash bench/gpu_session.sh OUTDIR [SECONDS] [STAGES]
-#   STAGES (default "env build check time tests"; also "compile", "big")
+#   STAGES (default "env build check time tests"; also "profile", "compile", "big")
 #
 # Writes OUTDIR/session.log (every stage's full output), check.json, report.json, and
-# compile.json / big.json when those stages run.
+# profile.json / compile.json / big.json when those stages run.
 set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [STAGES]}
 BUDGET=${2:-480}
@@ -28,7 +28,7 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...: run unless skipped; cap at the t
     if (( cap < 15 )); then echo "== $name: skipped, ${left}s left"; return 0; fi
     echo "== $name (cap ${cap}s, at $(( $(date +%s) - START ))s)" | tee -a "$LOG"
     local t0=$(date +%s) rc
-    timeout -k 5 "$cap" "$@" >> "$LOG" 2>&1; rc=$?
+    timeout -k 5 "$cap" bash -c '"$@"' stage "$@" >> "$LOG" 2>&1; rc=$?
     echo "== $name: rc $rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
@@ -52,17 +52,20 @@ print("triton:", fused_triton.why_unavailable("cuda"), "cuda:", fused_cuda.why_u
 PYEOF
 }
 
+export -f env_info build
+export PY
 REPORT="$PY bench/gpu_report.py"
 stage env 30 env_info
-stage build 240 build
+stage build 150 build
 stage check 120 $REPORT --check-only --out "$OUT/check.json"
 stage time 240 $REPORT --no-check --no-compile --reps 10 --supernet-batches 64,128 \
     --supernet-reps 5 --providers eager_nchw,eager_channels_last,triton,cuda \
     --out "$OUT/report.json"
-stage tests 200 "$PY" -m pytest -q -rs --timeout 150 tests/test_backends.py -k "triton or cuda" \
-    tests/test_triton_kernels.py tests/test_fused_triton.py tests/test_compile.py
+stage tests 130 "$PY" -m pytest -q -rs -n 8 --timeout 150 tests/test_backends.py \
+    tests/test_triton_kernels.py tests/test_fused_triton.py tests/test_compile.py -k "triton or cuda"
+stage profile 60 "$PY" bench/gpu_profile.py --out "$OUT/profile.json"
 stage compile 300 $REPORT --no-check --providers eager_channels_last,compile_default,triton \
     --no-layers --supernet-batches 128 --supernet-reps 5 --out "$OUT/compile.json"
-stage big 200 $REPORT --no-check --no-compile --no-layers --supernet-batches 256 \
-    --supernet-reps 5 --providers eager_channels_last,triton,cuda --out "$OUT/big.json"
+stage big 200 $REPORT --no-check --no-compile --no-layers --supernet-batches 128,256 \
+    --supernet-reps 5 --providers eager_channels_last,triton --out "$OUT/big.json"
 grep -E "^(== |correctness|  (triton|cuda) |layer |supernet |[0-9]+ (passed|failed)|FAILED|ERROR|cpu extension|cuda ops|triton:)" "$LOG" | tail -n 150
