@@ -6,12 +6,15 @@ blocks mean fewer interpreted programs, which is what makes the CPU tests afford
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import numpy
 import torch
 import triton
+import triton.language as tl
 
 MAX_FUSED_SIZE = 65536
 
@@ -51,6 +54,37 @@ def launch(kernel, grid, args, num_warps: int, **constexprs) -> None:
         if not _run_recorded:
             return
     kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+@triton.jit
+def _loaded_bound_kernel(n_ptr, out_ptr):
+    count = 0
+    for _ in range(0, tl.load(n_ptr), 1):
+        count += 1
+    tl.store(out_ptr, count)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter here cannot run our kernels, else None (checked once).
+
+    The kernels loop to bounds they read from tile tables. Older interpreters turn such a
+    bound into a Python int with ``int(array)``, which numpy 2.4 refuses for a 1-element
+    array (triton-lang/triton#9171, seen with triton 3.6): fail here with the remedy
+    rather than deep inside the first kernel.
+    """
+    n = torch.tensor([3], dtype=torch.int32)
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loaded_bound_kernel[(1,)](n, out)
+        if int(out[0]) == 3:
+            return None
+        why = f"a 3-step loop ran {int(out[0])} steps"
+    except Exception as e:   # the interpreter's own error, summarised
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (f"Triton {triton.__version__}'s CPU interpreter cannot run loops whose bound is "
+            f"read from memory with numpy {numpy.__version__} ({why}); use numpy<2.4 or a "
+            "Triton release with the fix for triton-lang/triton#9171")
 
 
 def interpreting() -> bool:

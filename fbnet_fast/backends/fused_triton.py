@@ -67,7 +67,7 @@ def why_unavailable(device) -> str | None:
         if not _triton_interpreted():
             return ("TRITON_INTERPRET=1 was set after triton was imported; set it before "
                     "the first import of triton")
-        return None
+        return load_kernels().utils.interpreter_problem()
     return f"the triton backend does not run on {device.type} tensors"
 
 
