@@ -11,6 +11,7 @@ on load). Epilogue: per output channel sum and sum of squares (the next BN's sta
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,16 +44,18 @@ def _pointwise_fwd_kernel(
     x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr, tiles_ptr,
     M, ldx, ldy,
     PROLOGUE: tl.constexpr, STATS: tl.constexpr, IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC = tl.float64 if IS_FP64 else tl.float32
     pid_m = tl.program_id(0)
     t = tiles_ptr + tl.program_id(1) * 7
-    o0 = tl.load(t)
-    o1 = tl.load(t + 1)
-    i0 = tl.load(t + 2)
-    ilen = tl.load(t + 3)
+    o0 = tl.multiple_of(tl.load(t), ALIGN)      # see _align
+    o1 = tl.multiple_of(tl.load(t + 1), ALIGN)
+    i0 = tl.multiple_of(tl.load(t + 2), ALIGN)
+    ilen = tl.multiple_of(tl.load(t + 3), ALIGN)
+    ldx = tl.multiple_of(ldx, ALIGN)
+    ldy = tl.multiple_of(ldy, ALIGN)
     woff = tl.load(t + 4)
     w_so = tl.load(t + 5)
     w_sr = tl.load(t + 6)
@@ -88,15 +91,18 @@ def _pointwise_grad_weight_kernel(
     g_ptr, x_ptr, dw_ptr, scale_ptr, shift_ptr, tiles_ptr,
     M, ldg, ldx, rows_per_split,
     PROLOGUE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # dW[o, r] += sum over this program's rows of g[m, o] * prologue(x)[m, r]
     ACC = tl.float64 if IS_FP64 else tl.float32
     t = tiles_ptr + tl.program_id(0) * 6
-    g0 = tl.load(t)
-    g1 = tl.load(t + 1)
-    x0 = tl.load(t + 2)
-    x1 = tl.load(t + 3)
+    g0 = tl.multiple_of(tl.load(t), ALIGN)      # see _align
+    g1 = tl.multiple_of(tl.load(t + 1), ALIGN)
+    x0 = tl.multiple_of(tl.load(t + 2), ALIGN)
+    x1 = tl.multiple_of(tl.load(t + 3), ALIGN)
+    ldg = tl.multiple_of(ldg, ALIGN)
+    ldx = tl.multiple_of(ldx, ALIGN)
     woff = tl.load(t + 4)
     w_so = tl.load(t + 5)
     ro = tl.arange(0, BLOCK_O)
@@ -124,8 +130,23 @@ def _pointwise_grad_weight_kernel(
                   mask=mask_o[:, None] & mask_r[None, :])
 
 
+def _align(*values: int) -> int:
+    """The largest power of two, at most 16, dividing every value: the ALIGN of a launch.
+
+    Column offsets and bounds loaded from the tile table, and row strides that are not
+    multiples of 16, are unknown to the compiler, which then moves one element at a time
+    (4-byte cp.async and scalar stores on sm_90); ``tl.multiple_of`` passes it what the
+    host knows."""
+    g = math.gcd(*values)
+    align = 16
+    while align > 1 and g % align:
+        align //= 2
+    return align
+
+
 @lru_cache(maxsize=512)
-def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> torch.Tensor:
+def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> tuple:
+    """(tile table, gcd of its column offsets and bounds)."""
     rows = []
     for s in segments:
         if not transpose:   # y[:, out] = x[:, in] @ W^T
@@ -136,18 +157,21 @@ def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> t
             for o in range(0, s.in_len, block_n):
                 rows.append((s.in_start + o, s.in_start + s.in_len, s.out_start, s.out_len,
                              s.w_offset + o, 1, s.in_len))
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+    return (torch.tensor(rows, dtype=torch.int32, device=device),
+            math.gcd(*(v for r in rows for v in r[:4])))
 
 
 @lru_cache(maxsize=512)
-def _grad_weight_tiles(segments: tuple, block_o: int, block_r: int, device: str) -> torch.Tensor:
+def _grad_weight_tiles(segments: tuple, block_o: int, block_r: int, device: str) -> tuple:
+    """(tile table, gcd of its column offsets and bounds)."""
     rows = []
     for s in segments:
         for o in range(0, s.out_len, block_o):
             for r in range(0, s.in_len, block_r):
                 rows.append((s.out_start + o, s.out_start + s.out_len, s.in_start + r,
                              s.in_start + s.in_len, s.w_offset + o * s.in_len + r, s.in_len))
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+    return (torch.tensor(rows, dtype=torch.int32, device=device),
+            math.gcd(*(v for r in rows for v in r[:4])))
 
 
 def _check_segments(segments, x_cols: int, out_cols: int, w_numel: int) -> tuple:
@@ -183,13 +207,14 @@ def pointwise_forward(x, w, segments, out_channels, scale=None, shift=None, stat
     max_out = max(s.out_len for s in segments)
     max_in = max(s.in_len for s in segments)
     bm, bn, bk = fwd_blocks(M, max_out, max_in, w.dtype)
-    tiles = _fwd_tiles(segments, bn, False, str(x.device))
+    tiles, cols = _fwd_tiles(segments, bn, False, str(x.device))
     if M > 0:
         launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
                (x, w, y, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), s1, s2,
                 tiles, M, x.stride(0), y.stride(0)), gemm_warps(bm, bn),
                PROLOGUE=prologue, STATS=stats, IS_FP64=acc == torch.float64,
-               PRECISION=dot_precision(w.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+               PRECISION=dot_precision(w.dtype), ALIGN=_align(cols, x.stride(0), y.stride(0)),
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return (y, s1, s2) if stats else (y, None, None)
 
 
@@ -209,14 +234,15 @@ def pointwise_grad_input(dy, w, segments, in_channels, out_dtype=None):
     dx = alloc(M, in_channels, dtype=out_dtype or dy.dtype, device=dy.device)
     bm, bn, bk = fwd_blocks(M, max(s.in_len for s in segments), max(s.out_len for s in segments),
                             w.dtype)
-    tiles = _fwd_tiles(segments, bn, True, str(dy.device))
+    tiles, cols = _fwd_tiles(segments, bn, True, str(dy.device))
     if M > 0:
         dummy = torch.empty(1, dtype=acc, device=dy.device)
         launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
                (dy, w, dx, dummy, dummy, dummy, dummy, tiles, M, dy.stride(0), dx.stride(0)),
                gemm_warps(bm, bn), PROLOGUE=False, STATS=False,
                IS_FP64=acc == torch.float64, PRECISION=dot_precision(w.dtype),
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+               ALIGN=_align(cols, dy.stride(0), dx.stride(0)), BLOCK_M=bm, BLOCK_N=bn,
+               BLOCK_K=bk)
     return dx
 
 
@@ -260,12 +286,13 @@ def pointwise_grad_weight(dy, x, segments, w_numel, scale=None, shift=None):
     dw = torch.zeros(w_numel, dtype=acc, device=x.device)
     bm, bo, br = grad_weight_blocks(M, max(s.out_len for s in segments),
                                     max(s.in_len for s in segments), x.dtype)
-    tiles = _grad_weight_tiles(segments, bo, br, str(x.device))
+    tiles, cols = _grad_weight_tiles(segments, bo, br, str(x.device))
     splits, per = _row_splits(M, bm, tiles.shape[0])
     if M > 0:
         launch(_pointwise_grad_weight_kernel, (tiles.shape[0], splits),
                (dy, x, dw, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), tiles,
                 M, dy.stride(0), x.stride(0), per), gemm_warps(bo, br),
                PROLOGUE=scale is not None, IS_FP64=acc == torch.float64,
-               PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_O=bo, BLOCK_R=br)
+               PRECISION=dot_precision(x.dtype), ALIGN=_align(cols, dy.stride(0), x.stride(0)),
+               BLOCK_M=bm, BLOCK_O=bo, BLOCK_R=br)
     return dw

@@ -111,6 +111,18 @@ def test_pointwise_dense_block_diagonal_first_conv(K):
     close(y, ref.permute(0, 2, 3, 1).reshape(-1, L.total_mid))
 
 
+def test_pointwise_alignment_hint_divides_every_column_and_stride(K):
+    """ALIGN (tl.multiple_of on the loaded column offsets and the row strides) must divide
+    them all, else the compiled kernel reads the wrong columns; powers of two up to 16."""
+    from fbnet_fast.kernels.pointwise import _align, _fwd_tiles
+    assert [_align(352, 16), _align(48, 24, 72), _align(12, 184), _align(7, 16), _align(0, 64)] \
+        == [16, 8, 4, 1, 16]
+    segments, layout = _second_pointwise_segments(K, 24, 32)
+    tiles, cols = _fwd_tiles(tuple(segments), 16, False, "cpu")
+    align = _align(cols, layout.total_mid, 32)
+    assert align == 4 and (tiles[:, :4] % align == 0).all()   # 24-channel groups of 12
+
+
 def test_pointwise_rejects_bad_input(K):
     Seg = K.pointwise.Segment
     x, w = randn(4, 8), randn(64)
