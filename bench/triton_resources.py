@@ -101,12 +101,15 @@ def block_launches(layout: MixedLayout, n: int, h: int, cdt: torch.dtype, device
             skip_scale=skip_kw["skip_scale"], skip_shift=skip_kw["skip_shift"],
             skip_coeffs=(v(C_out),) * 3 if S is not None else None)
         K.pointwise.pointwise_grad_weight(dZ, D, plan.pw2_groups, L.pw2_numel, v(T), v(T))
-        K.pointwise.pointwise_grad_input(dZ, pw2, plan.pw2_groups, T, out_dtype=acc)
-        dD = t(geo.rows_out, T)
+        dD = K.pointwise.pointwise_grad_input(dZ, pw2, plan.pw2_groups, T, out_dtype=acc)
+        K.bn.relu_grad_sums_(dD, D, v(T), v(T))
+        dD = K.bn.bn_grad_apply(dD, D, v(T), v(T), v(T), out=dD if cdt == acc else None,
+                                out_dtype=cdt)
         K.depthwise.depthwise_grad_weight(dD, A, n, h, h, L.stride, geo.runs, L.dw_numel,
                                           v(T), v(T))
-        K.depthwise.depthwise_grad_input(dD, dww, n, h, h, L.stride, geo.runs, A, v(T), v(T))
-        dA = t(geo.rows_in, T)
+        dA = K.depthwise.depthwise_grad_input(dD, dww, n, h, h, L.stride, geo.runs, A, v(T),
+                                              v(T))[0]
+        K.bn.bn_grad_apply(dA, A, v(T), v(T), v(T), out=dA)
         K.pointwise.pointwise_grad_weight(dA, X, dense1, W1.numel())
         K.pointwise.pointwise_grad_input(dA, W1, dense1, C_in, out_dtype=acc)
         if S is not None:

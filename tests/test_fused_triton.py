@@ -7,16 +7,19 @@ test_backends.py. Without CUDA this runs in Triton's CPU interpreter in float64
 from __future__ import annotations
 
 import os
+import weakref
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from fbnet_fast.testing import compare, make_pair  # noqa: E402
+from fbnet_fast.testing import compare, make_pair, shape_id  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float32 if CUDA else torch.float64
@@ -75,6 +78,57 @@ def test_interpreter_that_cannot_loop_to_loaded_bounds_is_a_clear_reason(monkeyp
     assert "cannot run loops whose bound is read from memory" in why
     assert "only 0-dimensional arrays" in why and "numpy<2.4" in why
     assert utils.interpreter_problem() is None
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes of tensor storage that ops under this mode held at once (each storage
+    counted from the op that made it until it is freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, n):
+        self.seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
+                s = t.untyped_storage()
+                self.seen.add(id(s))
+                self.live += s.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(s, self._free, id(s), s.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 1), (24, 32, 2)], ids=shape_id)
+def test_backward_holds_few_expanded_tensors(shape):
+    """The backward's own allocations peak at about 4 expanded-size tensors ([N*H*W,
+    total_mid]: the recomputed A and D, the gradient written over in place, and the small
+    ones): 8.8 of them when the BN + ReLU backward ran as PyTorch ops. On a GPU this peak
+    is the SuperNet's (bench/RESULTS.md, "GPU: the first run")."""
+    from fbnet_fast.backends import fused_triton as ft
+    from fbnet_fast.backends.plan import fused_op_args, plan_for
+    fused, _ = make_pair("triton", *shape, dtype=DTYPE, device=DEVICE)
+    n, size = 2, 8
+    x = torch.randn(n, shape[0], size, size, dtype=DTYPE, device=DEVICE)
+    w = torch.softmax(torch.randn(fused.num_candidates, dtype=DTYPE, device=DEVICE), 0)
+    args = fused_op_args(fused, x.contiguous(memory_format=torch.channels_last), w)
+    params, layout = args[2:14], args[15]
+    with torch.no_grad():
+        y, stats = ft._forward(ft.TritonDepthwise(), args[0], w, params, args[14], layout,
+                               True, DTYPE)
+        live = _LiveBytes()
+        with live:
+            grads = ft._backward(ft.TritonDepthwise(), torch.randn_like(y), args[0], w, params,
+                                 stats, layout, True, DTYPE)
+    expanded = n * size * size * plan_for(layout).layout.total_mid * DTYPE.itemsize
+    assert len(grads) == 14 and live.peak > 3 * expanded   # A, D and one gradient at least
+    assert live.peak <= 4.5 * expanded, live.peak / expanded
 
 
 def test_cuda_backend_depthwise_glue_with_the_cpu_ops():

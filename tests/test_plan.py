@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fbnet_fast.backends.plan import (apply_bn_grad, batch_stats, bn_coef, bn_grad,
-                                      dw_weights, plan_for, relu_grad_sums, update_running)
+from fbnet_fast.backends.plan import (batch_stats, bn_coef, bn_grad, dw_weights, plan_for,
+                                      update_running)
 from fbnet_fast.nn.blocks import channel_shuffle
 from fbnet_fast.nn.layout import BN_EPS, BN_MOMENTUM, MixedLayout
 from fbnet_fast.nn.space import CANDIDATES
@@ -174,12 +174,9 @@ def test_backward_coefficients_equal_autograd(training, relu):
     y.backward(dy)
     stats = batch_stats(z.sum(0), (z * z).sum(0), M) if training else (rm, rv)
     bn = bn_coef(*stats, gamma, beta)
-    if relu:
-        g, sum_g, sum_gz = relu_grad_sums(dy, z * bn.scale + bn.shift, z)
-    else:
-        g, sum_g, sum_gz = dy, dy.sum(0), (dy * z).sum(0)
-    c = bn_grad(bn, gamma, sum_g, sum_gz, M, training)
-    torch.testing.assert_close(apply_bn_grad(c, g, z), zr.grad)
+    g = torch.where(z * bn.scale + bn.shift > 0, dy, 0) if relu else dy
+    c = bn_grad(bn, gamma, g.sum(0), (g * z).sum(0), M, training)
+    torch.testing.assert_close(g * c.alpha + z * c.beta + c.delta, zr.grad)
     torch.testing.assert_close(c.dgamma, gr.grad)
     torch.testing.assert_close(c.dbeta, br.grad)
     if not training:

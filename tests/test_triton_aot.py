@@ -106,7 +106,8 @@ def test_every_chosen_configuration_compiles_for_sm90_and_sm80(tmp_path):
     kernels = {(r["kernel"], r["arch"]) for r in rows}
     names = {"_pointwise_fwd_kernel", "_pointwise_grad_weight_kernel", "_dw_fwd_kernel",
              "_dw_grad_input_kernel", "_dw_grad_weight_kernel", "_combine_fwd_kernel",
-             "_combine_bwd_kernel", "_combine_grad_inputs_kernel"}
+             "_combine_bwd_kernel", "_combine_grad_inputs_kernel", "_relu_grad_sums_kernel",
+             "_bn_grad_apply_kernel"}
     assert kernels == {(k, a) for k in names for a in R.SHARED_LIMIT}, kernels
     bad = [p for r in rows for p in R.problems(r)]
     assert not bad, f"{len(bad)} of {len(rows)} compiled configurations fail:\n" + "\n".join(bad)

@@ -262,3 +262,45 @@ def test_combine_rejects_bad_mask(K):
     z, scale = randn(8, 16), torch.ones(16, dtype=DTYPE, device=DEVICE)
     with pytest.raises(ValueError, match="mask"):
         K.combine.combine_forward(z, scale, scale, randn(3, 2), 2, 4, 8)
+
+
+# --- BN + ReLU backward (kernels/bn.py) --------------------------------------------------
+
+@pytest.mark.parametrize("rows,c,strided", [(50, 48, False), (37, 144, True), (9, 24, False)])
+def test_bn_relu_backward_in_place(K, rows, c, strided):
+    """The ReLU mask with its sums, then dL/dz, both written over the gradient: against
+    autograd through relu(z * scale + shift) and the torch formulas (float64)."""
+    wide = randn(rows, c + 8)
+    grad = wide[:, 3:3 + c] if strided else randn(rows, c)   # rows farther apart than c
+    z = randn(rows, c)
+    scale, shift = rand_affine(c)
+    zr = z.clone().requires_grad_()
+    pre = zr * scale + shift
+    torch.relu(pre).backward(grad)
+    g_ref = zr.grad / scale                          # grad * (pre > 0)
+    g = grad.clone() if not strided else grad
+    before = wide.clone()
+    s1, s2 = K.bn.relu_grad_sums_(g, z, scale, shift)
+    close(g, g_ref)
+    close(s1, g_ref.sum(0))
+    close(s2, (g_ref * z).sum(0))
+    if strided:   # the columns outside the view are untouched
+        close(wide[:, :3], before[:, :3])
+        close(wide[:, 3 + c:], before[:, 3 + c:])
+    alpha, beta, delta = randn(c), randn(c), randn(c)
+    fresh = K.bn.bn_grad_apply(g, z, alpha, beta, delta)
+    close(fresh, g_ref * alpha + z * beta + delta)
+    out = K.bn.bn_grad_apply(g, z, alpha, beta, delta, out=g)
+    assert out is g
+    close(g, g_ref * alpha + z * beta + delta)
+
+
+def test_bn_backward_rejects_bad_input(K):
+    g, z = randn(10, 16), randn(10, 16)
+    scale, shift = rand_affine(16)
+    with pytest.raises(ValueError, match="per-channel vectors must be contiguous"):
+        K.bn.relu_grad_sums_(g, z, scale[:8], shift)
+    with pytest.raises(ValueError, match="differ"):
+        K.bn.relu_grad_sums_(g, randn(10, 24), scale, shift)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        K.bn.bn_grad_apply(g.t(), z.t(), scale, shift, shift)

@@ -5,15 +5,15 @@ The MixedBlock runs as the custom op ``fbnet_fast::mixed_block_cuda``, made by
 ``fused_triton.define_ops``. The depthwise schemas come from the C++ extension
 (``backends/jit.py``, csrc/ops.cpp); the CUDA implementations are compiled here as a
 second library holding only ``TORCH_LIBRARY_IMPL(fbnet_fast, CUDA, ...)``. The BN + ReLU
-before the depthwise and the statistics after it run as PyTorch ops, since the CUDA ops
-do not fuse them.
+before the depthwise and the statistics after it run as PyTorch ops, and the ReLU's
+backward with its sums as kernels/bn.py's pass, since the CUDA ops do not fuse them.
 """
 from __future__ import annotations
 
 import torch
 
 from . import fused_triton, jit
-from .plan import BNCoef, Geometry, dw_weights, relu_grad_sums
+from .plan import BNCoef, Geometry, dw_weights
 
 __all__ = ["mixed_block_forward", "why_unavailable", "CudaDepthwise", "load_cuda_ops"]
 
@@ -64,15 +64,14 @@ class CudaDepthwise(fused_triton.DepthwiseStep):
 
     def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef):
         acc = bn1.scale.dtype
-        a_acc = a.to(acc)
-        pre = a_acc * bn1.scale + bn1.shift
-        hin = torch.relu(pre).to(a.dtype)
+        hin = torch.relu(a.to(acc) * bn1.scale + bn1.shift).to(a.dtype)
         gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(
             geo.image_out(dd), geo.image_in(hin), dw_weights(w, geo.runs), geo.stride)
-        g, sum_g, sum_ga = relu_grad_sums(
-            gx.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).to(acc), pre, a_acc)
+        g = gx.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).to(a.dtype).contiguous()
+        sum_g, sum_ga = fused_triton.load_kernels().bn.relu_grad_sums_(g, a, bn1.scale,
+                                                                        bn1.shift)
         dw = torch.cat([t.reshape(-1) for t in gws]).to(acc)
-        return g.to(a.dtype), sum_g, sum_ga, dw
+        return g, sum_g, sum_ga, dw
 
 
 # ``fbnet_fast::mixed_block_cuda`` (and its ``_backward``): the Triton pipeline's ops with

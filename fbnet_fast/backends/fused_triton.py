@@ -28,8 +28,8 @@ from typing import Callable, List, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor
 
-from .plan import (BNCoef, FusedPlan, Geometry, Segment, apply_bn_grad, batch_stats, bn_coef,
-                   bn_grad, call_fused_op, plan_for, register_fused_autograd, relu_grad_sums)
+from .plan import (BNCoef, FusedPlan, Geometry, Segment, batch_stats, bn_coef, bn_grad,
+                   call_fused_op, plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "load_kernels", "DepthwiseStep",
            "TritonDepthwise", "define_ops"]
@@ -316,23 +316,26 @@ def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor
         skip_scale=bnS.scale if r.S is not None else None,
         skip_shift=bnS.shift if r.S is not None else None,
         skip_coeffs=cS[:3] if cS is not None else None)
-    # second pointwise, BN2 + ReLU
+    r.Z = None   # each expanded-size tensor goes as soon as it is used: they set the peak
+    # second pointwise, BN2 + ReLU (the gradient overwritten in place, kernels/bn.py)
     bn2 = bns["bn2"]
     dpw2 = K.pointwise.pointwise_grad_weight(dZ, r.D, plan.pw2_groups, p.pw2.numel(),
                                              bn2.scale, bn2.shift)
-    dH2 = K.pointwise.pointwise_grad_input(dZ, p.pw2.to(cdt), plan.pw2_groups, L.total_mid,
-                                           out_dtype=acc)
-    Dacc = r.D.to(acc)
-    g2, sg2, sg2d = relu_grad_sums(dH2, Dacc * bn2.scale + bn2.shift, Dacc)
+    dD = K.pointwise.pointwise_grad_input(dZ, p.pw2.to(cdt), plan.pw2_groups, L.total_mid,
+                                          out_dtype=acc)
+    del dZ
+    sg2, sg2d = K.bn.relu_grad_sums_(dD, r.D, bn2.scale, bn2.shift)
     c2 = bn_grad(bn2, affine["bn2"][0], sg2, sg2d, geo.rows_out, training)
-    dD = apply_bn_grad(c2, g2, Dacc).to(cdt)
-    del g2, dH2, Dacc
+    dD = K.bn.bn_grad_apply(dD, r.D, c2.alpha, c2.beta, c2.delta,
+                            out=dD if cdt == acc else None, out_dtype=cdt)
+    r.D = None
     # depthwise, BN1 + ReLU
     bn1 = bns["bn1"]
-    g1, sg1, sg1a, ddw = dw_impl.backward(dD, r.A, p.dw.to(cdt), geo, bn1)
+    dA, sg1, sg1a, ddw = dw_impl.backward(dD, r.A, p.dw.to(cdt), geo, bn1)
+    del dD
     c1 = bn_grad(bn1, affine["bn1"][0], sg1, sg1a, geo.rows_in, training)
-    dA = apply_bn_grad(c1, g1.to(acc), r.A.to(acc)).to(cdt)
-    del g1, dD
+    dA = K.bn.bn_grad_apply(dA, r.A, c1.alpha, c1.beta, c1.delta, out=dA)
+    r.A = None
     # first pointwise (+ skip conv, residual, identity skip)
     pw1_gemm = _dense_gemm(L.total_mid, L.in_channels)
     dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, r.X, pw1_gemm, r.W1.numel()))

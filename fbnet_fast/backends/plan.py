@@ -22,9 +22,9 @@ from ..nn.layout import BN_EPS, BN_MOMENTUM, MixedLayout
 from ..nn.space import conv_out
 
 __all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
-           "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "relu_grad_sums",
-           "apply_bn_grad", "update_running", "bn1_stats_via_covariance", "BN_ROLES",
-           "fused_op_args", "call_fused_op", "register_fused_autograd"]
+           "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "update_running",
+           "bn1_stats_via_covariance", "BN_ROLES", "fused_op_args", "call_fused_op",
+           "register_fused_autograd"]
 
 
 class Segment(NamedTuple):
@@ -345,18 +345,6 @@ def bn1_stats_via_covariance(rows: int, in_channels: int) -> bool:
     never writes A: from M > C_in^2 / 16, about where the GEMM rate over the copy bandwidth
     puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have fewer rows."""
     return 16 * rows > in_channels * in_channels
-
-
-def relu_grad_sums(grad: Tensor, pre: Tensor, z: Tensor) -> tuple:
-    """(g, sum(g), sum(g * z)) for ``bn_grad``: g = grad through a ReLU whose input ``pre``
-    is the BN output of z (rows x channels)."""
-    g = torch.where(pre > 0, grad, 0)
-    return g, g.sum(0), (g * z).sum(0)
-
-
-def apply_bn_grad(c: BNGrad, g: Tensor, z: Tensor) -> Tensor:
-    """dL/dz = alpha * g + beta * z + delta (rows x channels)."""
-    return g * c.alpha + z * c.beta + c.delta
 
 
 BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")   # the BNs of a MixedBlock, in packed order
