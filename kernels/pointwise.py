@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import add_channel_stats
+from .tiles import add_channel_stats, aligned_columns
 from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, gemm_warps,
                     ieee_fp32_dots, interpreting, launch)
 
@@ -50,10 +50,7 @@ def _pointwise_fwd_kernel(
     ACC = tl.float64 if IS_FP64 else tl.float32
     pid_m = tl.program_id(0)
     t = tiles_ptr + tl.program_id(1) * 7
-    o0 = tl.multiple_of(tl.load(t), ALIGN)      # see _align
-    o1 = tl.multiple_of(tl.load(t + 1), ALIGN)
-    i0 = tl.multiple_of(tl.load(t + 2), ALIGN)
-    ilen = tl.multiple_of(tl.load(t + 3), ALIGN)
+    o0, o1, i0, ilen = aligned_columns(t, ALIGN)
     ldx = tl.multiple_of(ldx, ALIGN)
     ldy = tl.multiple_of(ldy, ALIGN)
     woff = tl.load(t + 4)
@@ -97,10 +94,7 @@ def _pointwise_grad_weight_kernel(
     # dW[o, r] += sum over this program's rows of g[m, o] * prologue(x)[m, r]
     ACC = tl.float64 if IS_FP64 else tl.float32
     t = tiles_ptr + tl.program_id(0) * 6
-    g0 = tl.multiple_of(tl.load(t), ALIGN)      # see _align
-    g1 = tl.multiple_of(tl.load(t + 1), ALIGN)
-    x0 = tl.multiple_of(tl.load(t + 2), ALIGN)
-    x1 = tl.multiple_of(tl.load(t + 3), ALIGN)
+    g0, g1, x0, x1 = aligned_columns(t, ALIGN)
     ldg = tl.multiple_of(ldg, ALIGN)
     ldx = tl.multiple_of(ldx, ALIGN)
     woff = tl.load(t + 4)

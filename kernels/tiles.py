@@ -27,3 +27,11 @@ def add_channel_stats(sum_ptr, sumsq_ptr, acc, valid, cols, mask_cols):
     a = tl.where(valid, acc, 0.0)
     tl.atomic_add(sum_ptr + cols, tl.sum(a, axis=0), mask=mask_cols)
     tl.atomic_add(sumsq_ptr + cols, tl.sum(a * a, axis=0), mask=mask_cols)
+
+
+@triton.jit
+def aligned_columns(t, ALIGN: tl.constexpr):
+    """The first four entries of a tile-table row at ``t`` (column offsets and bounds), each
+    declared a multiple of ALIGN, which the launcher checked (``pointwise._align``)."""
+    return (tl.multiple_of(tl.load(t), ALIGN), tl.multiple_of(tl.load(t + 1), ALIGN),
+            tl.multiple_of(tl.load(t + 2), ALIGN), tl.multiple_of(tl.load(t + 3), ALIGN))
