@@ -5,14 +5,14 @@
 # and the whole run keeps inside SECONDS, so a slow stage cannot starve the ones after it.
 #
 #   bash bench/gpu_session.sh OUTDIR [SECONDS] [STAGES]
-#   STAGES (default "env build check time tests"; also "profile", "compile", "big")
+#   STAGES (default "env build check time profile tests"; also "compile", "big")
 #
 # Writes OUTDIR/session.log (every stage's full output), check.json, report.json, and
 # profile.json / compile.json / big.json when those stages run.
 set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [STAGES]}
 BUDGET=${2:-480}
-STAGES=${3:-env build check time tests}
+STAGES=${3:-env build check time profile tests}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
