@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, check_nhwc, launch, num_warps_for, tile_blocks
+from .utils import acc_dtype, cdiv, check_nhwc, launch, num_warps_for, tile_blocks
 
 __all__ = ["relu_grad_sums_", "bn_grad_apply"]
 
@@ -76,7 +76,7 @@ def _check(g, z, vectors):
 
 def _grid(rows: int, channels: int) -> tuple:
     bp, bc = tile_blocks(rows, channels)
-    return (triton.cdiv(rows, bp), triton.cdiv(channels, bc)), bp, bc, num_warps_for(bp * bc)
+    return (cdiv(rows, bp), cdiv(channels, bc)), bp, bc, num_warps_for(bp * bc)
 
 
 def relu_grad_sums_(g, z, scale, shift) -> tuple:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiles import pixel_channel_tile
-from .utils import acc_dtype, check_nhwc, launch, num_warps_for, tile_blocks
+from .utils import acc_dtype, cdiv, check_nhwc, launch, num_warps_for, tile_blocks
 
 __all__ = ["SKIP_NONE", "SKIP_IDENTITY", "SKIP_CONV", "combine_forward", "combine_backward",
            "combine_grad_inputs"]
@@ -162,7 +162,7 @@ def _check_inputs(z, mask, n, hw, c, n_conv, res, skip, skip_mode):
 
 def _launch_args(n, hw, c):
     bp, bc = tile_blocks(hw, c)
-    return (n * triton.cdiv(hw, bp), triton.cdiv(c, bc)), bp, bc, num_warps_for(bp * bc)
+    return (n * cdiv(hw, bp), cdiv(c, bc)), bp, bc, num_warps_for(bp * bc)
 
 
 def _skip_args(skip_mode, res, skip, skip_scale, skip_shift, dummy):

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ..nn.space import conv_out   # the one output-size rule (kernels/ is fbnet_fast.kernels)
 from .tiles import add_channel_stats, pixel_channel_tile
-from .utils import acc_dtype, check_nhwc, interpreting, launch, num_warps_for, tile_blocks
+from .utils import (acc_dtype, cdiv, check_nhwc, interpreting, launch, num_warps_for,
+                    tile_blocks)
 
 __all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
@@ -199,7 +200,7 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
     s2 = torch.zeros_like(s1)
     for r in runs:
         bp, bc, warps = tap_tile(ho * wo, r.channels, r.kernel, acc)
-        grid = (n * triton.cdiv(ho * wo, bp), triton.cdiv(r.channels, bc))
+        grid = (n * cdiv(ho * wo, bp), cdiv(r.channels, bc))
         launch(_dw_fwd_kernel, grid,
                (x, w, y, _acc_vec(scale, x), _acc_vec(shift, x), s1, s2,
                 h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset),
@@ -222,7 +223,7 @@ def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shif
     s2 = torch.zeros_like(s1)
     for r in runs:
         bp, bc, warps = tap_tile(h * wd, r.channels, r.kernel, acc)
-        grid = (n * triton.cdiv(h * wd, bp), triton.cdiv(r.channels, bc))
+        grid = (n * cdiv(h * wd, bp), cdiv(r.channels, bc))
         launch(_dw_grad_input_kernel, grid,
                (dy, w, dx, a if epi else dy, _acc_vec(scale, dy), _acc_vec(shift, dy), s1, s2,
                 h, wd, ho, wo, dy.stride(0), r.channel_start, r.channels, r.w_offset),
@@ -240,9 +241,9 @@ def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, sh
     dw = torch.zeros(w_numel, dtype=acc, device=x.device)
     for r in runs:
         bp, bc = tile_blocks(ho * wo, r.channels)
-        total = n * triton.cdiv(ho * wo, bp)
-        per = total if interpreting() else max(1, triton.cdiv(total, 64))
-        grid = (r.kernel * r.kernel, triton.cdiv(total, per), triton.cdiv(r.channels, bc))
+        total = n * cdiv(ho * wo, bp)
+        per = total if interpreting() else max(1, cdiv(total, 64))
+        grid = (r.kernel * r.kernel, cdiv(total, per), cdiv(r.channels, bc))
         launch(_dw_grad_weight_kernel, grid,
                (dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
                 n, h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset, per),

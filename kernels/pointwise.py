@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .tiles import add_channel_stats, aligned_columns
-from .utils import (acc_dtype, check_nhwc, dot_precision, gemm_blocks, gemm_warps,
+from .utils import (acc_dtype, cdiv, check_nhwc, dot_precision, gemm_blocks, gemm_warps,
                     ieee_fp32_dots, interpreting, launch)
 
 __all__ = ["Segment", "pointwise_forward", "pointwise_grad_input", "pointwise_grad_weight"]
@@ -203,7 +203,7 @@ def pointwise_forward(x, w, segments, out_channels, scale=None, shift=None, stat
     bm, bn, bk = fwd_blocks(M, max_out, max_in, w.dtype)
     tiles, cols = _fwd_tiles(segments, bn, False, str(x.device))
     if M > 0:
-        launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
+        launch(_pointwise_fwd_kernel, (cdiv(M, bm), tiles.shape[0]),
                (x, w, y, _vec(scale, 1, acc, x.device), _vec(shift, 1, acc, x.device), s1, s2,
                 tiles, M, x.stride(0), y.stride(0)), gemm_warps(bm, bn),
                PROLOGUE=prologue, STATS=stats, IS_FP64=acc == torch.float64,
@@ -231,7 +231,7 @@ def pointwise_grad_input(dy, w, segments, in_channels, out_dtype=None):
     tiles, cols = _fwd_tiles(segments, bn, True, str(dy.device))
     if M > 0:
         dummy = torch.empty(1, dtype=acc, device=dy.device)
-        launch(_pointwise_fwd_kernel, (triton.cdiv(M, bm), tiles.shape[0]),
+        launch(_pointwise_fwd_kernel, (cdiv(M, bm), tiles.shape[0]),
                (dy, w, dx, dummy, dummy, dummy, dummy, tiles, M, dy.stride(0), dx.stride(0)),
                gemm_warps(bm, bn), PROLOGUE=False, STATS=False,
                IS_FP64=acc == torch.float64, PRECISION=dot_precision(w.dtype),
@@ -242,13 +242,13 @@ def pointwise_grad_input(dy, w, segments, in_channels, out_dtype=None):
 
 def _row_splits(M: int, block_m: int, tiles: int) -> tuple:
     """Split the row reduction so that the grid has enough programs to fill a GPU."""
-    blocks = triton.cdiv(max(M, 1), block_m)
+    blocks = cdiv(max(M, 1), block_m)
     want = 1 if tiles >= 256 else max(1, 512 // max(tiles, 1))
     if interpreting():
         want = 1
     splits = min(blocks, want)
-    per = triton.cdiv(blocks, splits) * block_m
-    return triton.cdiv(max(M, 1), per), per
+    per = cdiv(blocks, splits) * block_m
+    return cdiv(max(M, 1), per), per
 
 
 def fwd_blocks(rows: int, out_len: int, in_len: int, dtype: torch.dtype) -> tuple:

@@ -87,14 +87,32 @@ def interpreter_problem() -> str | None:
             "Triton release with the fix for triton-lang/triton#9171")
 
 
+# Read once, as the kernels are decorated (this package is imported again when the mode
+# changes, fused_triton.load_kernels): the launch policy follows the mode they were built
+# in, without an environment lookup on each of the ~80 calls a MixedBlock step makes.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (read at kernel decoration)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when these kernels run in Triton's CPU interpreter."""
+    return _INTERPRETED
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grids. Plain Python: ``triton.cdiv`` and
+    ``triton.next_power_of_2`` are ConstexprFunctions (Triton 3.8), whose calls from the
+    host cost several microseconds each, and a MixedBlock step made about 170 of them."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def calculate_settings(n: int) -> tuple:
     """(BLOCK_SIZE, num_warps) for a 1-D tile covering ``n`` elements."""
-    block = triton.next_power_of_2(max(int(n), 1))
+    block = next_pow2(n)
     if block > MAX_FUSED_SIZE:
         raise RuntimeError(
             f"cannot launch a tile of {n} elements: the maximum is {MAX_FUSED_SIZE}")
@@ -110,7 +128,7 @@ def calculate_settings(n: int) -> tuple:
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:
     """The power of two >= ``n``, kept inside [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(n)))
 
 
 def gemm_blocks(m: int, n: int, k: int) -> tuple:
