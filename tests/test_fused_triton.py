@@ -131,6 +131,43 @@ def test_backward_holds_few_expanded_tensors(shape):
     assert live.peak <= 4.5 * expanded, live.peak / expanded
 
 
+@pytest.mark.parametrize("shape", [(16, 24, 2), (24, 24, 1)], ids=shape_id)
+def test_frozen_weights_skip_their_gradient_kernels(shape):
+    """A θ step freezes the weights: the eager backward skips their gradient kernels (the
+    pointwise and depthwise grad-weight launches) and gives the same input and mask
+    gradients as the full backward; a conv skip and a residual layer."""
+    from fbnet_fast.backends.fused_triton import load_kernels
+    from fbnet_fast import MixedBlock
+    utils = load_kernels().utils
+    c_in, c_out, stride = shape
+    torch.manual_seed(4)
+    block = MixedBlock(c_in, c_out, stride, backend="triton").to(DEVICE, DTYPE).train()
+    size, out = 5, (5 + stride - 1) // stride
+    x = torch.randn(2, c_in, size, size, dtype=DTYPE, device=DEVICE)
+    mask = torch.softmax(torch.randn(block.num_candidates, dtype=DTYPE, device=DEVICE), -1)
+    dy = torch.randn(2, c_out, out, out, dtype=DTYPE, device=DEVICE)
+
+    def grads(frozen):
+        for p in block.parameters():
+            p.requires_grad_(not frozen)
+            p.grad = None
+        xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        y = block(xi, mi)
+        with utils.recording(run=True) as launches:
+            y.backward(dy)
+        return (xi.grad, mi.grad), [launch.kernel.__name__ for launch in launches]
+
+    full, kernels_full = grads(False)
+    frozen, kernels_frozen = grads(True)
+    weight_kernels = {"_pointwise_grad_weight_kernel", "_dw_grad_weight_kernel"}
+    assert weight_kernels <= set(kernels_full)
+    assert not weight_kernels & set(kernels_frozen)
+    assert [k for k in kernels_full if k not in weight_kernels] == kernels_frozen
+    assert all(p.grad is None for p in block.parameters())
+    for a, b in zip(frozen, full, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_cuda_backend_depthwise_glue_with_the_cpu_ops():
     """fused_cuda's depthwise adapter, run through the same-schema C++ CPU ops."""
     from fbnet_fast.backends import jit

@@ -62,7 +62,8 @@ class CudaDepthwise(fused_triton.DepthwiseStep):
         r = rows.to(bn1.scale.dtype)
         return rows, r.sum(0), (r * r).sum(0)
 
-    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef):
+    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef, weight_grad: bool = True):
+        # dw_conv_backward computes the weight gradient with the input's in one kernel
         acc = bn1.scale.dtype
         hin = torch.relu(a.to(acc) * bn1.scale + bn1.shift).to(a.dtype)
         gx, gws = torch.ops.fbnet_fast.dw_conv_backward.default(

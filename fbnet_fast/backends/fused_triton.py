@@ -13,7 +13,9 @@ its ``_backward``; ``define_ops`` makes the same pair for another depthwise step
 fused_cuda does), with fake kernels and registered autograd, so ``torch.compile`` traces
 a MixedBlock as one node. The ops take tensors and plain values only and mutate nothing:
 the forward returns the BN statistics it used and the adapter (``plan.call_fused_op``)
-updates the running statistics.
+updates the running statistics. Eager calls run the same two implementations through an
+``autograd.Function`` (``plan.register_fused_autograd``), without the custom op's dispatch,
+and its backward skips the weights' gradient kernels when the weights are frozen.
 """
 from __future__ import annotations
 
@@ -119,10 +121,12 @@ class DepthwiseStep(Protocol):
         accumulator dtype (BN2's batch statistics); None, None without."""
         ...
 
-    def backward(self, dd: Tensor, a: Tensor, w: Tensor, geo: Geometry, bn1: BNCoef) -> tuple:
+    def backward(self, dd: Tensor, a: Tensor, w: Tensor, geo: Geometry, bn1: BNCoef,
+                 weight_grad: bool = True) -> tuple:
         """(g, sum(g), sum(g * a), dw) from dd = dL/dd (Tensor[N*H'*W', T]): g (a's shape and
         dtype) = dL/d(a * scale + shift) through the ReLU, its per-channel sums (accumulator
-        dtype) as ``bn_grad`` takes them, and dw the flat weight gradient (accumulator dtype)."""
+        dtype) as ``bn_grad`` takes them, and dw the flat weight gradient (accumulator dtype;
+        None allowed without ``weight_grad``)."""
         ...
 
 
@@ -133,10 +137,11 @@ class TritonDepthwise(DepthwiseStep):
         return load_kernels().depthwise.depthwise_forward(
             a, w, geo.n, geo.h, geo.w, geo.stride, geo.runs, bn1.scale, bn1.shift, stats)
 
-    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef):
+    def backward(self, dd, a, w, geo: Geometry, bn1: BNCoef, weight_grad: bool = True):
         K = load_kernels().depthwise
         shape = (geo.n, geo.h, geo.w, geo.stride, geo.runs)
-        dw = K.depthwise_grad_weight(dd, a, *shape, w.numel(), bn1.scale, bn1.shift)
+        dw = K.depthwise_grad_weight(dd, a, *shape, w.numel(), bn1.scale, bn1.shift) \
+            if weight_grad else None
         g, s1, s2 = K.depthwise_grad_input(dd, w, *shape, a, bn1.scale, bn1.shift)
         return g, s1, s2, dw
 
@@ -287,7 +292,9 @@ def _forward(dw_impl: DepthwiseStep, x, mask, params: tuple, running: list, layo
 
 
 def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor, layout: str,
-              training: bool, cdt: torch.dtype) -> list:
+              training: bool, cdt: torch.dtype, weight_grads: bool = True) -> list:
+    """Without ``weight_grads`` (a θ step: the weights are frozen) the conv weights'
+    gradient kernels do not run, and their gradients are empty tensors."""
     K = load_kernels()
     plan = plan_for(layout)
     L = plan.layout
@@ -320,7 +327,7 @@ def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor
     # second pointwise, BN2 + ReLU (the gradient overwritten in place, kernels/bn.py)
     bn2 = bns["bn2"]
     dpw2 = K.pointwise.pointwise_grad_weight(dZ, r.D, plan.pw2_groups, p.pw2.numel(),
-                                             bn2.scale, bn2.shift)
+                                             bn2.scale, bn2.shift) if weight_grads else None
     dD = K.pointwise.pointwise_grad_input(dZ, p.pw2.to(cdt), plan.pw2_groups, L.total_mid,
                                           out_dtype=acc)
     del dZ
@@ -331,19 +338,21 @@ def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor
     r.D = None
     # depthwise, BN1 + ReLU
     bn1 = bns["bn1"]
-    dA, sg1, sg1a, ddw = dw_impl.backward(dD, r.A, p.dw.to(cdt), geo, bn1)
+    dA, sg1, sg1a, ddw = dw_impl.backward(dD, r.A, p.dw.to(cdt), geo, bn1, weight_grads)
     del dD
     c1 = bn_grad(bn1, affine["bn1"][0], sg1, sg1a, geo.rows_in, training)
     dA = K.bn.bn_grad_apply(dA, r.A, c1.alpha, c1.beta, c1.delta, out=dA)
     r.A = None
     # first pointwise (+ skip conv, residual, identity skip)
     pw1_gemm = _dense_gemm(L.total_mid, L.in_channels)
-    dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, r.X, pw1_gemm, r.W1.numel()))
+    dpw1 = plan.packed_pw1(K.pointwise.pointwise_grad_weight(dA, r.X, pw1_gemm, r.W1.numel())) \
+        if weight_grads else None
     dX = K.pointwise.pointwise_grad_input(dA, r.W1, pw1_gemm, L.in_channels, out_dtype=acc)
     dskw = None
     if r.S is not None:
         skip_gemm = _dense_gemm(L.out_channels, L.in_channels)
-        dskw = K.pointwise.pointwise_grad_weight(dS, r.Xs, skip_gemm, p.skip.numel())
+        dskw = K.pointwise.pointwise_grad_weight(dS, r.Xs, skip_gemm, p.skip.numel()) \
+            if weight_grads else None
         dXs = K.pointwise.pointwise_grad_input(dS, p.skip.to(cdt), skip_gemm, L.in_channels,
                                                out_dtype=acc)
         view = dX.view(geo.n, geo.h, geo.w, -1)[:, ::L.stride, ::L.stride]
@@ -362,6 +371,7 @@ def _backward(dw_impl: DepthwiseStep, dy, x, mask, params: tuple, packed: Tensor
              c2.dgamma, c2.dbeta, c3.dgamma, c3.dbeta]
     grads += [dskw, cS.dgamma, cS.dbeta] if r.S is not None else [None, None, None]
     dx = _to_format(geo.image_in(dX), x).to(x.dtype)
+    # a skipped or absent gradient is an empty tensor: the op returns tensors, none aliased
     return [dx, dmask] + [x.new_empty(0) if g is None else g.to(t.dtype)
                           for g, t in zip(grads, params)]
 
@@ -376,6 +386,18 @@ def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
     the op, its fake and its backward agree."""
     qualname = f"fbnet_fast::{name}"
 
+    def forward_impl(x, mask, *rest):
+        *params, running, layout, training, compute_dtype = rest
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return _forward(dw_impl, x, mask, tuple(params), running, layout, training,
+                            compute_dtype)
+
+    def backward_impl(grad, x, mask, *rest, weight_grads=True):
+        *params, stats, layout, training, compute_dtype = rest
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return _backward(dw_impl, grad, x, mask, tuple(params), stats, layout, training,
+                             compute_dtype, weight_grads)
+
     @torch.library.custom_op(qualname, mutates_args=(), device_types=("cuda", "cpu"))
     def forward(x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor,
                 bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
@@ -385,10 +407,9 @@ def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
                 compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(y Tensor[N, C_out, H', W'] in compute_dtype and x's memory format, the BN
         statistics used Tensor[2, S]: batch ones in training, the running ones in eval)."""
-        params = (pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias, bn3_weight,
-                  bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            return _forward(dw_impl, x, mask, params, running, layout, training, compute_dtype)
+        return forward_impl(x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
+                            bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias,
+                            running, layout, training, compute_dtype)
 
     @forward.register_fake
     def _(x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running, layout, training,
@@ -410,11 +431,9 @@ def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
                  compute_dtype: torch.dtype) -> List[Tensor]:
         """Gradients w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the skip conv
         (empty tensors without one), recomputing the forward from x."""
-        params = (pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias, bn3_weight,
-                  bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            return _backward(dw_impl, grad, x, mask, params, stats, layout, training,
-                             compute_dtype)
+        return backward_impl(grad, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight,
+                             bn2_bias, bn3_weight, bn3_bias, skip_weight, skip_bn_weight,
+                             skip_bn_bias, stats, layout, training, compute_dtype)
 
     @backward.register_fake
     def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, layout,
@@ -424,13 +443,13 @@ def define_ops(name: str, dw_impl: DepthwiseStep) -> Callable:
                 + [torch.empty_like(t) for t in (mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3)]
                 + skip)
 
-    register_fused_autograd(name)
+    eager = register_fused_autograd(name, forward_impl, backward_impl)
     op = getattr(torch.ops.fbnet_fast, name).default
 
     def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:
         """y = sum_i w_i * block_i(x) on the fused op (see the module docstring); x
         (Tensor[N, C_in, H, W], NCHW or channels_last), weights (Tensor[K] or [N, K])."""
-        return call_fused_op(op, block, x, weights, _compute_dtype(x))
+        return call_fused_op(op, block, x, weights, _compute_dtype(x), eager=eager)
 
     return mixed_block_forward
 
