@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, cdiv, check_nhwc, launch, num_warps_for, tile_blocks
+from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, launch, num_warps_for,
+                    tile_blocks)
 
 __all__ = ["relu_grad_sums_", "bn_grad_apply"]
 
@@ -83,8 +84,7 @@ def relu_grad_sums_(g, z, scale, shift) -> tuple:
     """In place: g (Tensor[R, C], the gradient after the ReLU) becomes g * (z * scale +
     shift > 0). Returns (sum(g), sum(g * z)) per channel, in the accumulator dtype."""
     acc = _check(g, z, (scale, shift))
-    s1 = torch.zeros(g.shape[1], dtype=acc, device=g.device)
-    s2 = torch.zeros_like(s1)
+    s1, s2 = channel_sums(g.shape[1], acc, g.device)
     if g.numel():
         grid, bp, bc, warps = _grid(*g.shape)
         launch(_relu_grad_sums_kernel, grid,

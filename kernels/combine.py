@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .tiles import pixel_channel_tile
-from .utils import acc_dtype, cdiv, check_nhwc, launch, num_warps_for, tile_blocks
+from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, launch, num_warps_for,
+                    tile_blocks)
 
 __all__ = ["SKIP_NONE", "SKIP_IDENTITY", "SKIP_CONV", "combine_forward", "combine_backward",
            "combine_grad_inputs"]
@@ -206,10 +207,8 @@ def combine_backward(dy, z, scale, shift, mask, n, hw, c, res=None, skip=None,
     acc = acc_dtype(z.dtype)
     dev = z.device
     dm = torch.zeros(n, mask.shape[1], dtype=acc, device=dev)
-    sg = torch.zeros(n_conv * c, dtype=acc, device=dev)
-    sgz = torch.zeros_like(sg)
-    sgs = torch.zeros(c, dtype=acc, device=dev)
-    sgss = torch.zeros_like(sgs)
+    sg, sgz = channel_sums(n_conv * c, acc, dev)
+    sgs, sgss = channel_sums(c, acc, dev)   # apart from sg: both can be returned gradients
     if dy.numel() == 0:
         return dm, sg, sgz, sgs, sgss
     x, s, ss, sb = _skip_args(skip_mode, res, skip, skip_scale, skip_shift, scale)

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ..nn.space import conv_out   # the one output-size rule (kernels/ is fbnet_fast.kernels)
 from .tiles import add_channel_stats, pixel_channel_tile
-from .utils import (acc_dtype, cdiv, check_nhwc, interpreting, launch, num_warps_for,
-                    tile_blocks)
+from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, interpreting, launch,
+                    num_warps_for, tile_blocks)
 
 __all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
@@ -196,8 +196,7 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
     ho, wo = conv_out(h, stride), conv_out(wd, stride)
     acc = acc_dtype(x.dtype)
     y = torch.empty(n * ho * wo, x.shape[1], dtype=x.dtype, device=x.device)
-    s1 = torch.zeros(x.shape[1] if stats else 1, dtype=acc, device=x.device)
-    s2 = torch.zeros_like(s1)
+    s1, s2 = channel_sums(x.shape[1], acc, x.device, stats)
     for r in runs:
         bp, bc, warps = tap_tile(ho * wo, r.channels, r.kernel, acc)
         grid = (n * cdiv(ho * wo, bp), cdiv(r.channels, bc))
@@ -219,8 +218,7 @@ def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shif
     if epi:
         _check("a", a, n * h * wd, runs)
     dx = torch.empty(n * h * wd, dy.shape[1], dtype=dy.dtype, device=dy.device)
-    s1 = torch.zeros(dy.shape[1] if epi else 1, dtype=acc, device=dy.device)
-    s2 = torch.zeros_like(s1)
+    s1, s2 = channel_sums(dy.shape[1], acc, dy.device, epi)
     for r in runs:
         bp, bc, warps = tap_tile(h * wd, r.channels, r.kernel, acc)
         grid = (n * cdiv(h * wd, bp), cdiv(r.channels, bc))

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .tiles import add_channel_stats, aligned_columns
-from .utils import (acc_dtype, cdiv, check_nhwc, dot_precision, gemm_blocks, gemm_warps,
-                    ieee_fp32_dots, interpreting, launch)
+from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, dot_precision, gemm_blocks,
+                    gemm_warps, ieee_fp32_dots, interpreting, launch)
 
 __all__ = ["Segment", "pointwise_forward", "pointwise_grad_input", "pointwise_grad_weight"]
 
@@ -196,8 +196,7 @@ def pointwise_forward(x, w, segments, out_channels, scale=None, shift=None, stat
     M = x.shape[0]
     acc = acc_dtype(x.dtype)
     y = torch.empty(M, out_channels, dtype=out_dtype or x.dtype, device=x.device)
-    s1 = torch.zeros(out_channels if stats else 1, dtype=acc, device=x.device)
-    s2 = torch.zeros_like(s1)
+    s1, s2 = channel_sums(out_channels, acc, x.device, stats)
     max_out = max(s.out_len for s in segments)
     max_in = max(s.in_len for s in segments)
     bm, bn, bk = fwd_blocks(M, max_out, max_in, w.dtype)

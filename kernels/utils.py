@@ -110,6 +110,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def channel_sums(channels: int, dtype: torch.dtype, device, wanted: bool = True) -> tuple:
+    """Two zeroed per-channel accumulators (a sum and a sum of products) for an atomic
+    epilogue, from one fill; without ``wanted``, two unfilled one-element placeholders (the
+    kernel does not touch them). Each fill is a launch on a GPU, where small maps wait on
+    the host."""
+    t = (torch.zeros(2, channels, dtype=dtype, device=device) if wanted
+         else torch.empty(2, 1, dtype=dtype, device=device))
+    return t[0], t[1]
+
+
 def calculate_settings(n: int) -> tuple:
     """(BLOCK_SIZE, num_warps) for a 1-D tile covering ``n`` elements."""
     block = next_pow2(n)

@@ -329,13 +329,15 @@ def bn_grad(bn: BNCoef, gamma: Tensor, sum_g: Tensor, sum_gz: Tensor, count: int
             training: bool) -> BNGrad:
     """From sum(g) and sum(g * z) per channel (g = dL/d(BN output), z = BN input) over
     ``count`` rows; the batch statistics' own gradient is folded into beta and delta."""
-    dgamma = (sum_gz - bn.mean * sum_g) * bn.rstd
+    # dgamma = (Σgz - mean Σg) rstd, beta = -alpha rstd dgamma / count,
+    # delta = -alpha Σg / count - beta mean: fused and in place, each op a launch on a GPU
+    dgamma = torch.addcmul(sum_gz, bn.mean, sum_g, value=-1).mul_(bn.rstd)
     alpha = gamma * bn.rstd
     if not training:
         zero = torch.zeros_like(alpha)
         return BNGrad(alpha, zero, zero, dgamma, sum_g)
-    beta = -alpha * bn.rstd * dgamma / count
-    delta = -alpha * sum_g / count - beta * bn.mean
+    beta = (alpha * bn.rstd).mul_(dgamma).mul_(-1 / count)
+    delta = (beta * bn.mean).neg_().addcmul_(alpha, sum_g, value=-1 / count)
     return BNGrad(alpha, beta, delta, dgamma, sum_g)
 
 
