@@ -39,3 +39,40 @@ def test_report_quick_writes_every_section(tmp_path):
         assert sorted(v) == ["hard", "soft", "two-path"]
         assert v["soft"]["speedup_vs_soft"] == 1.0
         assert all(m["images_per_s"] == 2 / m["step_s"] for m in v.values())
+
+
+def test_gpu_compare_on_the_stored_h200_run(tmp_path):
+    """bench/gpu_compare.py against the stored H200 report and an edited copy of it: the
+    triton rows twice as fast, one row dropped, the memory halved on one."""
+    stored = ROOT / "bench" / "gpu_runs" / "h200-2026-11-29" / "report.json"
+    report = json.loads(stored.read_text())
+    rows = report["timings"]
+    for r in rows:
+        if r["provider"] == "triton":
+            r["median_s"] /= 2
+    rows[0]["peak_bytes"] //= 2
+    del rows[1]
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(report))
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_compare
+    finally:
+        sys.path.pop(0)
+    out = gpu_compare.compare(gpu_compare.timed_rows(str(stored)), gpu_compare.timed_rows(str(new)))
+    timed = sum("median_s" in r for r in json.loads(stored.read_text())["timings"])
+    assert len(out) == timed - 1
+    for r in out:
+        assert abs(r["speedup"] - (2.0 if r["provider"] == "triton" else 1.0)) < 1e-9
+    first = out[0]
+    assert (first["kind"], first["where"], first["provider"]) == ("layer", "[16, 16, 1, 112]",
+                                                                  "eager_nchw")
+    assert abs(first["memory_ratio"] - 0.5) < 1e-6
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_compare.py"), str(stored),
+                           str(new)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "(1 rows are in one file only)" in proc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_compare.py"), str(stored),
+                           str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "not a gpu_report.py JSON" in proc.stderr
