@@ -13,18 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, launch, num_warps_for,
-                    tile_blocks)
+from .tiles import pixel_channel_tile
+from .utils import acc_dtype, channel_sums, check_nhwc, launch, pixel_channel_grid
 
 __all__ = ["relu_grad_sums_", "bn_grad_apply"]
-
-
-@triton.jit
-def _row_channel_tile(R, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    return r.to(tl.int64), c, (r < R)[:, None] & mask_c[None, :], mask_c
 
 
 @triton.jit
@@ -33,7 +25,8 @@ def _relu_grad_sums_kernel(
     IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC = tl.float64 if IS_FP64 else tl.float32
-    rows, c, m2, mask_c = _row_channel_tile(R, C, BLOCK_P, BLOCK_C)
+    _, r, mask_r, c, mask_c = pixel_channel_tile(R, C, BLOCK_P, BLOCK_C)   # one "image"
+    rows, m2 = r.to(tl.int64), mask_r[:, None] & mask_c[None, :]
     gp = g_ptr + rows[:, None] * ldg + c[None, :]
     gv = tl.load(gp, mask=m2, other=0.0).to(ACC)
     zv = tl.load(z_ptr + rows[:, None] * ldz + c[None, :], mask=m2, other=0.0).to(ACC)
@@ -51,7 +44,8 @@ def _bn_grad_apply_kernel(
     IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC = tl.float64 if IS_FP64 else tl.float32
-    rows, c, m2, mask_c = _row_channel_tile(R, C, BLOCK_P, BLOCK_C)
+    _, r, mask_r, c, mask_c = pixel_channel_tile(R, C, BLOCK_P, BLOCK_C)
+    rows, m2 = r.to(tl.int64), mask_r[:, None] & mask_c[None, :]
     gv = tl.load(g_ptr + rows[:, None] * ldg + c[None, :], mask=m2, other=0.0).to(ACC)
     zv = tl.load(z_ptr + rows[:, None] * ldz + c[None, :], mask=m2, other=0.0).to(ACC)
     al = tl.load(alpha_ptr + c, mask=mask_c, other=0.0)
@@ -75,18 +69,13 @@ def _check(g, z, vectors):
     return acc
 
 
-def _grid(rows: int, channels: int) -> tuple:
-    bp, bc = tile_blocks(rows, channels)
-    return (cdiv(rows, bp), cdiv(channels, bc)), bp, bc, num_warps_for(bp * bc)
-
-
 def relu_grad_sums_(g, z, scale, shift) -> tuple:
     """In place: g (Tensor[R, C], the gradient after the ReLU) becomes g * (z * scale +
     shift > 0). Returns (sum(g), sum(g * z)) per channel, in the accumulator dtype."""
     acc = _check(g, z, (scale, shift))
     s1, s2 = channel_sums(g.shape[1], acc, g.device)
     if g.numel():
-        grid, bp, bc, warps = _grid(*g.shape)
+        grid, bp, bc, warps = pixel_channel_grid(1, *g.shape)
         launch(_relu_grad_sums_kernel, grid,
                (g, z, scale, shift, s1, s2, g.shape[0], g.shape[1], g.stride(0), z.stride(0)),
                warps, IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
@@ -103,7 +92,7 @@ def bn_grad_apply(g, z, alpha, beta, delta, out=None, out_dtype=None):
         raise ValueError(f"bn_grad_apply: out must be Tensor{tuple(g.shape)} with contiguous "
                          f"channels, got {tuple(out.shape)} strides {out.stride()}")
     if g.numel():
-        grid, bp, bc, warps = _grid(*g.shape)
+        grid, bp, bc, warps = pixel_channel_grid(1, *g.shape)
         launch(_bn_grad_apply_kernel, grid,
                (g, z, alpha, beta, delta, out, g.shape[0], g.shape[1], g.stride(0), z.stride(0),
                 out.stride(0)),

@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiles import pixel_channel_tile
-from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, launch, num_warps_for,
-                    tile_blocks)
+from .utils import acc_dtype, channel_sums, check_nhwc, launch, pixel_channel_grid
 
 __all__ = ["SKIP_NONE", "SKIP_IDENTITY", "SKIP_CONV", "combine_forward", "combine_backward",
            "combine_grad_inputs"]
@@ -161,11 +160,6 @@ def _check_inputs(z, mask, n, hw, c, n_conv, res, skip, skip_mode):
                 raise ValueError(f"combine: {name} has {t.shape[0]} rows, z {z.shape[0]}")
 
 
-def _launch_args(n, hw, c):
-    bp, bc = tile_blocks(hw, c)
-    return (n * cdiv(hw, bp), cdiv(c, bc)), bp, bc, num_warps_for(bp * bc)
-
-
 def _skip_args(skip_mode, res, skip, skip_scale, skip_shift, dummy):
     x = res if res is not None else (skip if skip_mode == SKIP_IDENTITY else dummy)
     s = skip if skip_mode == SKIP_CONV else dummy
@@ -185,7 +179,7 @@ def combine_forward(z, scale, shift, mask, n, hw, c, res=None, skip=None,
         return y
     dummy = scale
     x, s, ss, sb = _skip_args(skip_mode, res, skip, skip_scale, skip_shift, dummy)
-    grid, bp, bc, warps = _launch_args(n, hw, c)
+    grid, bp, bc, warps = pixel_channel_grid(n, hw, c)
     msum = mask[:, :n_conv].sum(1).contiguous()
     launch(_combine_fwd_kernel, grid,
            (z, scale, shift, mask, msum, x, s, ss, sb, y,
@@ -212,7 +206,7 @@ def combine_backward(dy, z, scale, shift, mask, n, hw, c, res=None, skip=None,
     if dy.numel() == 0:
         return dm, sg, sgz, sgs, sgss
     x, s, ss, sb = _skip_args(skip_mode, res, skip, skip_scale, skip_shift, scale)
-    grid, bp, bc, warps = _launch_args(n, hw, c)
+    grid, bp, bc, warps = pixel_channel_grid(n, hw, c)
     launch(_combine_bwd_kernel, grid,
            (dy, z, scale, shift, mask, x, s, ss, sb, dm, sg, sgz, sgs, sgss,
             hw, c, n_conv, z.stride(0), x.stride(0) if x.dim() == 2 else 0,
@@ -237,7 +231,7 @@ def combine_grad_inputs(dy, z, mask, alpha, beta, delta, n, hw, c, skip=None,
         return dz, ds
     dummy = alpha
     sa, sbeta, sdelta = skip_coeffs if skip is not None else (dummy, dummy, dummy)
-    grid, bp, bc, warps = _launch_args(n, hw, c)
+    grid, bp, bc, warps = pixel_channel_grid(n, hw, c)
     launch(_combine_grad_inputs_kernel, grid,
            (dy, z, mask, alpha, beta, delta, dz,
             skip if skip is not None else dummy, skip_scale if skip is not None else dummy,

@@ -138,6 +138,12 @@ def _align(*values: int) -> int:
     return align
 
 
+def _tile_table(rows: list, device: str) -> tuple:
+    """(the tile rows as an int32 tensor, the gcd of their column offsets and bounds)."""
+    return (torch.tensor(rows, dtype=torch.int32, device=device),
+            math.gcd(*(v for r in rows for v in r[:4])))
+
+
 @lru_cache(maxsize=512)
 def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> tuple:
     """(tile table, gcd of its column offsets and bounds)."""
@@ -151,8 +157,7 @@ def _fwd_tiles(segments: tuple, block_n: int, transpose: bool, device: str) -> t
             for o in range(0, s.in_len, block_n):
                 rows.append((s.in_start + o, s.in_start + s.in_len, s.out_start, s.out_len,
                              s.w_offset + o, 1, s.in_len))
-    return (torch.tensor(rows, dtype=torch.int32, device=device),
-            math.gcd(*(v for r in rows for v in r[:4])))
+    return _tile_table(rows, device)
 
 
 @lru_cache(maxsize=512)
@@ -164,8 +169,7 @@ def _grad_weight_tiles(segments: tuple, block_o: int, block_r: int, device: str)
             for r in range(0, s.in_len, block_r):
                 rows.append((s.out_start + o, s.out_start + s.out_len, s.in_start + r,
                              s.in_start + s.in_len, s.w_offset + o * s.in_len + r, s.in_len))
-    return (torch.tensor(rows, dtype=torch.int32, device=device),
-            math.gcd(*(v for r in rows for v in r[:4])))
+    return _tile_table(rows, device)
 
 
 def _check_segments(segments, x_cols: int, out_cols: int, w_numel: int) -> tuple:

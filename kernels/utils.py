@@ -167,6 +167,13 @@ def tile_blocks(pixels: int, channels: int) -> tuple:
     return pow2_clamp(pixels, 1, 64), pow2_clamp(channels, 1, 64)
 
 
+def pixel_channel_grid(n: int, pixels: int, channels: int) -> tuple:
+    """(grid, BLOCK_P, BLOCK_C, num_warps) of a kernel tiled by ``tiles.pixel_channel_tile``
+    over ``n`` images of ``pixels`` rows (one image: plain rows)."""
+    bp, bc = tile_blocks(pixels, channels)
+    return (n * cdiv(pixels, bp), cdiv(channels, bc)), bp, bc, num_warps_for(bp * bc)
+
+
 def num_warps_for(tile_elems: int) -> int:
     return calculate_settings(tile_elems)[1] if tile_elems <= MAX_FUSED_SIZE else 8
 
