@@ -71,4 +71,10 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("pointwise_bn_backward_out(Tensor dz, Tensor d, Tensor scale, Tensor shift, Tensor mean,"
         " Tensor weight, int[] segments, Tensor(a!) grad_d, bool weight_grad=True)"
         " -> (Tensor, Tensor)");
+  // A new uninitialised contiguous Tensor[size] of like's dtype and device whose memory comes
+  // from a pool of blocks that earlier such tensors left (csrc/cpu/pool.cpp): for tensors
+  // saved from one step to its backward, which recur every step. release_pool frees the
+  // pool's idle blocks and returns their bytes (like only picks the device).
+  m.def("pooled_empty(Tensor like, int[] size) -> Tensor");
+  m.def("release_pool(Tensor like) -> int");
 }

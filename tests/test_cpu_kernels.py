@@ -568,3 +568,27 @@ def test_dw_conv_bn_float32_half_vector(stride):
     torch.testing.assert_close(gpre.double(), pre.grad, **tol)
     for got, t in zip(gws, wr):
         torch.testing.assert_close(got.double(), t.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_pooled_empty_reuses_freed_blocks():
+    """pooled_empty gives contiguous tensors of the asked shape and like's dtype; a block
+    comes back for the next request of its size only once its tensor is gone, and
+    release_pool frees the idle blocks (returning their bytes)."""
+    pooled = torch.ops.fbnet_fast.pooled_empty.default
+    like = torch.empty(0, dtype=torch.float64)
+    torch.ops.fbnet_fast.release_pool.default(like)
+    a = pooled(like, [300, 7])
+    assert a.shape == (300, 7) and a.dtype == torch.float64 and a.is_contiguous()
+    a.copy_(torch.randn(300, 7, dtype=torch.float64))
+    b = pooled(like, [300, 7])                      # a is alive: a block of its own
+    assert b.data_ptr() != a.data_ptr()
+    b.fill_(2.5)
+    assert not torch.equal(a, b)
+    ptr = a.data_ptr()
+    del a
+    c = pooled(like, [7, 300])                      # the same bytes: a's block again
+    assert c.data_ptr() == ptr
+    assert torch.equal(b, torch.full((300, 7), 2.5, dtype=torch.float64))
+    del b, c
+    assert torch.ops.fbnet_fast.release_pool.default(like) == 2 * 4096 * 5   # 16800 B -> 5 pages
+    assert torch.ops.fbnet_fast.release_pool.default(like) == 0

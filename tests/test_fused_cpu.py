@@ -9,7 +9,9 @@ import fbnet_fast
 from fbnet_fast import MixedBlock
 from fbnet_fast.backends import jit
 from fbnet_fast.backends import registry as backends
-from fbnet_fast.testing import compare, make_pair, single_thread
+from fbnet_fast.backends import fused_cpu
+from fbnet_fast.backends.plan import plan_for
+from fbnet_fast.testing import LAYER_SHAPES, compare, make_pair, shape_id, single_thread
 
 pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
 
@@ -54,10 +56,61 @@ def test_saves_an_eighth_of_the_reference():
     assert b_fused * 8 <= b_ref, (b_fused, b_ref)
 
 
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=shape_id)
+def test_recomputing_backward_matches_reference(shape, monkeypatch):
+    """With ``KEEP_BYTES = 0`` every call recomputes its intermediates in the backward, as the
+    large maps do; test_backends.py's small maps take the path that keeps them."""
+    monkeypatch.setattr(fused_cpu, "KEEP_BYTES", 0)
+    c_in, c_out, stride = shape
+    fused, ref = make_pair("cpu", c_in, c_out, stride, dtype=DT, seed=c_in + 3 * c_out)
+    compare(fused, ref, batch=2, size=7 if c_in <= 64 else 5, per_example=c_in % 3 == 0,
+            channels_last=c_out % 2 == 0, atol=1e-9, rtol=1e-9)
+
+
+class _Count:
+    """Counts the calls of one C++ op (monkeypatched over torch.ops.fbnet_fast.<name>)."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def default(self, *args):
+        self.calls += 1
+        return self.op.default(*args)
+
+
+def test_small_calls_keep_their_intermediates(monkeypatch):
+    """Under ``KEEP_BYTES`` a training call saves D, Z and the skip conv's output (exactly
+    their bytes more than recomputing), and its backward runs no depthwise forward; the
+    gradients are those of the recomputing backward."""
+    dw = _Count(torch.ops.fbnet_fast.dw_conv_bn_out)
+    monkeypatch.setattr(torch.ops.fbnet_fast, "dw_conv_bn_out", dw)
+    torch.manual_seed(0)
+    fused, _ = make_pair("cpu", 16, 24, 2, dtype=DT)
+    x = torch.randn(2, 16, 8, 8, dtype=DT)
+    mask = torch.softmax(torch.randn(9, dtype=DT), -1)
+    dy = torch.randn(2, 24, 4, 4, dtype=DT)
+
+    def step():
+        fused.zero_grad(set_to_none=True)
+        xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        saved = _saved_bytes(lambda: fused(xi, mi).backward(dy))
+        return saved, dw.calls, [xi.grad, mi.grad] + [q.grad.clone() for q in fused.parameters()]
+
+    kept, calls_kept, grads_kept = step()
+    monkeypatch.setattr(fused_cpu, "KEEP_BYTES", 0)
+    dw.calls = 0
+    recomputed, calls_recomputed, grads = step()
+    p = plan_for(fused.layout)
+    t, o = fused.layout.total_mid, 24
+    assert kept - recomputed == 8 * 32 * (t + p.n_conv * o + o)
+    assert (calls_kept, calls_recomputed) == (1, 2)
+    for a, b in zip(grads_kept, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_workspace_reuse_is_safe():
     """Scratch buffers are reused across calls and grow with the shape: outputs and gradients
     of earlier calls must not change, in training, eval and inference mode alike."""
-    from fbnet_fast.backends import fused_cpu
     fused, ref = make_pair("cpu", 8, 16, 2, seed=4)
     fused_cpu.clear_workspace()
     first = compare(fused, ref, size=5)

@@ -18,8 +18,9 @@ row, so it is never written, and BN1's backward is taken apart in [C_in]-sized t
 mask-weighted combine and BN3's backward are C++ passes over all candidates' second 1x1
 outputs at once. No loop over the candidates runs in Python. The backward recomputes the
 intermediates from x, so only x, the mask, the weights and the BN batch statistics are
-saved. Both ops are registered with fake kernels, so torch.compile and export trace them;
-eager calls run the same two implementations through an autograd.Function
+saved; at small maps the eager path also keeps D and Z (``KEEP_BYTES``). Both ops are
+registered with fake kernels, so torch.compile and export trace them; eager calls run the
+same two implementations through an autograd.Function
 (``plan.register_fused_autograd``), without the custom op's dispatch.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
 they hold about the largest layer's peak, ``clear_workspace()`` frees them).
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from . import jit
 from .plan import (BNCoef, BNGrad, FusedPlan, bn1_stats_via_covariance, bn_coef, bn_grad,
-                   call_fused_op, dw_weights, plan_for, register_fused_autograd)
+                   call_fused_op, dw_weights, op_impl, plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -100,8 +101,10 @@ _ws = _Workspace()
 
 
 def clear_workspace() -> None:
-    """Free this thread's scratch buffers (they are kept to be reused by the next call)."""
+    """Free this thread's scratch buffers and the idle blocks of the pool the kept
+    intermediates come from (both are kept to be reused by the next call)."""
     _ws.bufs.clear()
+    torch.ops.fbnet_fast.release_pool.default(torch.empty(0))
 
 
 # --- shared forward computation -----------------------------------------------------
@@ -110,8 +113,28 @@ class _Fwd:
     """Forward intermediates (kept only inside one op call)."""
 
 
+KEEP_BYTES = 16 << 20
+"""The most bytes a training call saves for its backward beyond x, the weights and the
+statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
+and the backward recomputes only A, one GEMM, instead of the whole forward. Per byte, D and
+Z cost the most to recompute (A is a single GEMM at a good rate). 16 MiB keeps the saved
+bytes of a whole step under an eighth of the reference's at both measured sizes (the quick
+preset's and 224x224 batch 8); 0 always recomputes (bench/RESULTS.md)."""
+
+
+def keeps_intermediates(p: FusedPlan, geo, dtype: torch.dtype) -> bool:
+    """Whether a training call keeps D, Z (and a conv skip's output) for its backward."""
+    L = p.layout
+    cols = L.total_mid + p.n_conv * L.out_channels + L.out_channels * L.skip_is_conv
+    return geo.rows_out * cols * torch.finfo(dtype).bits // 8 <= KEEP_BYTES
+
+
 def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running,
-             training, stats_in=None, keep=False):
+             training, stats_in=None, keep=False, kept=None, reuse=None):
+    """The forward's intermediates. ``keep``: the backward's call (A, D and W1 stay in r);
+    ``kept``: a list to append D, Z (and the skip conv's output) to, as tensors of their own
+    (from a pool: fresh ones page-fault every step) for the backward; ``reuse``: that list,
+    so the backward recomputes only A."""
     L = p.layout
     n, C, h, w = x.shape
     geo = p.geometry(x.shape)
@@ -122,6 +145,15 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     W1 = p.dense_pw1(pw1).view(T, C)
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
+    k = p.n_conv
+    fresh = kept is not None
+
+    def buf(role, shape):  # what is saved for the backward cannot live in the workspace
+        return torch.ops.fbnet_fast.pooled_empty.default(x, shape) if fresh else _ws.get(
+            role, shape, x)
+
+    if reuse is not None:
+        Dm, Z = reuse[:2]
     # A = X W1^T is written only where it is read whole: by the backward (keep), and for BN1's
     # statistics where the map is too small for the covariance route; else the depthwise
     # makes it one tile at a time from X (its prologue), and it never reaches memory
@@ -135,22 +167,24 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef(m1, v1, g1, b1)
-    # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
-    Dm = _ws.get("D", (M2, T), x)
-    a_in, a_weight = (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
-    m2, v2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(
-        a_in, dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift, geo.image_out(Dm),
-        a_weight)
+    if reuse is None:
+        # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
+        Dm = buf("D", (M2, T))
+        a_in, a_weight = (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
+        m2, v2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(
+            a_in, dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift, geo.image_out(Dm),
+            a_weight)
     if stats_in is not None:
         m2, v2 = stats_in["bn2"]
     elif not training:
         m2, v2 = running[2], running[3]
     r.bn2 = bn_coef(m2, v2, g2, b2)
-    # BN2 + ReLU as the prologue of all candidates' second 1x1, BN3's statistics its epilogue
-    k = p.n_conv
-    Z = _ws.get("Z", (M2, k * O), x)           # slot i's output in columns [i*O, (i+1)*O)
-    m3, v3 = torch.ops.fbnet_fast.pointwise_bn_out.default(Dm, r.bn2.scale, r.bn2.shift, pw2,
-                                                            p.pw2_segments, Z)
+    if reuse is None:
+        # BN2 + ReLU as the prologue of all candidates' second 1x1, BN3's statistics its
+        # epilogue
+        Z = buf("Z", (M2, k * O))           # slot i's output in columns [i*O, (i+1)*O)
+        m3, v3 = torch.ops.fbnet_fast.pointwise_bn_out.default(
+            Dm, r.bn2.scale, r.bn2.shift, pw2, p.pw2_segments, Z)
     if stats_in is not None:
         r.bn3 = stats_in["bn3"]
     else:
@@ -159,9 +193,11 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     r.skip = None
     if L.skip_index >= 0 and L.skip_is_conv:
         Xs = X if s == 1 else nhwc(x[:, :, ::s, ::s])
-        S = Xs @ sw.view(O, C).t()
+        S = reuse[2] if reuse is not None else Xs @ sw.view(O, C).t()
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
+    if fresh:
+        kept.extend([Dm, Z] + ([r.skip[1]] if r.skip is not None else []))
     if keep:  # the backward needs them; the forward lets them go as soon as it can
         r.A, r.D, r.W1 = A, Dm, W1
         r.g1 = g1
@@ -203,18 +239,23 @@ def mixed_block_cpu_impl(
         bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor, bn3_weight: Tensor,
         bn3_bias: Tensor, skip_weight: Optional[Tensor], skip_bn_weight: Optional[Tensor],
         skip_bn_bias: Optional[Tensor], running: List[Tensor], layout: str,
-        training: bool) -> tuple[Tensor, Tensor]:
+        training: bool, kept: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """Returns (y Tensor[N, C_out, H', W'] in x's memory format, statistics Tensor[2, S]).
 
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
     the running ones in eval; ``running`` holds the running mean/var of bn1, bn2, bn3, skip_bn.
+    ``kept`` (eager calls that record a backward; not part of the op): a list that gets the
+    intermediates the backward should reuse, where ``keeps_intermediates`` says so.
     """
     p = plan_for(layout)
     L = p.layout
+    if kept is not None and not (training and keeps_intermediates(p, p.geometry(x.shape),
+                                                                  x.dtype)):
+        kept = None
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, running,
-                     training)
+                     training, kept=kept)
         n, C, h, w, ho, wo = r.shape
         O = L.out_channels
         mr = _mask_rows(mask, n)                       # [Nm, K]
@@ -248,7 +289,7 @@ def mixed_block_cpu_impl(
 
 
 mixed_block_cpu = torch.library.custom_op("fbnet_fast::mixed_block_cpu", mutates_args=(),
-                                          device_types="cpu")(mixed_block_cpu_impl)
+                                          device_types="cpu")(op_impl(mixed_block_cpu_impl))
 
 
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu")
@@ -267,17 +308,19 @@ def mixed_block_cpu_backward_impl(
         bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
         bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
         skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor], stats: Tensor,
-        layout: str, training: bool, weight_grads: bool = True) -> List[Tensor]:
+        layout: str, training: bool, weight_grads: bool = True,
+        kept: Optional[list] = None) -> List[Tensor]:
     """Gradients of ``mixed_block_cpu`` w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the
-    skip conv (empty tensors when the skip is the identity), recomputing the forward from x.
-    Without ``weight_grads`` (no weight needs one: a θ step) the three convs' weight
-    gradients are skipped and come back empty (a quick-size θ step runs 1.19x faster)."""
+    skip conv (empty tensors when the skip is the identity), recomputing the forward from x
+    unless the forward ``kept`` its intermediates. Without ``weight_grads`` (no weight needs
+    one: a θ step) the three convs' weight gradients are skipped and come back empty (a
+    quick-size θ step runs 1.19x faster)."""
     p = plan_for(layout)
     L = p.layout
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, None,
-                     training, stats_in=p.unpack_stats(stats), keep=True)
+                     training, stats_in=p.unpack_stats(stats), keep=True, reuse=kept or None)
         n, C, h, w, ho, wo = r.shape
         O, T, K = L.out_channels, L.total_mid, mask.shape[-1]
         M1, M2 = n * h * w, n * ho * wo
@@ -396,7 +439,7 @@ def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: T
 
 mixed_block_cpu_backward = torch.library.custom_op(
     "fbnet_fast::mixed_block_cpu_backward", mutates_args=(),
-    device_types="cpu")(mixed_block_cpu_backward_impl)
+    device_types="cpu")(op_impl(mixed_block_cpu_backward_impl))
 
 
 @torch.library.register_fake("fbnet_fast::mixed_block_cpu_backward")
@@ -416,7 +459,7 @@ def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, la
 
 
 _eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
-                                 mixed_block_cpu_backward_impl)
+                                 mixed_block_cpu_backward_impl, keeps=True)
 
 
 # --- the backend entry point --------------------------------------------------------------

@@ -149,6 +149,10 @@ if AVAILABLE:
         gw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
         return gw, d.new_empty((2, d.shape[1]), dtype=torch.float64)
 
+    @torch.library.register_fake("fbnet_fast::pooled_empty")
+    def _(like, size):
+        return like.new_empty(size)
+
     @torch.library.register_fake("fbnet_fast::channel_stats")
     def _(x):
         torch._check(x.dim() == 2, lambda: "channel_stats: x must be [M, C]")

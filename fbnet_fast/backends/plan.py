@@ -11,6 +11,7 @@ tensors are moved to a device on first use there.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Callable, NamedTuple, Optional
@@ -24,7 +25,7 @@ from ..nn.space import conv_out
 __all__ = ["FusedPlan", "plan_for", "Segment", "DwRun", "dw_weights", "Geometry", "DeviceIndex",
            "BNCoef", "BNGrad", "bn_coef", "batch_stats", "bn_grad", "update_running",
            "bn1_stats_via_covariance", "BN_ROLES", "fused_op_args", "call_fused_op",
-           "register_fused_autograd"]
+           "register_fused_autograd", "op_impl"]
 
 
 class Segment(NamedTuple):
@@ -392,7 +393,10 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
     args = fused_op_args(block, x, weights)
-    run = op if eager is None or torch.compiler.is_compiling() else eager.apply
+    if eager is None or torch.compiler.is_compiling():
+        run = op
+    else:  # with no graph to record, the implementation itself
+        run = eager.apply if torch.is_grad_enabled() else eager.impl
     y, stats = run(*args, *extra)
     if block.training:
         rms, rvs = args[14][0::2], args[14][1::2]
@@ -403,8 +407,23 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
     return y
 
 
+def op_impl(impl: Callable) -> Callable:
+    """``impl`` as its custom op sees it: without the trailing ``kept`` parameter that only
+    the eager path passes (``register_fused_autograd(keeps=True)``), so the op's schema and
+    torch.compile's traces keep to x, the weights and the statistics, and recompute."""
+    def op(*args, **kwargs):
+        return impl(*args, **kwargs)
+
+    sig = inspect.signature(impl, eval_str=True)  # its annotations, in its own module
+    op.__signature__ = sig.replace(parameters=[q for q in sig.parameters.values()
+                                               if q.name != "kept"])
+    op.__name__ = op.__qualname__ = impl.__name__
+    op.__module__, op.__doc__ = impl.__module__, impl.__doc__
+    return op
+
+
 def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
-                            backward_impl: Optional[Callable] = None):
+                            backward_impl: Optional[Callable] = None, keeps: bool = False):
     """Autograd of the fused op ``fbnet_fast::<name>`` through ``fbnet_fast::<name>_backward``.
 
     The forward takes ``fused_op_args`` and maybe more plain values after them; the backward
@@ -417,7 +436,10 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     the custom op's dispatch, argument checks and pytree handling (about 0.4 ms of a small
     layer's forward and backward, on each of the 22 layers of every step). Its backward
     passes ``weight_grads=False`` to the implementation when no weight needs a gradient (the
-    θ steps of a search)."""
+    θ steps of a search). With ``keeps``, the forward implementation takes a list ``kept``
+    that it may fill with intermediates; they are saved too and handed to the backward
+    implementation as ``kept``, which then reuses them instead of recomputing them.
+    ``call_fused_op`` runs the forward implementation itself where no graph is recorded."""
     backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
     setup_context, backward = _fused_autograd(backward_op, op_inputs=True)
     torch.library.register_autograd(f"fbnet_fast::{name}", backward, setup_context=setup_context)
@@ -426,34 +448,42 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     setup_context, backward = _fused_autograd(backward_impl, op_inputs=False)
 
     def forward(ctx, *inputs):  # ctx-style: a separate setup_context costs a signature bind
-        output = forward_impl(*inputs)
-        setup_context(ctx, inputs, output)
+        if keeps:
+            kept = []
+            output = forward_impl(*inputs, kept=kept)
+            setup_context(ctx, inputs, output, kept)
+        else:
+            output = forward_impl(*inputs)
+            setup_context(ctx, inputs, output)
         return output
 
     return type(f"{name}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "impl": staticmethod(forward_impl)})
 
 
 def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
     """(setup_context, backward) calling ``backward_fn``; a custom op takes a list of Nones as
     the gradient of its list input (the running statistics), an autograd.Function one None."""
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, kept=()):
         x, mask, *params = inputs[:14]
         ctx.has_skip, ctx.n_running = params[-3] is not None, len(inputs[14])
         ctx.plain = inputs[15:]            # layout, training, and any extra value
-        ctx.save_for_backward(x, mask, output[1], *params)
+        ctx.save_for_backward(x, mask, output[1], *params, *kept)
         if not op_inputs:
             ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad, _grad_stats):
         x, mask, stats, *params = ctx.saved_tensors
+        params, kept = params[:12], params[12:]
         if op_inputs:
             grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain)
         else:  # the implementation skips the weights' gradients when none needs one
             need = ctx.needs_input_grad
+            more = {"kept": kept} if kept else {}
             grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain,
-                                weight_grads=any(need[2:14]))
+                                weight_grads=any(need[2:14]), **more)
             grads = [g if n else None for g, n in zip(grads, need)]
         skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
         running = [None] * ctx.n_running if op_inputs else None
