@@ -22,8 +22,10 @@ def test_report_quick_writes_every_section(tmp_path):
         assert d["ours_ms"] > 0 and d["speedup_vs_best"] == min(d["speedup_vs_nchw"],
                                                                 d["speedup_vs_cl"])
     for m in rep["mixed_block"]:
-        # recomputation keeps x (+ stats), not the 8 candidates' intermediates
-        assert m["saved_MB_fused"] * 8 < m["saved_MB_ref_cl"]
+        # x (+ stats), not the 8 candidates' intermediates; maps this small also keep D and
+        # Z (fused_cpu.KEEP_BYTES), which stays under half the reference's; the whole step
+        # (below) under an eighth
+        assert m["saved_MB_fused"] * 2 < m["saved_MB_ref_cl"]
         assert 0 < m["floor_ms"] and m["fused_ms"] > 0
     sn = rep["supernet"]
     assert (sn["resolution"], sn["batch"]) == (32, 2)
