@@ -108,6 +108,19 @@ def test_small_calls_keep_their_intermediates(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+def test_main_job_step_saves_an_eighth_of_the_reference():
+    """At the main job's size (quick preset: 32x32, width 0.25, batch 32) most layers keep D
+    and Z, and the whole supernet still saves under an eighth of the reference's bytes."""
+    space = fbnet_fast.SearchSpace.small(resolution=32, width=0.25, head_channels=256)
+    x = torch.randn(32, 3, 32, 32)
+    saved = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        net = fbnet_fast.SuperNet(space, num_classes=10, backend=backend).train()
+        saved[backend] = _saved_bytes(lambda: net(x))
+    assert saved["cpu"] * 8 < saved["reference"], saved
+
+
 def test_workspace_reuse_is_safe():
     """Scratch buffers are reused across calls and grow with the shape: outputs and gradients
     of earlier calls must not change, in training, eval and inference mode alike."""
