@@ -78,17 +78,21 @@ class _Count:
         return self.op.default(*args)
 
 
-def test_small_calls_keep_their_intermediates(monkeypatch):
-    """Under ``KEEP_BYTES`` a training call saves D, Z and the skip conv's output (exactly
-    their bytes more than recomputing), and its backward runs no depthwise forward; the
-    gradients are those of the recomputing backward."""
+@pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3)],
+                         ids=["skip_conv_s2", "writes_a"])
+def test_small_calls_keep_their_intermediates(shape, monkeypatch):
+    """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, and A where
+    its forward writes A anyway (exactly their bytes more than recomputing), and its backward
+    runs no depthwise forward; the gradients are those of the recomputing backward."""
     dw = _Count(torch.ops.fbnet_fast.dw_conv_bn_out)
     monkeypatch.setattr(torch.ops.fbnet_fast, "dw_conv_bn_out", dw)
+    c_in, c_out, stride, size = shape
     torch.manual_seed(0)
-    fused, _ = make_pair("cpu", 16, 24, 2, dtype=DT)
-    x = torch.randn(2, 16, 8, 8, dtype=DT)
-    mask = torch.softmax(torch.randn(9, dtype=DT), -1)
-    dy = torch.randn(2, 24, 4, 4, dtype=DT)
+    fused, _ = make_pair("cpu", c_in, c_out, stride, dtype=DT)
+    x = torch.randn(2, c_in, size, size, dtype=DT)
+    mask = torch.softmax(torch.randn(fused.num_candidates, dtype=DT), -1)
+    so = (size + stride - 1) // stride
+    dy = torch.randn(2, c_out, so, so, dtype=DT)
 
     def step():
         fused.zero_grad(set_to_none=True)
@@ -100,9 +104,11 @@ def test_small_calls_keep_their_intermediates(monkeypatch):
     monkeypatch.setattr(fused_cpu, "KEEP_BYTES", 0)
     dw.calls = 0
     recomputed, calls_recomputed, grads = step()
-    p = plan_for(fused.layout)
-    t, o = fused.layout.total_mid, 24
-    assert kept - recomputed == 8 * 32 * (t + p.n_conv * o + o)
+    L, p = fused.layout, plan_for(fused.layout)
+    t, m1, m2 = L.total_mid, 2 * size * size, 2 * so * so
+    writes_a = c_in == 112                  # 18 rows <= 112^2 / 16: BN1's statistics from A
+    skip = c_out if L.skip_is_conv else 0
+    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t)
     assert (calls_kept, calls_recomputed) == (1, 2)
     for a, b in zip(grads_kept, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

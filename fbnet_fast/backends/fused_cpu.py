@@ -116,25 +116,32 @@ class _Fwd:
 KEEP_BYTES = 16 << 20
 """The most bytes a training call saves for its backward beyond x, the weights and the
 statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
-and the backward recomputes only A, one GEMM, instead of the whole forward. Per byte, D and
-Z cost the most to recompute (A is a single GEMM at a good rate). 16 MiB keeps the saved
-bytes of a whole step under an eighth of the reference's at both measured sizes (the quick
-preset's and 224x224 batch 8); 0 always recomputes (bench/RESULTS.md)."""
+and A where it writes A anyway (``_writes_a``), and the backward recomputes at most A, one
+GEMM, instead of the whole forward. Per byte, D and Z cost the most to recompute. 16 MiB
+keeps the saved bytes of a whole step under an eighth of the reference's at both measured
+sizes (the quick preset's and 224x224 batch 8); 0 always recomputes (bench/RESULTS.md)."""
+
+
+def _writes_a(rows: int, in_channels: int) -> bool:
+    """Whether a training forward writes A whole (for BN1's statistics: small maps)."""
+    return not bn1_stats_via_covariance(rows, in_channels)
 
 
 def keeps_intermediates(p: FusedPlan, geo, dtype: torch.dtype) -> bool:
-    """Whether a training call keeps D, Z (and a conv skip's output) for its backward."""
+    """Whether a training call keeps D, Z, a conv skip's output and maybe A (``KEEP_BYTES``)."""
     L = p.layout
     cols = L.total_mid + p.n_conv * L.out_channels + L.out_channels * L.skip_is_conv
-    return geo.rows_out * cols * torch.finfo(dtype).bits // 8 <= KEEP_BYTES
+    size = geo.rows_out * cols + geo.rows_in * L.total_mid * _writes_a(geo.rows_in,
+                                                                        L.in_channels)
+    return size * torch.finfo(dtype).bits // 8 <= KEEP_BYTES
 
 
 def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running,
              training, stats_in=None, keep=False, kept=None, reuse=None):
     """The forward's intermediates. ``keep``: the backward's call (A, D and W1 stay in r);
-    ``kept``: a list to append D, Z (and the skip conv's output) to, as tensors of their own
-    (from a pool: fresh ones page-fault every step) for the backward; ``reuse``: that list,
-    so the backward recomputes only A."""
+    ``kept``: a list to append D, Z, A (or None where A is not written) and the skip conv's
+    output (or None) to, as tensors of their own (from a pool: fresh ones page-fault every
+    step) for the backward; ``reuse``: that list, so the backward recomputes at most A."""
     L = p.layout
     n, C, h, w = x.shape
     geo = p.geometry(x.shape)
@@ -152,14 +159,14 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         return torch.ops.fbnet_fast.pooled_empty.default(x, shape) if fresh else _ws.get(
             role, shape, x)
 
-    if reuse is not None:
-        Dm, Z = reuse[:2]
+    Dm, Z, A, S = reuse if reuse is not None else (None,) * 4
     # A = X W1^T is written only where it is read whole: by the backward (keep), and for BN1's
     # statistics where the map is too small for the covariance route; else the depthwise
     # makes it one tile at a time from X (its prologue), and it never reaches memory
     via_cov = bn1_stats_via_covariance(M1, C)
     need_a = keep or (stats_in is None and training and not via_cov)
-    A = torch.mm(X, W1.t(), out=_ws.get("A", (M1, T), x)) if need_a else None
+    if A is None and need_a:
+        A = torch.mm(X, W1.t(), out=buf("A", (M1, T)))
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
@@ -193,11 +200,11 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     r.skip = None
     if L.skip_index >= 0 and L.skip_is_conv:
         Xs = X if s == 1 else nhwc(x[:, :, ::s, ::s])
-        S = reuse[2] if reuse is not None else Xs @ sw.view(O, C).t()
+        S = Xs @ sw.view(O, C).t() if S is None else S
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef(*st, sg, sb))
     if fresh:
-        kept.extend([Dm, Z] + ([r.skip[1]] if r.skip is not None else []))
+        kept.extend([Dm, Z, A, S])
     if keep:  # the backward needs them; the forward lets them go as soon as it can
         r.A, r.D, r.W1 = A, Dm, W1
         r.g1 = g1
