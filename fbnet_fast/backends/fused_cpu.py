@@ -113,13 +113,14 @@ class _Fwd:
     """Forward intermediates (kept only inside one op call)."""
 
 
-KEEP_BYTES = 16 << 20
+KEEP_BYTES = 12 << 20
 """The most bytes a training call saves for its backward beyond x, the weights and the
 statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
 and A where it writes A anyway (``_writes_a``), and the backward recomputes at most A, one
-GEMM, instead of the whole forward. Per byte, D and Z cost the most to recompute. 16 MiB
-keeps the saved bytes of a whole step under an eighth of the reference's at both measured
-sizes (the quick preset's and 224x224 batch 8); 0 always recomputes (bench/RESULTS.md)."""
+GEMM, instead of the whole forward. Per byte, D and Z cost the most to recompute. With 12
+MiB a whole step saves under an eighth of the reference's bytes at the quick preset's size
+and at 224x224 batch 8, whose peak RSS grows 1415 -> 1470 MiB (16 MiB: 1520); every 7x7
+layer at batch 8 keeps. 0 always recomputes (bench/RESULTS.md)."""
 
 
 def _writes_a(rows: int, in_channels: int) -> bool:
