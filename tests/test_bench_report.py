@@ -29,9 +29,9 @@ def test_report_quick_writes_every_section(tmp_path):
         assert 0 < m["floor_ms"] and m["fused_ms"] > 0
     sn = rep["supernet"]
     assert (sn["resolution"], sn["batch"]) == (32, 2)
-    # at 32x32, batch 2 every layer keeps D and Z (test_fused_cpu.py checks the eighth at the
-    # main job's size, where it holds)
-    assert sn["saved_MB_fused"] * 3 < sn["saved_MB_ref_cl"]
+    # at 32x32, batch 2 every layer keeps D and Z, the wide ones A too (test_fused_cpu.py
+    # checks the eighth at the main job's size, where it holds)
+    assert sn["saved_MB_fused"] * 2 < sn["saved_MB_ref_cl"]
     assert sn["max_rss_MB_fused"] > 0 and sn["max_rss_MB_ref_cl"] > 0
     q = sn["quick_size"]
     assert (q["resolution"], q["batch"]) == (32, 2)
