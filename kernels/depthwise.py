@@ -19,7 +19,7 @@ import triton.language as tl
 from ..nn.space import conv_out   # the one output-size rule (kernels/ is fbnet_fast.kernels)
 from .tiles import add_channel_stats, pixel_channel_tile
 from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, interpreting, launch,
-                    num_warps_for, tile_blocks)
+                    next_pow2, num_warps_for, tile_blocks)
 
 __all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
@@ -120,45 +120,59 @@ def _dw_grad_input_kernel(
 def _dw_grad_weight_kernel(
     dy_ptr, x_ptr, dw_ptr, scale_ptr, shift_ptr,
     N, H, W, Ho, Wo, ldc, c0, C, w_off, pblocks_per_prog,
-    STRIDE: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr,
+    STRIDE: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, PROLOGUE: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # One tap per program on axis 0, the fastest-launched axis: the K*K programs of one
-    # pixel slice (axis 1) and channel block (axis 2) run together and share dy and x
-    # through L2. With the taps on the slowest axis, each tap re-read both from memory
-    # (10.1 ms of a 54 ms layer step on an H200, bench/RESULTS.md).
+    # All K*K taps in one program, as a [TAPS, BLOCK_P, BLOCK_C] tile: dy's tile is loaded
+    # once and x's shifted tiles overlap, so neighbouring taps read the same lines from L1.
+    # With one tap per program, the K*K programs of a tile each read dy and x through L2:
+    # 9 + 25 sweeps of the tensor pair, about 38 GB at the first layer, 8.4 ms of a 30 ms
+    # step on an H200 where the pair's own bytes take 0.5 ms (bench/RESULTS.md).
     ACC = tl.float64 if IS_FP64 else tl.float32
     PAD: tl.constexpr = K // 2
-    tap = tl.program_id(0)
-    kh = tap // K
-    kw = tap % K
-    cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.arange(0, TAPS)
+    kh = t // K
+    kw = t % K
+    mask_t = t < K * K
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cc < C
     ch = c0 + cc
     if PROLOGUE:
         sc = tl.load(scale_ptr + ch, mask=mask_c, other=0.0)
         sh = tl.load(shift_ptr + ch, mask=mask_c, other=0.0)
     pblocks = tl.cdiv(Ho * Wo, BLOCK_P)
-    acc = tl.zeros((BLOCK_C,), dtype=ACC)
-    first = tl.program_id(1) * pblocks_per_prog
+    acc = tl.zeros((TAPS, BLOCK_C), dtype=ACC)
+    first = tl.program_id(0) * pblocks_per_prog
     for b in range(first, first + pblocks_per_prog):
         n = b // pblocks
         p = (b % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = (p < Ho * Wo) & (n < N)
-        oh = p // Wo
-        ow = p % Wo
-        ih = oh * STRIDE - PAD + kh
-        iw = ow * STRIDE - PAD + kw
-        ok = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        m2 = ok[:, None] & mask_c[None, :]
         orows = (n * Ho * Wo + p).to(tl.int64)
-        g = tl.load(dy_ptr + orows[:, None] * ldc + ch[None, :], mask=m2, other=0.0).to(ACC)
+        g = tl.load(dy_ptr + orows[:, None] * ldc + ch[None, :],
+                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(ACC)
+        ih = (p // Wo)[None, :] * STRIDE - PAD + kh[:, None]            # [TAPS, BLOCK_P]
+        iw = (p % Wo)[None, :] * STRIDE - PAD + kw[:, None]
+        ok = mask_t[:, None] & mask_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        m3 = ok[:, :, None] & mask_c[None, None, :]
         irows = ((n * H + ih) * W + iw).to(tl.int64)
-        xv = tl.load(x_ptr + irows[:, None] * ldc + ch[None, :], mask=m2, other=0.0).to(ACC)
+        xv = tl.load(x_ptr + irows[:, :, None] * ldc + ch[None, None, :], mask=m3,
+                     other=0.0).to(ACC)
         if PROLOGUE:
-            xv = tl.where(m2, tl.maximum(xv * sc[None, :] + sh[None, :], 0.0), 0.0)
-        acc += tl.sum(g * xv, axis=0)
-    tl.atomic_add(dw_ptr + w_off + cc * (K * K) + tap, acc, mask=mask_c)
+            xv = tl.where(m3, tl.maximum(xv * sc[None, None, :] + sh[None, None, :], 0.0), 0.0)
+        acc += tl.sum(g[None, :, :] * xv, axis=1)
+    tl.atomic_add(dw_ptr + w_off + cc[None, :] * (K * K) + t[:, None], acc,
+                  mask=mask_t[:, None] & mask_c[None, :])
+
+
+def weight_grad_tile(pixels: int, channels: int, kernel: int) -> tuple:
+    """(TAPS, BLOCK_P, BLOCK_C) of the grad-weight, whose tile holds every tap: at most 4096
+    elements on a GPU (32 registers a thread at 4 warps for the loaded x)."""
+    taps = next_pow2(kernel * kernel)
+    bp, bc = tile_blocks(pixels, channels)
+    limit = (1 << 18) if interpreting() else 4096   # the interpreter: numpy arrays, any size
+    if not interpreting():
+        bc = min(bc, 32)
+    return taps, max(1, min(bp, limit // (taps * bc))), bc
 
 
 def tap_tile(pixels: int, channels: int, kernel: int, dtype: torch.dtype) -> tuple:
@@ -238,13 +252,13 @@ def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, sh
     acc = acc_dtype(x.dtype)
     dw = torch.zeros(w_numel, dtype=acc, device=x.device)
     for r in runs:
-        bp, bc = tile_blocks(ho * wo, r.channels)
+        taps, bp, bc = weight_grad_tile(ho * wo, r.channels, r.kernel)
         total = n * cdiv(ho * wo, bp)
-        per = total if interpreting() else max(1, cdiv(total, 64))
-        grid = (r.kernel * r.kernel, cdiv(total, per), cdiv(r.channels, bc))
+        per = total if interpreting() else max(1, cdiv(total, 512))
+        grid = (cdiv(total, per), cdiv(r.channels, bc))
         launch(_dw_grad_weight_kernel, grid,
                (dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
                 n, h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset, per),
-               num_warps_for(bp * bc), STRIDE=stride, K=r.kernel, PROLOGUE=scale is not None,
+               4, STRIDE=stride, K=r.kernel, TAPS=taps, PROLOGUE=scale is not None,
                IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return dw
