@@ -165,14 +165,15 @@ def _dw_grad_weight_kernel(
 
 
 def weight_grad_tile(pixels: int, channels: int, kernel: int) -> tuple:
-    """(TAPS, BLOCK_P, BLOCK_C) of the grad-weight, whose tile holds every tap: at most 4096
-    elements on a GPU (32 registers a thread at 4 warps for the loaded x)."""
+    """(TAPS, BLOCK_P, BLOCK_C, num_warps) of the grad-weight, whose tile holds every tap: at
+    most 4096 elements on a GPU (32 registers a thread at 4 warps for the loaded x)."""
     taps = next_pow2(kernel * kernel)
     bp, bc = tile_blocks(pixels, channels)
-    limit = (1 << 18) if interpreting() else 4096   # the interpreter: numpy arrays, any size
-    if not interpreting():
-        bc = min(bc, 32)
-    return taps, max(1, min(bp, limit // (taps * bc))), bc
+    if interpreting():              # numpy arrays: any size, fewer Python-level iterations
+        limit, warps = 1 << 18, 4
+    else:
+        limit, warps, bc = 4096, 4, min(bc, 32)
+    return taps, max(1, min(bp, limit // (taps * bc))), bc, warps
 
 
 def tap_tile(pixels: int, channels: int, kernel: int, dtype: torch.dtype) -> tuple:
@@ -252,13 +253,13 @@ def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, sh
     acc = acc_dtype(x.dtype)
     dw = torch.zeros(w_numel, dtype=acc, device=x.device)
     for r in runs:
-        taps, bp, bc = weight_grad_tile(ho * wo, r.channels, r.kernel)
+        taps, bp, bc, warps = weight_grad_tile(ho * wo, r.channels, r.kernel)
         total = n * cdiv(ho * wo, bp)
         per = total if interpreting() else max(1, cdiv(total, 512))
         grid = (cdiv(total, per), cdiv(r.channels, bc))
         launch(_dw_grad_weight_kernel, grid,
                (dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
                 n, h, wd, ho, wo, x.stride(0), r.channel_start, r.channels, r.w_offset, per),
-               4, STRIDE=stride, K=r.kernel, TAPS=taps, PROLOGUE=scale is not None,
+               warps, STRIDE=stride, K=r.kernel, TAPS=taps, PROLOGUE=scale is not None,
                IS_FP64=acc == torch.float64, BLOCK_P=bp, BLOCK_C=bc)
     return dw

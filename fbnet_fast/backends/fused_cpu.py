@@ -18,9 +18,9 @@ row, so it is never written, and BN1's backward is taken apart in [C_in]-sized t
 mask-weighted combine and BN3's backward are C++ passes over all candidates' second 1x1
 outputs at once. No loop over the candidates runs in Python. The backward recomputes the
 intermediates from x, so only x, the mask, the weights and the BN batch statistics are
-saved; at small maps the eager path also keeps D and Z (``KEEP_BYTES``). Both ops are
-registered with fake kernels, so torch.compile and export trace them; eager calls run the
-same two implementations through an autograd.Function
+saved; at small maps the eager path also keeps D, Z and A where the forward writes it
+(``KEEP_BYTES``). Both ops are registered with fake kernels, so torch.compile and export
+trace them; eager calls run the same two implementations through an autograd.Function
 (``plan.register_fused_autograd``), without the custom op's dispatch.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
 they hold about the largest layer's peak, ``clear_workspace()`` frees them).
