@@ -592,3 +592,5 @@ def test_pooled_empty_reuses_freed_blocks():
     del b, c
     assert torch.ops.fbnet_fast.release_pool.default(like) == 2 * 4096 * 5   # 16800 B -> 5 pages
     assert torch.ops.fbnet_fast.release_pool.default(like) == 0
+    with pytest.raises(RuntimeError, match="pooled_empty: negative size"):
+        pooled(like, [3, -1])
