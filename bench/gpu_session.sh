@@ -5,13 +5,16 @@
 # and the whole run keeps inside SECONDS, so a slow stage cannot starve the ones after it.
 #
 #   bash bench/gpu_session.sh OUTDIR [SECONDS] [STAGES]
-#   STAGES (default "env build check supernet time tests profile"; also "compile", "big")
+#   STAGES (default "env build check supernet time tests profile"; also "tiles", "compile",
+#   "big"); SUPERNET_BATCHES (default 64,128) sets the supernet stage's batch sizes
 #
-# The SuperNet step is timed before the layers: it is the headline, and the layers' stage is
-# the one that runs out of time (its 240 s cover about nine of the twelve shapes on an H200).
+# The SuperNet step, the kernel profile and the depthwise tiles come before the layers: the
+# layers' stage is the one that runs out of time (its 240 s cover about nine of the twelve
+# shapes on an H200 with four providers; LAYER_PROVIDERS picks fewer).
 #
 # Writes OUTDIR/session.log (every stage's full output), check.json, supernet.json,
-# report.json, and profile.json / compile.json / big.json when those stages run.
+# report.json, and profile.json / dw_tiles*.json / compile.json / big.json when those stages
+# run.
 set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [STAGES]}
 BUDGET=${2:-480}
@@ -61,13 +64,15 @@ REPORT="$PY bench/gpu_report.py"
 stage env 30 env_info
 stage build 150 build
 stage check 120 $REPORT --check-only --out "$OUT/check.json"
-stage supernet 200 $REPORT --no-check --no-compile --no-layers --supernet-batches 64,128 \
+stage supernet 200 $REPORT --no-check --no-compile --no-layers --supernet-batches "${SUPERNET_BATCHES:-64,128}" \
     --supernet-reps 5 --providers eager_channels_last,triton --out "$OUT/supernet.json"
+stage profile 60 "$PY" bench/gpu_profile.py --out "$OUT/profile.json"
+stage tiles 120 bash -c "$PY bench/gpu_dw_tiles.py --out $OUT/dw_tiles.json && \
+    $PY bench/gpu_dw_tiles.py --shape 24,1,56 --out $OUT/dw_tiles_24.json"
 stage time 240 $REPORT --no-check --no-compile --no-supernet --reps 10 \
-    --providers eager_nchw,eager_channels_last,triton,cuda --out "$OUT/report.json"
+    --providers "${LAYER_PROVIDERS:-eager_nchw,eager_channels_last,triton,cuda}" --out "$OUT/report.json"
 stage tests 130 "$PY" -m pytest -q -rs -n 8 --timeout 150 tests/test_backends.py \
     tests/test_triton_kernels.py tests/test_fused_triton.py tests/test_compile.py -k "triton or cuda"
-stage profile 60 "$PY" bench/gpu_profile.py --out "$OUT/profile.json"
 stage compile 300 $REPORT --no-check --providers eager_channels_last,compile_default,triton \
     --no-layers --supernet-batches 128 --supernet-reps 5 --out "$OUT/compile.json"
 stage big 200 $REPORT --no-check --no-compile --no-layers --supernet-batches 128,256 \

@@ -24,6 +24,10 @@ from .utils import (acc_dtype, cdiv, channel_sums, check_nhwc, interpreting, lau
 __all__ = ["DwRun", "depthwise_forward", "depthwise_grad_input",
            "depthwise_grad_weight"]
 
+# Programs along the pixels of the grad-weight: each loops over its share of pixel blocks
+# and adds its [taps, channels] partial sum once (fewer programs, fewer atomics).
+WEIGHT_GRAD_PROGRAMS = 512
+
 
 @dataclass(frozen=True)
 class DwRun:
@@ -255,7 +259,7 @@ def depthwise_grad_weight(dy, x, n, h, wd, stride, runs, w_numel, scale=None, sh
     for r in runs:
         taps, bp, bc, warps = weight_grad_tile(ho * wo, r.channels, r.kernel)
         total = n * cdiv(ho * wo, bp)
-        per = total if interpreting() else max(1, cdiv(total, 512))
+        per = total if interpreting() else max(1, cdiv(total, WEIGHT_GRAD_PROGRAMS))
         grid = (cdiv(total, per), cdiv(r.channels, bc))
         launch(_dw_grad_weight_kernel, grid,
                (dy, x, dw, _acc_vec(scale, x), _acc_vec(shift, x),
