@@ -180,16 +180,18 @@ def weight_grad_tile(pixels: int, channels: int, kernel: int) -> tuple:
     return taps, max(1, min(bp, limit // (taps * bc))), bc, warps
 
 
-def tap_tile(pixels: int, channels: int, kernel: int, dtype: torch.dtype) -> tuple:
-    """(BLOCK_P, BLOCK_C, num_warps) of the forward and grad-input, whose K*K taps are
-    unrolled. On sm_90 ptxas spills 0.1-10 KB a thread once a thread holds more than 16
-    accumulators at K = 3 or 8 at K = 5 (half that in float64): the pixel block shrinks."""
+def tap_tile(pixels: int, channels: int, kernel: int, dtype: torch.dtype,
+             warps: int = 4) -> tuple:
+    """(BLOCK_P, BLOCK_C, num_warps) of the forward (8 warps) and grad-input (4), whose K*K
+    taps are unrolled, for tensors of ``dtype``. One 128-byte line a pixel (32 fp32 channels)
+    beat two on an H200 (bench/gpu_dw_tiles.py at the first layer). On sm_90 ptxas spills
+    once a thread holds more than 16 accumulators at K = 3 or 8 at K = 5 (half in float64)."""
     bp, bc = tile_blocks(pixels, channels)
-    warps = num_warps_for(bp * bc)
-    if not interpreting():
-        per_thread = (16 if kernel <= 3 else 8) // (2 if dtype == torch.float64 else 1)
-        bp = max(1, min(bp, per_thread * 32 * warps // bc))
-    return bp, bc, warps
+    if interpreting():
+        return bp, bc, num_warps_for(bp * bc)
+    bc = min(bc, 128 // dtype.itemsize)
+    per_thread = (16 if kernel <= 3 else 8) // (2 if dtype == torch.float64 else 1)
+    return max(1, min(next_pow2(pixels), per_thread * 32 * warps // bc)), bc, warps
 
 
 def _check(name, x, rows, runs):
@@ -217,7 +219,7 @@ def depthwise_forward(x, w, n, h, wd, stride, runs, scale=None, shift=None, stat
     y = torch.empty(n * ho * wo, x.shape[1], dtype=x.dtype, device=x.device)
     s1, s2 = channel_sums(x.shape[1], acc, x.device, stats)
     for r in runs:
-        bp, bc, warps = tap_tile(ho * wo, r.channels, r.kernel, acc)
+        bp, bc, warps = tap_tile(ho * wo, r.channels, r.kernel, x.dtype, warps=8)
         grid = (n * cdiv(ho * wo, bp), cdiv(r.channels, bc))
         launch(_dw_fwd_kernel, grid,
                (x, w, y, _acc_vec(scale, x), _acc_vec(shift, x), s1, s2,
@@ -239,7 +241,7 @@ def depthwise_grad_input(dy, w, n, h, wd, stride, runs, a=None, scale=None, shif
     dx = torch.empty(n * h * wd, dy.shape[1], dtype=dy.dtype, device=dy.device)
     s1, s2 = channel_sums(dy.shape[1], acc, dy.device, epi)
     for r in runs:
-        bp, bc, warps = tap_tile(h * wd, r.channels, r.kernel, acc)
+        bp, bc, warps = tap_tile(h * wd, r.channels, r.kernel, dy.dtype)
         grid = (n * cdiv(h * wd, bp), cdiv(r.channels, bc))
         launch(_dw_grad_input_kernel, grid,
                (dy, w, dx, a if epi else dy, _acc_vec(scale, dy), _acc_vec(shift, dy), s1, s2,
