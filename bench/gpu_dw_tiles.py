@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                         K.weight_grad_tile = lambda *_a, t=(taps, bp, bc, warps): t
                         K.WEIGHT_GRAD_PROGRAMS = progs
                     elif tile is not None:
-                        K.tap_tile = lambda *_a, t=tile: t
+                        K.tap_tile = lambda *_a, t=tile, **_k: t
                     got = result(kname, call())
                     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
                     ms = do_bench(call, warmup=5, rep=40)
