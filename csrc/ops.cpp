@@ -44,11 +44,13 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // grad * out_coef[0] + out * out_coef[1] + out_coef[2] (the next BN's backward), made one
   // tile at a time as it is read.
   // weight_grads=False (no weight needs a gradient, as in a θ step) skips the weights' grads
-  // and g^T x: they come back as an empty list and an empty tensor.
+  // and g^T x: they come back as an empty list and an empty tensor. a_weight as in
+  // dw_conv_bn_out: a is then the first 1x1's input, and a's rows are made per tile.
   m.def("dw_conv_bn_backward_out(Tensor grad, Tensor a, Tensor[] weights, int stride,"
         " Tensor scale, Tensor shift, Tensor mean, Tensor(a!)? grad_a, Tensor? x=None,"
         " Tensor? x_weight=None, Tensor(b!)? grad_x=None, Tensor? out=None,"
-        " Tensor? out_coef=None, bool weight_grads=True) -> (Tensor[], Tensor, Tensor)");
+        " Tensor? out_coef=None, bool weight_grads=True, Tensor? a_weight=None)"
+        " -> (Tensor[], Tensor, Tensor)");
   // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
   // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
   // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]

@@ -276,6 +276,47 @@ def _bn_inputs(size, k, seed):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("c_in, size", [(8, 32), (16, 14), (64, 7)],
+                         ids=["tiled-8ch-32x32", "tiled-16ch-14x14", "whole-64ch-7x7"])
+def test_dw_conv_bn_backward_makes_a_from_x(c_in, size, stride):
+    """With a_weight the backward takes the first 1x1's input x and makes a = x a_weight^T
+    itself (per tile; above 512 KB of weight, the 64-channel layer's 1408 x 64 float64, as
+    one GEMM): every output equals the backward given a, at FBNet layers' channel counts
+    (22 mid channels per input channel, runs of 3x3 and 5x5 candidates)."""
+    g = torch.Generator().manual_seed(c_in + size + stride)
+    n, t = 2, 22 * c_in
+    x = torch.randn(n, c_in, size, size, dtype=DT, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w1 = torch.randn(t, c_in, dtype=DT, generator=g) / c_in ** 0.5
+    a = torch.einsum("nchw,tc->nthw", x, w1).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.randn(t, dtype=DT, generator=g), torch.randn(t, dtype=DT, generator=g)
+    mean = a.mean((0, 2, 3))
+    ws = [torch.randn(t // 2, 3, 3, dtype=DT, generator=g),
+          torch.randn(t - t // 2, 5, 5, dtype=DT, generator=g)]
+    so = (size - 1) // stride + 1
+    dy = torch.randn(n, t, so, so, dtype=DT, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    zo = torch.randn_like(dy)
+    coef = torch.randn(3, t, dtype=DT, generator=g)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)
+    xw = torch.randn(t, c_in, dtype=DT, generator=g)
+    outs = []
+    for a_in, a_weight in ((a, None), (x, w1)):
+        ga = torch.full_like(a, float("nan"))
+        gx = torch.full_like(rows, float("nan"))
+        gws, sums, gtx = torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+            dy, a_in, ws, stride, scale, shift, mean, ga, rows, xw, gx, zo, coef, True,
+            a_weight=a_weight)
+        outs.append([*gws, sums, gtx, ga, gx])
+    assert not any(o.isnan().any() for o in outs[1])
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match=rf"a_weight must be Tensor\[C, C_in = {c_in - 1}\]"):
+        torch.ops.fbnet_fast.dw_conv_bn_backward_out(
+            dy, x[:, 1:], ws, stride, scale, shift, mean, ga, rows, xw, gx, a_weight=w1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("size", BN_SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_dw_conv_bn(size, k, stride):

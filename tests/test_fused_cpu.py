@@ -183,9 +183,9 @@ def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
         def __init__(self, op):
             self.op = op
 
-        def default(self, *args):
+        def default(self, *args, **kwargs):
             asked.append(args[-1])
-            return self.op.default(*args)
+            return self.op.default(*args, **kwargs)
 
     for name in ("dw_conv_bn_backward_out", "pointwise_bn_backward_out"):
         monkeypatch.setattr(torch.ops.fbnet_fast, name, Spy(getattr(torch.ops.fbnet_fast, name)))

@@ -49,14 +49,14 @@ inline Shape tile_view(const Shape& S, int64_t lo, int64_t ld) {
 }
 
 // relu(a * scale + shift) of input rows [lo, hi) of image n into buf (laid out [rows][W][C]);
-// returns S re-pointed at buf. All channels at once: whole pixels are contiguous, so the
-// reads stream.
+// returns S re-pointed at buf. a holds rows from S.h0 on. All channels at once: whole pixels
+// are contiguous, so the reads stream.
 template <typename T>
 Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t n, int64_t lo,
                    int64_t hi, T* buf) {
   for (int64_t ih = lo; ih < hi; ++ih)
     for (int64_t iw = 0; iw < S.W; ++iw) {
-      const T* src = a + n * S.xn + ih * S.xh + iw * S.xw;
+      const T* src = a + n * S.xn + (ih - S.h0) * S.xh + iw * S.xw;
       T* d = buf + ((ih - lo) * S.W + iw) * S.C;
 #pragma omp simd
       for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
@@ -64,24 +64,57 @@ Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t
   return tile_view(S, lo, S.C);
 }
 
-// The first 1x1's output a = x w^T for input rows [lo, hi) of image n, then relu(a * scale +
-// shift), into buf (laid out [rows][W][ld], ld >= C); returns S re-pointed at buf. x is the
-// block input (channels contiguous, strides xs), wt its weight transposed to [C_in, ld]
-// and zero-padded: a is made per tile and never written whole.
+// The first 1x1's output a = x w^T for input rows [lo, hi) of image n into buf (laid out
+// [rows][W][ld], ld >= C); returns S re-pointed at buf. x is the block input (channels
+// contiguous, strides xs), wt its weight transposed to [C_in, ld] and zero-padded
+// (`transposed_padded`): a is made per tile and never written whole.
+template <typename T>
+Shape pw_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
+              int64_t ld, int64_t n, int64_t lo, int64_t hi, T* buf) {
+  for (int64_t ih = lo; ih < hi; ++ih)
+    gemm_tile<T>(S.W, ld, Ci, x + n * xs[0] + ih * xs[2], xs[3], 1, wt, ld,
+                 buf + (ih - lo) * S.W * ld, ld, false);
+  return tile_view(S, lo, ld);
+}
+
+// pw_rows, then relu(a * scale + shift) in place.
 template <typename T>
 Shape pw_bn_relu_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
                       int64_t ld, const T* sc, const T* sh, int64_t n, int64_t lo, int64_t hi,
                       T* buf) {
-  for (int64_t ih = lo; ih < hi; ++ih) {
-    T* row = buf + (ih - lo) * S.W * ld;
-    gemm_tile<T>(S.W, ld, Ci, x + n * xs[0] + ih * xs[2], xs[3], 1, wt, ld, row, ld, false);
-    for (int64_t iw = 0; iw < S.W; ++iw) {
-      T* d = row + iw * ld;
+  const Shape t = pw_rows<T>(S, x, xs, Ci, wt, ld, n, lo, hi, buf);
+  for (int64_t i = 0; i < (hi - lo) * S.W; ++i) {
+    T* d = buf + i * ld;
 #pragma omp simd
-      for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
-    }
+    for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
   }
-  return tile_view(S, lo, ld);
+  return t;
+}
+
+// a_weight (Tensor[C, C_in]) of the first 1x1 whose input is a (Tensor[N, C_in, H, W]).
+void check_a_weight(const at::Tensor& aw, const at::Tensor& a, const char* op) {
+  TORCH_CHECK(aw.dim() == 2 && aw.size(1) == a.size(1) && aw.scalar_type() == a.scalar_type(),
+              op, ": a_weight must be Tensor[C, C_in = ", a.size(1), "] of dtype ",
+              a.scalar_type(), " (a is then the first 1x1's input), got shape ", aw.sizes(),
+              " and dtype ", aw.scalar_type());
+}
+
+// a = x aw^T made whole into `whole` (Tensor[N*H*W, C]), as Tensor[N, C, H, W] (channels
+// last): where aw is too large to stream once per tile (weight_bound).
+at::Tensor whole_a(const at::Tensor& x, const at::Tensor& aw, at::Tensor whole) {
+  at::mm_out(whole, x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), aw.t());
+  return whole.view({x.size(0), x.size(2), x.size(3), aw.size(0)}).permute({0, 3, 1, 2});
+}
+
+// aw (Tensor[C, C_in]) transposed to [C_in, ld], zero-padded: what pw_rows reads.
+template <typename T>
+std::vector<T> transposed_padded(const at::Tensor& aw, int64_t ld) {
+  const int64_t C = aw.size(0), Ci = aw.size(1);
+  std::vector<T> out(Ci * ld, T(0));
+  const T* src = aw.const_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < Ci; ++i) out[i * ld + c] = src[c * Ci + i];
+  return out;
 }
 
 // The input rows [lo, hi) that output rows [oh0, oh1) read through a window of halo P.
@@ -120,19 +153,14 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
   int64_t Ci = 0;
   at::Tensor aw;
   if (a_weight.has_value()) {
+    check_a_weight(*a_weight, a, name);
     aw = a_weight->contiguous();
     Ci = a.size(1);
-    TORCH_CHECK(aw.dim() == 2 && aw.size(1) == Ci && aw.scalar_type() == a.scalar_type(), name,
-                ": a_weight must be Tensor[C, C_in = ", Ci, "] of dtype ", a.scalar_type(),
-                " (a is then the first 1x1's input), got shape ", aw.sizes(), " and dtype ",
-                aw.scalar_type());
     if (weight_bound(aw)) {  // a made whole (in scratch slot 0), then as without a_weight
-      const int64_t N = a.size(0), H = a.size(2), W = a.size(3), C = aw.size(0);
-      const auto rows = a.permute({0, 2, 3, 1}).reshape({-1, Ci});
       AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_whole_a", [&] {
-        auto whole = scratch<scalar_t>(0, {N * H * W, C}, {C, 1}, a.options());
-        at::mm_out(whole, rows, aw.t());
-        a = whole.view({N, H, W, C}).permute({0, 3, 1, 2});
+        const int64_t C = aw.size(0);
+        a = whole_a(a, aw, scratch<scalar_t>(0, {a.size(0) * a.size(2) * a.size(3), C}, {C, 1},
+                                             a.options()));
       });
       aw = at::Tensor();
     }
@@ -157,12 +185,7 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     // the buffer's pixel stride: C, or with a_weight C padded to whole 32-byte vectors (the
     // tile GEMM writes whole vectors), and a_weight transposed to [C_in, ld] for it
     const int64_t ld = fused ? round_up(C, kLanes<T, 32>) : C;
-    std::vector<T> awt(fused ? Ci * ld : 0, T(0));
-    if (fused) {
-      const T* src = aw.const_data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < Ci; ++i) awt[i * ld + c] = src[c * Ci + i];
-    }
+    const auto awt = fused ? transposed_padded<T>(aw, ld) : std::vector<T>();
     const int64_t xs[4] = {a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
     const int64_t P = max_halo(r), row_a = S.W * ld;
     const int64_t tile = tile_rows<T>(S.s * row_a, 2 * P * row_a);
@@ -233,7 +256,9 @@ void bn_grad_rows(const Shape& S, const T* grad, const T* z, const T* coef, int6
 // (empty without x). When x_weight is larger than kTiledWeightBytes they are two whole GEMMs
 // after the pass instead: streaming the weight once per row would cost more. Without
 // weight_grads (a step where no weight needs a gradient) the weights' grads and g^T x are
-// skipped: an empty list and an empty tensor come back.
+// skipped: an empty list and an empty tensor come back. With a_weight (Tensor[C, C_in]), a
+// is the first 1x1's input (Tensor[N, C_in, H, W]) and a's rows are made per tile, as in
+// dw_conv_bn_out (above kTiledWeightBytes, one whole GEMM first).
 // One pass over tiles of output rows does it all: each tile transforms the gradient rows and
 // BN1 + ReLU of a's rows it reads into per-thread buffers, takes grad-weight from them, and
 // the grad-input of the input rows the tile owns (stride s: s per output row) with its
@@ -244,12 +269,29 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const std::optional<at::Tensor>& grad_a, const std::optional<at::Tensor>& x_in,
     const std::optional<at::Tensor>& x_weight, const std::optional<at::Tensor>& grad_x,
     const std::optional<at::Tensor>& out_in, const std::optional<at::Tensor>& out_coef,
-    bool weight_grads) {
+    bool weight_grads, const std::optional<at::Tensor>& a_weight) {
   const char* op = "dw_conv_bn_backward_out";
   TORCH_CHECK(grad_a.has_value() || x_in.has_value(), op,
               ": without grad_a it needs x, x_weight and grad_x (g is then not kept)");
   at::Tensor ga = grad_a.has_value() ? *grad_a : at::Tensor();
-  const auto in = backward_inputs(grad_in, a_in, weights, stride, ga, op, "grad_a");
+  // with a_weight, a_in is the first 1x1's input and a's rows are made per tile (pw_rows),
+  // as in the forward, so the backward's recomputation need not write a
+  at::Tensor a_src = a_in, aw;
+  if (a_weight.has_value()) {
+    check_a_weight(*a_weight, a_in, op);
+    if (weight_bound(*a_weight))  // one whole GEMM, in scratch slot 4 (0 may hold g below;
+      AT_DISPATCH_FLOATING_TYPES(a_in.scalar_type(), "dw_conv_bn_whole_a", [&] {  // 4 is
+        const int64_t C = a_weight->size(0);  // the tiles' raw rows, unused here)
+        a_src = whole_a(a_in, *a_weight, scratch<scalar_t>(4, {a_in.size(0) * a_in.size(2) *
+                                                               a_in.size(3), C}, {C, 1},
+                                                           a_in.options()));
+      });
+    else
+      aw = a_weight->contiguous();
+  }
+  const bool a_tiled = aw.defined();
+  const auto in = backward_inputs(grad_in, a_src, weights, stride, ga, op, "grad_a",
+                                  a_tiled ? aw.size(0) : -1);
   const auto& r = in.r;
   const auto& S = r.S;
   const auto &a = in.x, &gy = in.gy, &wt = in.wt, &wi = in.wi;
@@ -322,17 +364,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     }
     const T* xp = pw1 ? x.const_data_ptr<T>() : nullptr;
     T* gxp = pw1 ? grad_x->mutable_data_ptr<T>() : nullptr;
-    // output rows per tile: a's rows (s per output row, plus the halo), the gradient's rows
-    // when they are transformed (one per output row, plus the halo)
-    const int64_t row_a = S.W * C, row_d = zp ? S.Wo * C : 0;
+    // a's rows made per tile: a_weight transposed for pw_rows, the rows' pixel stride ld
+    const int64_t ld = a_tiled ? round_up(C, kLanes<T, 32>) : 0, Ca = a_tiled ? a.size(1) : 0;
+    const auto awt = a_tiled ? transposed_padded<T>(aw, ld) : std::vector<T>();
+    const int64_t xs[4] = {a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
+    // output rows per tile: a's rows (s per output row, plus the halo; twice where they are
+    // made from x: raw, then through BN1 + ReLU), the gradient's rows when they are
+    // transformed (one per output row, plus the halo)
+    const int64_t row_a = S.W * C + S.W * ld, row_d = zp ? S.Wo * C : 0;
     const int64_t tile = tile_rows<T>(S.s * row_a + row_d, 2 * P * (row_a + row_d));
     const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
     const int64_t d_rows = std::min(S.Ho, tile + 2 * P);
     const T* wp = wt.const_data_ptr<T>();
     T* gwp = gw_parts.mutable_data_ptr<T>();
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      T* ba = thread_buffer<T>(1, a_rows * row_a);  // kept across calls: no allocation per call
+      T* ba = thread_buffer<T>(1, a_rows * S.W * C);  // kept across calls: no allocation
       T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) : nullptr;
+      T* braw = a_tiled ? thread_buffer<T>(4, a_rows * S.W * ld) : nullptr;
       T* grow_buf = gap ? nullptr : thread_buffer<T>(3, S.W * C);
       std::vector<T> xrow(gxt_on ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
       std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
@@ -355,7 +403,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
           Sg.g0 = zp ? n * S.Ho + d_lo : 0;
           const T* gt = zp ? bd : gp;
           if (zp) bn_grad_rows<T>(S, gp, zp, cp, n, d_lo, d_hi, bd);
-          Shape St = bn_relu_rows<T>(S, ap, scp, shp, n, a_lo, a_hi, ba);
+          // a's rows before BN1 (the epilogue reads them): a itself, or made from x
+          const Shape Sa = a_tiled ? pw_rows<T>(S, ap, xs, Ca, awt.data(), ld, n, a_lo, a_hi, braw)
+                                   : S;
+          const T* araw = a_tiled ? braw : ap;
+          Shape St = bn_relu_rows<T>(Sa, araw, scp, shp, n, a_lo, a_hi, ba);
           St.g0 = Sg.g0;
           if (weight_grads)
             for (const auto& g : gs)
@@ -368,7 +420,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
             std::fill(p1, p1 + 2 * C, T(0));
             for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
               T* o = grow + iw * C;
-              const T* zr = ap + n * S.xn + ih * S.xh + iw * S.xw;
+              const T* zr = araw + n * Sa.xn + (ih - Sa.h0) * Sa.xh + iw * Sa.xw;
               _Pragma("omp simd")
               for (int64_t c = 0; c < C; ++c) {
                 const T gv = zr[c] * scp[c] + shp[c] > T(0) ? o[c] : T(0);

@@ -487,7 +487,8 @@ inline at::Tensor grad_input_taps(at::TensorList weights, const Checked& r) {
   return taps_major(weights, r, r.S.s == 1);
 }
 
-// A backward's checked inputs: the shapes (with x's strides), x with contiguous channels,
+// A backward's checked inputs: the shapes (with x's strides; `channels` as check_inputs takes
+// it), x with contiguous channels,
 // grad channels_last, the weights taps-major and as grad-input reads them; grad_x (named
 // `name` in errors) must be a channels_last Tensor of x's shape.
 struct BackwardInputs {
@@ -498,8 +499,8 @@ struct BackwardInputs {
 inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x_in,
                                       at::TensorList weights, int64_t stride,
                                       const at::Tensor& grad_x, const char* op,
-                                      const char* name) {
-  BackwardInputs b{check_inputs(x_in, weights, stride)};
+                                      const char* name, int64_t channels = -1) {
+  BackwardInputs b{check_inputs(x_in, weights, stride, channels)};
   auto& S = b.r.S;
   check_grad(grad, x_in, S, op);
   b.x = channel_contiguous(x_in);

@@ -113,11 +113,17 @@ class _Fwd:
     """Forward intermediates (kept only inside one op call)."""
 
 
+TILED_A_MAX_CIN = 32
+"""Up to this many input channels the backward makes A = X W1^T one tile at a time (inside
+the depthwise backward) instead of one whole GEMM whose result it writes and reads twice:
+the tiles cost an extra GEMM, 2 C_in flops per element of A, against 12 bytes of traffic
+per element saved; at the measured GEMM rate and bandwidth they break even near 30
+(bench/RESULTS.md: C_in 8-24 gain 1-23 % per layer, 32 mixed, 64 and more lose 2-7 %)."""
 KEEP_BYTES = 12 << 20
 """The most bytes a training call saves for its backward beyond x, the weights and the
 statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
-and A where it writes A anyway (``_writes_a``), and the backward recomputes at most A, one
-GEMM, instead of the whole forward. Per byte, D and Z cost the most to recompute. With 12
+and A where it writes A anyway (``_writes_a``), and the backward recomputes at most A
+instead of the whole forward. Per byte, D and Z cost the most to recompute. With 12
 MiB a whole step saves under an eighth of the reference's bytes at the quick preset's size
 and at 224x224 batch 8, whose peak RSS grows 1415 -> 1470 MiB (16 MiB: 1520); every 7x7
 layer at batch 8 keeps. 0 always recomputes (bench/RESULTS.md)."""
@@ -161,11 +167,13 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
             role, shape, x)
 
     Dm, Z, A, S = reuse if reuse is not None else (None,) * 4
-    # A = X W1^T is written only where it is read whole: by the backward (keep), and for BN1's
-    # statistics where the map is too small for the covariance route; else the depthwise
-    # makes it one tile at a time from X (its prologue), and it never reaches memory
+    # A = X W1^T is written only where it is read whole: by BN1's backward where the map is
+    # too small for the covariance route (_pw1_backward), and for BN1's statistics where it
+    # is too small for theirs; else the depthwise (forward and backward) makes it one tile
+    # at a time from X, and it never reaches memory
     via_cov = bn1_stats_via_covariance(M1, C)
-    need_a = keep or (stats_in is None and training and not via_cov)
+    need_a = ((keep and (C > TILED_A_MAX_CIN or (training and not _grad_via_covariance(X))))
+              or (stats_in is None and training and not via_cov))
     if A is None and need_a:
         A = torch.mm(X, W1.t(), out=buf("A", (M1, T)))
     if stats_in is not None:
@@ -390,10 +398,12 @@ def mixed_block_cpu_backward_impl(
         # apart)
         alpha1 = r.g1 * r.bn1.rstd
         gW = x.new_empty(M1, C)
+        a_in, a_weight = (r.geo.image_in(r.X), r.W1) if r.A is None else (r.geo.image_in(r.A), None)
         dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
-            r.geo.image_out(g2), r.geo.image_in(r.A), dw_weights(dw, p.dw_runs), L.stride,
+            r.geo.image_out(g2), a_in, dw_weights(dw, p.dw_runs), L.stride,
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
-            r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]), weight_grads)
+            r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]), weight_grads,
+            a_weight=a_weight)
         c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
         dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
         dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training)

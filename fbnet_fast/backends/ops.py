@@ -116,8 +116,9 @@ if AVAILABLE:
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
     def _(grad, a, weights, stride, scale, shift, mean, grad_a=None, x=None, x_weight=None,
-          grad_x=None, out=None, out_coef=None, weight_grads=True):
-        sums = a.new_empty((2, a.shape[1]), dtype=torch.float64)
+          grad_x=None, out=None, out_coef=None, weight_grads=True, a_weight=None):
+        c = a.shape[1] if a_weight is None else a_weight.shape[0]
+        sums = a.new_empty((2, c), dtype=torch.float64)
         if not weight_grads:
             return [], sums, a.new_empty(0)
         gxw = a.new_empty(0) if x_weight is None else torch.empty_like(x_weight)  # g^T x
