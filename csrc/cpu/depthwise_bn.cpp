@@ -302,12 +302,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
   at::Tensor a_src = a_in, aw;
   if (a_weight.has_value()) {
     check_a_weight(*a_weight, a_in, op);
-    if (weight_bound(*a_weight))  // one whole GEMM, in scratch slot 4 (0 may hold g below;
-      AT_DISPATCH_FLOATING_TYPES(a_in.scalar_type(), "dw_conv_bn_whole_a", [&] {  // 4 is
-        const int64_t C = a_weight->size(0);  // the tiles' raw rows, unused here)
-        a_src = whole_a(a_in, *a_weight, scratch<scalar_t>(4, {a_in.size(0) * a_in.size(2) *
-                                                               a_in.size(3), C}, {C, 1},
-                                                           a_in.options()));
+    // above kTiledWeightBytes one whole GEMM, into scratch slot 4: slot 0 may hold g below,
+    // and slot 4 (the tiles' raw rows of a) is then unused
+    if (weight_bound(*a_weight))
+      AT_DISPATCH_FLOATING_TYPES(a_in.scalar_type(), "dw_conv_bn_whole_a", [&] {
+        const int64_t C = a_weight->size(0), rows = a_in.size(0) * a_in.size(2) * a_in.size(3);
+        a_src = whole_a(a_in, *a_weight, scratch<scalar_t>(4, {rows, C}, {C, 1}, a_in.options()));
       });
     else
       aw = a_weight->contiguous();
