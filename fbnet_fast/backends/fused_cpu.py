@@ -125,8 +125,9 @@ statistics: under it the forward keeps D (the depthwise output) and Z (the secon
 and A where it writes A anyway (``_writes_a``), and the backward recomputes at most A
 instead of the whole forward. Per byte, D and Z cost the most to recompute. With 12
 MiB a whole step saves under an eighth of the reference's bytes at the quick preset's size
-and at 224x224 batch 8, whose peak RSS grows 1415 -> 1470 MiB (16 MiB: 1520); every 7x7
-layer at batch 8 keeps. 0 always recomputes (bench/RESULTS.md)."""
+and at 224x224 batch 8, whose peak RSS grew 1415 -> 1470 MiB (16 MiB: 1520; 1360 since the
+backward makes A per tile); every 7x7 layer at batch 8 keeps. 0 always recomputes
+(bench/RESULTS.md)."""
 
 
 def _writes_a(rows: int, in_channels: int) -> bool:
