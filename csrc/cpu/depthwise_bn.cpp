@@ -126,6 +126,24 @@ at::Tensor whole_a(const at::Tensor& x, const at::Tensor& aw, at::Tensor whole) 
   return whole.view({x.size(0), x.size(2), x.size(3), aw.size(0)}).permute({0, 3, 1, 2});
 }
 
+// What the depthwise ops read for a, given their optional a_weight: (a, aw), with aw defined
+// where a's rows are made per tile from x = a_in (pw_rows); above kTiledWeightBytes of
+// a_weight, where every tile would stream the weight again, a made whole into scratch
+// `slot` and aw undefined; without a_weight, (a_in, undefined).
+std::pair<at::Tensor, at::Tensor> a_source(const at::Tensor& a_in,
+                                           const std::optional<at::Tensor>& a_weight, int slot,
+                                           const char* op) {
+  if (!a_weight.has_value()) return {a_in, at::Tensor()};
+  check_a_weight(*a_weight, a_in, op);
+  if (!weight_bound(*a_weight)) return {a_in, a_weight->contiguous()};
+  at::Tensor a;
+  AT_DISPATCH_FLOATING_TYPES(a_in.scalar_type(), "dw_conv_bn_whole_a", [&] {
+    const int64_t C = a_weight->size(0), rows = a_in.size(0) * a_in.size(2) * a_in.size(3);
+    a = whole_a(a_in, *a_weight, scratch<scalar_t>(slot, {rows, C}, {C, 1}, a_in.options()));
+  });
+  return {a, at::Tensor()};
+}
+
 // aw (Tensor[C, C_in]) transposed to [C_in, ld], zero-padded: what pw_rows reads.
 template <typename T>
 std::vector<T> transposed_padded(const at::Tensor& aw, int64_t ld) {
@@ -169,23 +187,11 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
                               const at::Tensor& scale, const at::Tensor& shift,
                               const at::Tensor& out, const std::optional<at::Tensor>& a_weight) {
   const char* name = "dw_conv_bn_out";
-  auto a = channel_contiguous(a_in);
-  int64_t Ci = 0;
-  at::Tensor aw;
-  if (a_weight.has_value()) {
-    check_a_weight(*a_weight, a, name);
-    aw = a_weight->contiguous();
-    Ci = a.size(1);
-    if (weight_bound(aw)) {  // a made whole (in scratch slot 0), then as without a_weight
-      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_whole_a", [&] {
-        const int64_t C = aw.size(0);
-        a = whole_a(a, aw, scratch<scalar_t>(0, {a.size(0) * a.size(2) * a.size(3), C}, {C, 1},
-                                             a.options()));
-      });
-      aw = at::Tensor();
-    }
-  }
+  const auto source = a_source(a_in, a_weight, 0, name);
+  const auto a = channel_contiguous(source.first);
+  const auto& aw = source.second;
   const bool fused = aw.defined();
+  const int64_t Ci = fused ? a.size(1) : 0;
   auto r = check_inputs(a, weights, stride, fused ? aw.size(0) : -1);
   auto& S = r.S;
   S.xn = a.stride(0); S.xh = a.stride(2); S.xw = a.stride(3);
@@ -298,22 +304,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
               ": without grad_a it needs x, x_weight and grad_x (g is then not kept)");
   at::Tensor ga = grad_a.has_value() ? *grad_a : at::Tensor();
   // with a_weight, a_in is the first 1x1's input and a's rows are made per tile (pw_rows),
-  // as in the forward, so the backward's recomputation need not write a
-  at::Tensor a_src = a_in, aw;
-  if (a_weight.has_value()) {
-    check_a_weight(*a_weight, a_in, op);
-    // above kTiledWeightBytes one whole GEMM, into scratch slot 4: slot 0 may hold g below,
-    // and slot 4 (the tiles' raw rows of a) is then unused
-    if (weight_bound(*a_weight))
-      AT_DISPATCH_FLOATING_TYPES(a_in.scalar_type(), "dw_conv_bn_whole_a", [&] {
-        const int64_t C = a_weight->size(0), rows = a_in.size(0) * a_in.size(2) * a_in.size(3);
-        a_src = whole_a(a_in, *a_weight, scratch<scalar_t>(4, {rows, C}, {C, 1}, a_in.options()));
-      });
-    else
-      aw = a_weight->contiguous();
-  }
+  // as in the forward, so the backward's recomputation need not write a; made whole, a goes
+  // into scratch slot 4: slot 0 may hold g below, and slot 4 (the tiles' raw rows of a) is
+  // then unused
+  const auto source = a_source(a_in, a_weight, 4, op);
+  const auto& aw = source.second;
   const bool a_tiled = aw.defined();
-  const auto in = backward_inputs(grad_in, a_src, weights, stride, ga, op, "grad_a",
+  const auto in = backward_inputs(grad_in, source.first, weights, stride, ga, op, "grad_a",
                                   a_tiled ? aw.size(0) : -1);
   const auto& r = in.r;
   const auto& S = r.S;

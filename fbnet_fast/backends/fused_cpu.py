@@ -187,7 +187,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if reuse is None:
         # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
         Dm = buf("D", (M2, T))
-        a_in, a_weight = (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
+        a_in, a_weight = _depthwise_input(geo, X, W1, A)
         m2, v2 = torch.ops.fbnet_fast.dw_conv_bn_out.default(
             a_in, dw_weights(dw, p.dw_runs), s, r.bn1.scale, r.bn1.shift, geo.image_out(Dm),
             a_weight)
@@ -220,6 +220,12 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         r.g1 = g1
     r.shape, r.geo = (n, C, h, w, ho, wo), geo
     return r
+
+
+def _depthwise_input(geo, X: Tensor, W1: Tensor, A: Optional[Tensor]) -> tuple:
+    """(a, a_weight) for the depthwise ops: A where it was written, else X with W1, from
+    which they make A one tile at a time."""
+    return (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
 
 
 def _centered(X: Tensor):
@@ -399,7 +405,7 @@ def mixed_block_cpu_backward_impl(
         # apart)
         alpha1 = r.g1 * r.bn1.rstd
         gW = x.new_empty(M1, C)
-        a_in, a_weight = (r.geo.image_in(r.X), r.W1) if r.A is None else (r.geo.image_in(r.A), None)
+        a_in, a_weight = _depthwise_input(r.geo, r.X, r.W1, r.A)
         dws, sums1, gX = torch.ops.fbnet_fast.dw_conv_bn_backward_out.default(
             r.geo.image_out(g2), a_in, dw_weights(dw, p.dw_runs), L.stride,
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
