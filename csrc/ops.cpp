@@ -73,6 +73,19 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("pointwise_bn_backward_out(Tensor dz, Tensor d, Tensor scale, Tensor shift, Tensor mean,"
         " Tensor weight, int[] segments, Tensor(a!) grad_d, bool weight_grad=True)"
         " -> (Tensor, Tensor)");
+  // Per-channel steps of the fused block (csrc/cpu/per_channel.cpp), one op each.
+  // bn_coef: (rstd, scale, shift) of y = x * scale + shift for a BN with these statistics.
+  // bn_grad_coef: the BN backward dz = alpha * g + beta * z + delta and the gradients of gamma
+  // and beta, as (alpha, beta, delta, dgamma, dbeta), from sum(g) and sum(g * z) over count
+  // rows (sum(g * (z - mean)) when centered); in gamma's dtype.
+  m.def("bn_coef(Tensor mean, Tensor var, Tensor gamma, Tensor beta, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("bn_grad_coef(Tensor sum_g, Tensor sum_gz, Tensor mean, Tensor rstd, Tensor gamma,"
+        " int count, bool training, bool centered) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The first 1x1's flat stored weight as the dense Tensor[rows, cols] of the fused GEMM and
+  // back; blocks: flat (row0, rows, offset, groups) tuples (fbnet_fast/backends/plan.py).
+  m.def("pw1_dense(Tensor w, int[] blocks, int rows, int cols) -> Tensor");
+  m.def("pw1_packed(Tensor dense, int[] blocks) -> Tensor");
   // A new uninitialised contiguous Tensor[size] of like's dtype and device whose memory comes
   // from a pool of blocks that earlier such tensors left (csrc/cpu/pool.cpp): for tensors
   // saved from one step to its backward, which recur every step. release_pool frees the

@@ -635,3 +635,63 @@ def test_pooled_empty_reuses_freed_blocks():
     assert torch.ops.fbnet_fast.release_pool.default(like) == 0
     with pytest.raises(RuntimeError, match="pooled_empty: negative size"):
         pooled(like, [3, -1])
+
+
+# --- the per-channel steps (csrc/cpu/per_channel.cpp) against plan.py's torch versions ---
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [DT, torch.float32])
+def test_bn_coef_ops_match_plan(training, dtype):
+    from fbnet_fast.backends.plan import bn_coef, bn_grad
+    from fbnet_fast.nn.layout import BN_EPS
+    k, o = 3, 24                            # bn3's [candidates, C_out] shape
+    mean, gamma, beta = (torch.randn(k, o, dtype=dtype) for _ in range(3))
+    var = torch.rand(k, o, dtype=dtype) + 0.1
+    sum_g, sum_gz = torch.randn(k, o, dtype=dtype), torch.randn(k, o, dtype=dtype)
+    got = torch.ops.fbnet_fast.bn_coef.default(mean, var, gamma, beta, BN_EPS)
+    ref = bn_coef(mean, var, gamma, beta)
+    for a, b in zip(got, (ref.rstd, ref.scale, ref.shift)):
+        assert a.shape == (k, o) and a.dtype == dtype
+        torch.testing.assert_close(a, b)
+    bn = ref
+    want = bn_grad(bn, gamma, sum_g, sum_gz, 7, training)
+    for centered in (False, True):
+        gz = sum_gz - mean * sum_g if centered else sum_gz
+        got = torch.ops.fbnet_fast.bn_grad_coef.default(sum_g, gz, mean, bn.rstd, gamma, 7,
+                                                        training, centered)
+        for a, b in zip(got, want):
+            assert a.shape == (k, o) and a.dtype == dtype
+            torch.testing.assert_close(a, b)
+    # float64 sums (the kernels' output) with float32 statistics come back in gamma's dtype
+    got = torch.ops.fbnet_fast.bn_grad_coef.default(sum_g.double(), sum_gz.double(), mean,
+                                                    bn.rstd, gamma, 7, training, False)
+    assert all(t.dtype == dtype for t in got)
+    torch.library.opcheck(torch.ops.fbnet_fast.bn_coef.default, (mean, var, gamma, beta, BN_EPS))
+    torch.library.opcheck(torch.ops.fbnet_fast.bn_grad_coef.default,
+                          (sum_g, sum_gz, mean, bn.rstd, gamma, 7, training, False))
+    with pytest.raises(RuntimeError, match="bn_coef: an input has 5 elements"):
+        torch.ops.fbnet_fast.bn_coef.default(mean, var[0, :5], gamma, beta, BN_EPS)
+
+
+@pytest.mark.parametrize("c_in,c_out,stride", [(16, 24, 2), (184, 184, 1), (8, 8, 1)])
+def test_pw1_dense_and_packed_match_plan(c_in, c_out, stride):
+    """The first 1x1's dense matrix and its inverse at FBNet layer shapes (grouped candidates:
+    the shuffle's row order, zeros off the block diagonal)."""
+    from fbnet_fast.nn.layout import MixedLayout
+    from fbnet_fast.nn.space import CANDIDATES
+    L = MixedLayout.build(c_in, c_out, stride, CANDIDATES)
+    p = plan_for(L)
+    assert p.perm is not None
+    T, C = L.total_mid, L.in_channels
+    w = torch.randn(L.pw1_numel, dtype=DT)
+    dense = torch.ops.fbnet_fast.pw1_dense.default(w, p.pw1_block_ints, T, C)
+    torch.testing.assert_close(dense, p.dense_pw1(w).view(T, C), rtol=0, atol=0)
+    g = torch.randn(T, C, dtype=DT)        # any gradient, zeros off the blocks ignored
+    packed = torch.ops.fbnet_fast.pw1_packed.default(g, p.pw1_block_ints)
+    torch.testing.assert_close(packed, p.packed_pw1(g.flatten()), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fbnet_fast.pw1_dense.default, (w, p.pw1_block_ints, T, C))
+    torch.library.opcheck(torch.ops.fbnet_fast.pw1_packed.default, (g, p.pw1_block_ints))
+    with pytest.raises(RuntimeError, match="pw1_dense: w must be a flat weight"):
+        torch.ops.fbnet_fast.pw1_dense.default(w[:-1], p.pw1_block_ints, T, C)
+    with pytest.raises(RuntimeError, match="pw1_packed: a block runs past"):
+        torch.ops.fbnet_fast.pw1_packed.default(g[:-1], p.pw1_block_ints)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .fused_cpu import nhwc
-from .plan import bn_coef, update_running
+from .fused_cpu import bn_coef_cpu, nhwc
+from .plan import update_running
 from ..nn.blocks import CandidateBlock, ConvBNReLU
 
 __all__ = ["BatchNorm2d", "DepthwiseConv2d", "accelerate"]
@@ -40,7 +40,7 @@ class _TrainBN(torch.autograd.Function):
         z = nhwc(x)
         mean, var = ops.channel_stats(z)
         update_running([running_mean], [running_var], [mean], [var], [z.shape[0]], factor)
-        bn = bn_coef(mean, var, weight, bias, eps)
+        bn = bn_coef_cpu(mean, var, weight, bias, eps)
         y = torch.empty_like(x, memory_format=torch.channels_last)
         torch.ops.fbnet_fast.scale_shift_out.default(z, bn.scale, bn.shift, relu, nhwc(y))
         ctx.save_for_backward(x, mean, bn.rstd, weight, bias)

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from . import jit
-from .plan import (BNCoef, BNGrad, FusedPlan, bn1_stats_via_covariance, bn_coef, bn_grad,
-                   call_fused_op, dw_weights, op_impl, plan_for, register_fused_autograd)
+from ..nn.layout import BN_EPS
+from .plan import (BNCoef, BNGrad, FusedPlan, bn1_stats_via_covariance, call_fused_op,
+                   dw_weights, op_impl, plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -69,6 +70,38 @@ def _scale_shift(m: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 def _bn_bwd(grad, z, mean, rstd, gamma, beta, training):
     return torch.ops.fbnet_fast.bn_backward.default(grad, z, mean, rstd, gamma, beta, True,
                                                     training)
+
+
+# plan.py's per-channel steps as one C++ call each (csrc/cpu/per_channel.cpp): as torch ops
+# they are 20-40 calls per block call, a fifth of the fixed cost of a small layer.
+def bn_coef_cpu(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
+                eps: float = BN_EPS) -> BNCoef:
+    """``plan.bn_coef``."""
+    return BNCoef(mean, var, *torch.ops.fbnet_fast.bn_coef.default(mean, var, gamma, beta, eps))
+
+
+def _bn_grad(bn: BNCoef, gamma: Tensor, sum_g: Tensor, sum_gz: Tensor, count: int,
+             training: bool, centered: bool = False) -> BNGrad:
+    """``plan.bn_grad`` computed in float64; ``centered``: sum_gz is sum(g * (z - mean)), as
+    the C++ backward kernels take it (no cancellation)."""
+    return BNGrad(*torch.ops.fbnet_fast.bn_grad_coef.default(
+        sum_g, sum_gz, bn.mean, bn.rstd, gamma, count, training, centered))
+
+
+def _dense_pw1(p: FusedPlan, pw1: Tensor) -> Tensor:
+    """``plan.dense_pw1`` as Tensor[T, C_in]."""
+    L = p.layout
+    if p.perm is None:
+        return pw1.view(L.total_mid, L.in_channels)
+    return torch.ops.fbnet_fast.pw1_dense.default(pw1, p.pw1_block_ints, L.total_mid,
+                                                  L.in_channels)
+
+
+def _packed_pw1(p: FusedPlan, dense: Tensor) -> Tensor:
+    """``plan.packed_pw1`` of Tensor[T, C_in]."""
+    if p.perm is None:
+        return dense.flatten()
+    return torch.ops.fbnet_fast.pw1_packed.default(dense, p.pw1_block_ints)
 
 
 # --- scratch buffers reused across calls ------------------------------------------------
@@ -157,7 +190,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     ho, wo = geo.ho, geo.wo
     r = _Fwd()
     r.X = X = nhwc(x)
-    W1 = p.dense_pw1(pw1).view(T, C)
+    W1 = _dense_pw1(p, pw1)
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
     k = p.n_conv
@@ -183,7 +216,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         m1, v1 = _pw_stats(X, W1) if via_cov else torch.ops.fbnet_fast.channel_stats.default(A)
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
-    r.bn1 = bn_coef(m1, v1, g1, b1)
+    r.bn1 = bn_coef_cpu(m1, v1, g1, b1)
     if reuse is None:
         # BN1 + ReLU inside the depthwise (its prologue), BN2's statistics from its epilogue
         Dm = buf("D", (M2, T))
@@ -195,7 +228,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         m2, v2 = stats_in["bn2"]
     elif not training:
         m2, v2 = running[2], running[3]
-    r.bn2 = bn_coef(m2, v2, g2, b2)
+    r.bn2 = bn_coef_cpu(m2, v2, g2, b2)
     if reuse is None:
         # BN2 + ReLU as the prologue of all candidates' second 1x1, BN3's statistics its
         # epilogue
@@ -212,7 +245,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         Xs = X if s == 1 else nhwc(x[:, :, ::s, ::s])
         S = Xs @ sw.view(O, C).t() if S is None else S
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
-        r.skip = (Xs, S, bn_coef(*st, sg, sb))
+        r.skip = (Xs, S, bn_coef_cpu(*st, sg, sb))
     if fresh:
         kept.extend([Dm, Z, A, S])
     if keep:  # the backward needs them; the forward lets them go as soon as it can
@@ -285,7 +318,7 @@ def mixed_block_cpu_impl(
         nm = mr.shape[0]
         k = p.n_conv
         conv_cols = p.conv_cols
-        bn3 = bn_coef(*r.bn3, bn3_weight, bn3_bias)
+        bn3 = bn_coef_cpu(*r.bn3, bn3_weight, bn3_bias)
         mk = mr[:, conv_cols].view(nm, k, 1)
         # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one pass over Z
         out = x.new_empty(n, ho * wo, O)
@@ -357,11 +390,12 @@ def mixed_block_cpu_backward_impl(
         # every slot's BN3 backward at once, on [n, pixels, k, O] views; the BN3 input
         # gradient is g = m_i * dy, so the sums below weight each example by its mask
         g3 = bn3_weight.view(k, O)
-        bn3 = bn_coef(*(v.view(k, O) for v in r.bn3), g3, bn3_bias.view(k, O))
+        bn3 = bn_coef_cpu(*(v.view(k, O) for v in r.bn3), g3, bn3_bias.view(k, O))
         mk3 = mr[:, conv_cols].view(nm, k, 1)
         Pz = torch.ops.fbnet_fast.zdot.default(r.Z, dY)         # [n, k, O]: sum of dy * z
         dm[:, conv_cols] = (Pz * bn3.scale).sum(2) + Sdy @ bn3.shift.t()
-        c3 = bn_grad(bn3, g3, (mk3 * Sdy.view(n, 1, O)).sum(0), (mk3 * Pz).sum(0), M2, training)
+        c3 = _bn_grad(bn3, g3, (mk3 * Sdy.view(n, 1, O)).sum(0), (mk3 * Pz).sum(0), M2,
+                      training)
         dZ = _ws.get("ZT", r.Z.shape, x)                        # one pass over Z
         torch.ops.fbnet_fast.bn3_backward_out.default(r.Z, dY, c3.beta, c3.delta,
                                                       c3.alpha.view(1, k, O) * mk3, dZ)
@@ -371,7 +405,7 @@ def mixed_block_cpu_backward_impl(
         dpw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out.default(
             dZ.view(M2, k * O), r.D, r.bn2.scale, r.bn2.shift, r.bn2.mean, pw2, p.pw2_segments,
             g2, weight_grads)
-        c2 = _bn_grad_sums(r.bn2, bn2_weight, sums2, M2, training)
+        c2 = _bn_grad(r.bn2, bn2_weight, *sums2, M2, training, centered=True)
         dX = None
         res = mr[:, conv_cols].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
@@ -411,11 +445,11 @@ def mixed_block_cpu_backward_impl(
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
             r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]), weight_grads,
             a_weight=a_weight)
-        c1 = _bn_grad_sums(r.bn1, r.g1, sums1, M1, training)
+        c1 = _bn_grad(r.bn1, r.g1, *sums1, M1, training, centered=True)
         dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
         dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training)
         dg1, db1 = c1.dgamma, c1.dbeta
-        dpw1 = p.packed_pw1(dW1.flatten()) if weight_grads else x.new_empty(0)
+        dpw1 = _packed_pw1(p, dW1) if weight_grads else x.new_empty(0)
         if res is not None:
             dX = dX.view(n, h * w, C).addcmul_(dY, res.view(nm, 1, 1)).view(M1, C)
         dg1, db1 = p.unshuffle(dg1), p.unshuffle(db1)
@@ -426,15 +460,6 @@ def mixed_block_cpu_backward_impl(
         ddw = torch.cat([t.reshape(-1) for t in dws]) if weight_grads else x.new_empty(0)
         return [dx, dmask, dpw1, ddw, dpw2, dg1, db1, dg2, db2,
                 c3.dgamma.flatten(), c3.dbeta.flatten(), dsw, dsg, dsb]
-
-
-def _bn_grad_sums(bn: BNCoef, gamma: Tensor, sums: Tensor, count: int,
-                  training: bool) -> BNGrad:
-    """A BN's backward coefficients from a kernel's float64 sums of g and of g * (z - mean),
-    computed in float64 (no cancellation), returned in the BN's dtype."""
-    bd = bn._replace(mean=bn.mean.double(), rstd=bn.rstd.double())  # what bn_grad reads
-    c = bn_grad(bd, gamma.double(), sums[0], sums[1] + bd.mean * sums[0], count, training)
-    return BNGrad(*(t.to(bn.mean.dtype) for t in c))
 
 
 def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: Tensor,

@@ -150,6 +150,26 @@ if AVAILABLE:
         gw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
         return gw, d.new_empty((2, d.shape[1]), dtype=torch.float64)
 
+    @torch.library.register_fake("fbnet_fast::bn_coef")
+    def _(mean, var, gamma, beta, eps):
+        return tuple(torch.empty_like(mean, memory_format=torch.contiguous_format)
+                     for _ in range(3))
+
+    @torch.library.register_fake("fbnet_fast::bn_grad_coef")
+    def _(sum_g, sum_gz, mean, rstd, gamma, count, training, centered):
+        return tuple(torch.empty_like(gamma, memory_format=torch.contiguous_format)
+                     for _ in range(5))
+
+    @torch.library.register_fake("fbnet_fast::pw1_dense")
+    def _(w, blocks, rows, cols):
+        return w.new_empty((rows, cols))
+
+    @torch.library.register_fake("fbnet_fast::pw1_packed")
+    def _(dense, blocks):
+        cols = dense.shape[1]
+        return dense.new_empty(max(o + r * (cols // g) for _, r, o, g in
+                                   zip(*[iter(blocks)] * 4)))
+
     @torch.library.register_fake("fbnet_fast::pooled_empty")
     def _(like, size):
         return like.new_empty(size)

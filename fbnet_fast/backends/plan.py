@@ -205,6 +205,12 @@ class FusedPlan:
         return out
 
     @cached_property
+    def pw1_block_ints(self) -> list:
+        """``_pw1_blocks`` as the flat (row0, rows, offset, groups) ints of the C++ ops
+        ``pw1_dense`` and ``pw1_packed`` (one call where the views above take 5-7 per block)."""
+        return [v for b in self._pw1_blocks for v in b[:4]]
+
+    @cached_property
     def conv_cols(self):
         """The conv candidates' mask columns as an index: a slice when they are the first
         ``n_conv`` (FBNet's space puts the skip last), which indexes without a copy."""

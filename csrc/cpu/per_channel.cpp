@@ -1,0 +1,161 @@
+// The fused block's small per-channel and per-weight steps, each one op: done as torch ops
+// from Python they were 20-40 calls per MixedBlock call (about 6 us each), a fifth of the
+// fixed cost of a layer at the main job's size. Computed in double, returned in the
+// inputs' dtype.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace fbnet_fast {
+namespace {
+
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == like.numel(), op, ": ", name, " has ", t.numel(),
+              " elements, expected ", like.numel(), " (one per channel)");
+}
+
+// (rstd, scale, shift) of a BN used as y = x * scale + shift: rstd = 1 / sqrt(var + eps),
+// scale = gamma * rstd, shift = beta - mean * scale; shaped like mean.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_coef_cpu(
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps) {
+  for (auto* t : {&var, &gamma, &beta}) check_like(*t, mean, "bn_coef", "an input");
+  auto m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  auto rstd = at::empty_like(m), scale = at::empty_like(m), shift = at::empty_like(m);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "bn_coef", [&] {
+    const scalar_t *mp = m.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    scalar_t *rp = rstd.mutable_data_ptr<scalar_t>(), *sp = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = shift.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < m.numel(); ++c) {
+      const double r = 1.0 / std::sqrt(double(vp[c]) + eps);
+      const double s = double(gp[c]) * r;
+      rp[c] = scalar_t(r);
+      sp[c] = scalar_t(s);
+      hp[c] = scalar_t(double(bp[c]) - double(mp[c]) * s);
+    }
+  });
+  return {rstd, scale, shift};
+}
+
+// A BN's backward as dz = alpha * g + beta * z + delta per channel, with the gradients of
+// gamma and beta, from sum(g) and sum(g * z) over `count` rows (sum(g * (z - mean)) with
+// `centered`); in eval mode (not `training`) beta and delta are zero. The batch statistics'
+// own gradient is folded into beta and delta. Returned in gamma's dtype and shape.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_coef_cpu(
+    const at::Tensor& sum_g, const at::Tensor& sum_gz, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& gamma, int64_t count, bool training,
+    bool centered) {
+  for (auto* t : {&sum_g, &sum_gz, &mean, &rstd}) check_like(*t, gamma, "bn_grad_coef", "an input");
+  TORCH_CHECK(count > 0, "bn_grad_coef: count must be positive, got ", count);
+  auto as_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
+  auto sg = as_double(sum_g), sgz = as_double(sum_gz), m = as_double(mean), r = as_double(rstd),
+       g = as_double(gamma);
+  auto opts = gamma.options().memory_format(at::MemoryFormat::Contiguous);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 5; ++i) out.push_back(at::empty(gamma.sizes(), opts));
+  const double *sgp = sg.const_data_ptr<double>(), *sgzp = sgz.const_data_ptr<double>();
+  const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>();
+  const double* gp = g.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "bn_grad_coef", [&] {
+    scalar_t* o[5];
+    for (int i = 0; i < 5; ++i) o[i] = out[i].mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < gamma.numel(); ++c) {
+      const double gzc = centered ? sgzp[c] : sgzp[c] - mp[c] * sgp[c];
+      const double dgamma = gzc * rp[c];
+      const double alpha = gp[c] * rp[c];
+      const double beta = training ? -alpha * rp[c] * dgamma / double(count) : 0.0;
+      const double delta = training ? -beta * mp[c] - alpha * sgp[c] / double(count) : 0.0;
+      o[0][c] = scalar_t(alpha);
+      o[1][c] = scalar_t(beta);
+      o[2][c] = scalar_t(delta);
+      o[3][c] = scalar_t(dgamma);
+      o[4][c] = scalar_t(sgp[c]);
+    }
+  });
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// The first 1x1's weight between its stored (packed) order and the dense [rows, cols] matrix
+// of the fused GEMM. `blocks` is a flat list of (row0, rows, offset, groups) tuples, in the
+// packed order: rows [row0, +rows) of the dense matrix come from w[offset:]; with groups G > 1
+// the packed [G, rows / G, cols / G] block's element (g, j, c) is dense[row0 + j G + g,
+// g cols / G + c] (the channel shuffle as a row order; zero off the block diagonal).
+struct Pw1Block {
+  int64_t row0, rows, offset, groups;
+};
+
+std::vector<Pw1Block> pw1_blocks(at::IntArrayRef blocks, int64_t cols, const char* op) {
+  TORCH_CHECK(blocks.size() % 4 == 0, op, ": blocks must be (row0, rows, offset, groups) tuples");
+  std::vector<Pw1Block> out;
+  for (size_t i = 0; i < blocks.size(); i += 4) {
+    Pw1Block b{blocks[i], blocks[i + 1], blocks[i + 2], blocks[i + 3]};
+    TORCH_CHECK(b.groups > 0 && b.rows % b.groups == 0 && cols % b.groups == 0, op,
+                ": a block's rows and the columns must divide by its groups");
+    out.push_back(b);
+  }
+  return out;
+}
+
+template <typename F>
+void for_each_element(const std::vector<Pw1Block>& blocks, int64_t cols, F f) {
+  for (const auto& b : blocks) {
+    const int64_t G = b.groups, mg = b.rows / G, cg = cols / G;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < mg; ++j)
+        f((b.row0 + j * G + g) * cols + g * cg, b.offset + (g * mg + j) * cg, cg);
+  }
+}
+
+at::Tensor pw1_dense_cpu(const at::Tensor& w, at::IntArrayRef blocks, int64_t rows,
+                         int64_t cols) {
+  auto bs = pw1_blocks(blocks, cols, "pw1_dense");
+  int64_t need = 0;
+  for (const auto& b : bs) need = std::max(need, b.offset + b.rows * (cols / b.groups));
+  TORCH_CHECK(w.dim() == 1 && w.numel() >= need, "pw1_dense: w must be a flat weight of at least ",
+              need, " elements, got shape ", w.sizes());
+  auto wc = w.contiguous();
+  auto dense = at::zeros({rows, cols}, w.options());
+  const int64_t esize = w.element_size();
+  const char* src = static_cast<const char*>(wc.const_data_ptr());
+  char* dst = static_cast<char*>(dense.mutable_data_ptr());
+  for_each_element(bs, cols, [&](int64_t d, int64_t s, int64_t n) {
+    TORCH_CHECK(d + n <= rows * cols, "pw1_dense: a block runs past the dense matrix");
+    std::memcpy(dst + d * esize, src + s * esize, n * esize);
+  });
+  return dense;
+}
+
+at::Tensor pw1_packed_cpu(const at::Tensor& dense, at::IntArrayRef blocks) {
+  TORCH_CHECK(dense.dim() == 2, "pw1_packed: dense must be [rows, cols], got ", dense.sizes());
+  const int64_t rows = dense.size(0), cols = dense.size(1);
+  auto bs = pw1_blocks(blocks, cols, "pw1_packed");
+  int64_t need = 0;
+  for (const auto& b : bs) {
+    TORCH_CHECK(b.row0 + b.rows <= rows, "pw1_packed: a block runs past the dense matrix");
+    need = std::max(need, b.offset + b.rows * (cols / b.groups));
+  }
+  auto dc = dense.contiguous();
+  auto w = at::empty({need}, dense.options());
+  const int64_t esize = dense.element_size();
+  const char* src = static_cast<const char*>(dc.const_data_ptr());
+  char* dst = static_cast<char*>(w.mutable_data_ptr());
+  for_each_element(bs, cols, [&](int64_t d, int64_t s, int64_t n) {
+    std::memcpy(dst + s * esize, src + d * esize, n * esize);
+  });
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
+  m.impl("bn_coef", &bn_coef_cpu);
+  m.impl("bn_grad_coef", &bn_grad_coef_cpu);
+  m.impl("pw1_dense", &pw1_dense_cpu);
+  m.impl("pw1_packed", &pw1_packed_cpu);
+}
+
+}  // namespace fbnet_fast
