@@ -51,15 +51,18 @@ TORCH_LIBRARY(fbnet_fast, m) {
         " Tensor? x_weight=None, Tensor(b!)? grad_x=None, Tensor? out=None,"
         " Tensor? out_coef=None, bool weight_grads=True, Tensor? a_weight=None)"
         " -> (Tensor[], Tensor, Tensor)");
-  // The mask-weighted combine over z = Tensor[N, P, k, O] (k candidates' second 1x1 outputs)
-  // and its backward, one pass each (csrc/cpu/combine.cpp); coef and alpha have 1 row
-  // (per-batch mask) or N. combine_out: out[n, p, o] = sum_i z[n, p, i, o] * coef[n, i, o]
-  // + shift[n, o]. zdot: Tensor[N, k, O], the sum over p of z[n, p, i, o] * dy[n, p, o].
-  // bn3_backward_out: dz = z * beta[i, o] + delta[i, o] + dy[n, p, o] * alpha[n, i, o].
-  m.def("combine_out(Tensor z, Tensor coef, Tensor shift, Tensor(a!) out) -> ()");
-  m.def("zdot(Tensor z, Tensor dy) -> Tensor");
-  m.def("bn3_backward_out(Tensor z, Tensor dy, Tensor beta, Tensor delta, Tensor alpha,"
-        " Tensor(a!) dz) -> ()");
+  // The candidates' BN3s and the mask-weighted combine over z = Tensor[N, P, k, O] (k
+  // candidates' second 1x1 outputs), and their backward (csrc/cpu/combine.cpp): mean, var,
+  // gamma and beta hold BN3's k * O statistics and parameters; mask is Tensor[1 or N, k] (per
+  // batch or per example). combine_bn_out: out[n, p, o] = sum_i mask[n, i] * BN3_i(z[n, p,
+  // i, o]), one pass over z. combine_bn_backward_out writes dz = dL/dz given dy = dL/dout
+  // (with the batch statistics' gradient when training) and returns (dL/dmask Tensor[N, k],
+  // dgamma, dbeta), two passes over z.
+  m.def("combine_bn_out(Tensor z, Tensor mask, Tensor mean, Tensor var, Tensor gamma,"
+        " Tensor beta, float eps, Tensor(a!) out) -> ()");
+  m.def("combine_bn_backward_out(Tensor z, Tensor dy, Tensor mask, Tensor mean, Tensor var,"
+        " Tensor gamma, Tensor beta, float eps, bool training, Tensor(a!) dz)"
+        " -> (Tensor, Tensor, Tensor)");
   // The candidates' second 1x1 convs with BN2 + ReLU as prologue (csrc/cpu/pointwise.cpp):
   // `segments` is a flat list of (out_start, out_len, in_start, in_len, w_offset) tuples, each
   // z[:, out_start:+out_len] = relu(d * scale + shift)[:, in_start:+in_len] W^T with W the

@@ -556,31 +556,47 @@ def test_pointwise_bn_bad_input_and_opcheck():
                                weight_grad))
 
 
-# --- the mask-weighted combine over Z = [N, P, k, O] and its BN3 backward -----------------
+# --- BN3 and the mask-weighted combine over Z = [N, P, k, O], and their backward ---------
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "example"])
-def test_combine_ops(per_example):
-    """combine_out, zdot and bn3_backward_out against the torch expressions they replace."""
-    g = torch.Generator().manual_seed(7 + per_example)
+def test_combine_bn_ops(per_example, training):
+    """combine_bn_out and its backward against autograd through F.batch_norm per candidate
+    (batch statistics in training, running ones in eval) and the mask-weighted sum."""
+    from fbnet_fast.nn.layout import BN_EPS
+    g = torch.Generator().manual_seed(7 + per_example + 2 * training)
     n, p, k, o = 3, 13, 5, 19
-    rows = n if per_example else 1
-    z, dy = (torch.randn(s, dtype=DT, generator=g) for s in ((n, p, k, o), (n, p, o)))
-    coef, alpha = (torch.randn(rows, k, o, dtype=DT, generator=g) for _ in range(2))
-    shift = torch.randn(rows, o, dtype=DT, generator=g)
-    beta, delta = (torch.randn(k, o, dtype=DT, generator=g) for _ in range(2))
+    z = torch.randn(n, p, k, o, dtype=DT, generator=g) * 2 + 0.5
+    dy = torch.randn(n, p, o, dtype=DT, generator=g)
+    mask = torch.rand(n if per_example else 1, k, dtype=DT, generator=g)
+    gamma, beta = (torch.randn(k, o, dtype=DT, generator=g) for _ in range(2))
+    rm, rv = torch.randn(k, o, dtype=DT, generator=g), torch.rand(k, o, dtype=DT, generator=g) + .5
+    zr, mr, gr, br = (t.clone().requires_grad_() for t in (z, mask, gamma, beta))
+    rows = zr.permute(2, 3, 0, 1).reshape(k * o, n * p).t()          # [N*P, k*O]
+    bn = F.batch_norm(rows, rm.flatten().clone(), rv.flatten().clone(), gr.flatten(),
+                      br.flatten(), training, 0.1, BN_EPS).t().reshape(k, o, n, p)
+    ref = (bn.permute(2, 3, 0, 1) * mr[:, None, :, None]).sum(2)      # [N, P, O]
+    ref.backward(dy)
+    mean, var = ((z.mean((0, 1)), z.var((0, 1), unbiased=False)) if training else (rm, rv))
     out = torch.empty(n, p, o, dtype=DT)
-    torch.ops.fbnet_fast.combine_out(z, coef, shift, out)
-    torch.testing.assert_close(out, (z * coef[:, None]).sum(2) + shift[:, None])
-    torch.testing.assert_close(torch.ops.fbnet_fast.zdot(z, dy), (z * dy[:, :, None]).sum(1))
+    torch.ops.fbnet_fast.combine_bn_out(z, mask, mean, var, gamma, beta, BN_EPS, out)
+    torch.testing.assert_close(out, ref.detach())
     dz = torch.empty_like(z)
-    torch.ops.fbnet_fast.bn3_backward_out(z, dy, beta, delta, alpha, dz)
-    torch.testing.assert_close(dz, z * beta + delta + dy[:, :, None] * alpha[:, None])
+    dm, dg, db = torch.ops.fbnet_fast.combine_bn_backward_out(z, dy, mask, mean, var, gamma,
+                                                              beta, BN_EPS, training, dz)
+    torch.testing.assert_close(dz, zr.grad)
+    torch.testing.assert_close(dm if per_example else dm.sum(0, keepdim=True), mr.grad)
+    torch.testing.assert_close(dg, gr.grad)
+    torch.testing.assert_close(db, br.grad)
     with pytest.raises(RuntimeError, match="must have 1 or N = 3 rows"):
-        torch.ops.fbnet_fast.combine_out(z, torch.ones(2, k, o, dtype=DT), shift, out)
-    torch.library.opcheck(torch.ops.fbnet_fast.combine_out.default, (z, coef, shift, out))
-    torch.library.opcheck(torch.ops.fbnet_fast.zdot.default, (z, dy))
-    torch.library.opcheck(torch.ops.fbnet_fast.bn3_backward_out.default,
-                          (z, dy, beta, delta, alpha, dz))
+        torch.ops.fbnet_fast.combine_bn_out(z, torch.ones(2, k, dtype=DT), mean, var, gamma,
+                                            beta, BN_EPS, out)
+    with pytest.raises(RuntimeError, match="gamma must have k \\* O = 95 elements"):
+        torch.ops.fbnet_fast.combine_bn_out(z, mask, mean, var, gamma[:, 1:], beta, BN_EPS, out)
+    torch.library.opcheck(torch.ops.fbnet_fast.combine_bn_out.default,
+                          (z, mask, mean, var, gamma, beta, BN_EPS, out))
+    torch.library.opcheck(torch.ops.fbnet_fast.combine_bn_backward_out.default,
+                          (z, dy, mask, mean, var, gamma, beta, BN_EPS, training, dz))
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -8,6 +8,10 @@
 
 #include "channel_sums.h"
 
+#include <cmath>
+#include <utility>
+#include <vector>
+
 namespace fbnet_fast {
 namespace {
 
@@ -47,28 +51,74 @@ void for_pixels(const ZShape& Z, int64_t rows, F&& f) {
   });
 }
 
-// out[n, p, o] = sum_i z[n, p, i, o] * coef[e, i, o] + shift[e, o] (e = n, or 0 per batch).
-void combine_out_cpu(const at::Tensor& z, const at::Tensor& coef, const at::Tensor& shift,
-                     const at::Tensor& out) {
-  const auto Z = check_z(z, "combine_out");
-  const int64_t rows = coef_rows(coef, Z, "combine_out", "coef");
-  check_like(coef, {rows, Z.K, Z.O}, z, "combine_out", "coef");
-  check_like(shift, {rows, Z.O}, z, "combine_out", "shift");
-  check_like(out, {Z.N, Z.P, Z.O}, z, "combine_out", "out");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_out", [&] {
+// BN3 of every candidate as a per-channel map z * scale + shift, in double, from its
+// statistics and affine parameters (each k*O values, candidate-major).
+struct Bn3 {
+  std::vector<double> mean, rstd, scale, shift, gamma;
+};
+
+Bn3 bn3_coefs(const ZShape& Z, const at::Tensor& mean, const at::Tensor& var,
+              const at::Tensor& gamma, const at::Tensor& beta, double eps, const char* op) {
+  const int64_t KO = Z.K * Z.O;
+  for (auto [t, name] : {std::pair{&mean, "mean"}, {&var, "var"}, {&gamma, "gamma"},
+                         {&beta, "beta"}})
+    TORCH_CHECK(t->numel() == KO, op, ": ", name, " must have k * O = ", KO,
+                " elements (one per candidate and channel), got shape ", t->sizes());
+  auto d = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
+  auto m = d(mean), v = d(var), g = d(gamma), b = d(beta);
+  Bn3 c{std::vector<double>(m.const_data_ptr<double>(), m.const_data_ptr<double>() + KO),
+        std::vector<double>(KO), std::vector<double>(KO), std::vector<double>(KO),
+        std::vector<double>(g.const_data_ptr<double>(), g.const_data_ptr<double>() + KO)};
+  const double *vp = v.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
+  for (int64_t j = 0; j < KO; ++j) {
+    c.rstd[j] = 1.0 / std::sqrt(vp[j] + eps);
+    c.scale[j] = c.gamma[j] * c.rstd[j];
+    c.shift[j] = bp[j] - c.mean[j] * c.scale[j];
+  }
+  return c;
+}
+
+// The mask's candidate columns as double, Tensor[rows, k] with 1 (per batch) or N rows.
+std::vector<double> mask_values(const at::Tensor& mask, const ZShape& Z, int64_t* rows,
+                                const char* op) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(1) == Z.K, op, ": mask must be Tensor[1 or N, k = ",
+              Z.K, "] (the conv candidates' columns), got shape ", mask.sizes());
+  *rows = coef_rows(mask, Z, op, "mask");
+  auto m = mask.to(at::kDouble).contiguous();
+  return std::vector<double>(m.const_data_ptr<double>(), m.const_data_ptr<double>() + m.numel());
+}
+
+// out[n, p, o] = sum_i m[e, i] * (z[n, p, i, o] * scale[i, o] + shift[i, o]) (e = n, or 0 per
+// batch): every candidate's BN3 and the mask-weighted sum, one pass over z.
+void combine_bn_out_cpu(const at::Tensor& z, const at::Tensor& mask, const at::Tensor& mean,
+                        const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                        double eps, const at::Tensor& out) {
+  const char* op = "combine_bn_out";
+  const auto Z = check_z(z, op);
+  int64_t rows;
+  const auto m = mask_values(mask, Z, &rows, op);
+  const auto bn = bn3_coefs(Z, mean, var, gamma, beta, eps, op);
+  check_like(out, {Z.N, Z.P, Z.O}, z, op, "out");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_bn_out", [&] {
     using T = scalar_t;
+    std::vector<T> coef(rows * Z.K * Z.O), shift(rows * Z.O, T(0));
+    for (int64_t e = 0; e < rows; ++e)
+      for (int64_t i = 0; i < Z.K; ++i)
+        for (int64_t c = 0; c < Z.O; ++c) {
+          const double w = m[e * Z.K + i];
+          coef[(e * Z.K + i) * Z.O + c] = T(w * bn.scale[i * Z.O + c]);
+          shift[e * Z.O + c] += T(w * bn.shift[i * Z.O + c]);
+        }
     const T* zp = z.const_data_ptr<T>();
-    const T* cp = coef.const_data_ptr<T>();
-    const T* sp = shift.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
+    T* op_ = out.mutable_data_ptr<T>();
     for_pixels(Z, rows, [&](int64_t r, int64_t e) {
-      T* o = op + r * Z.O;
-      const T* s = sp + e * Z.O;
+      T* o = op_ + r * Z.O;
+      const T* s = shift.data() + e * Z.O;
       _Pragma("omp simd")
       for (int64_t c = 0; c < Z.O; ++c) o[c] = s[c];
       for (int64_t i = 0; i < Z.K; ++i) {
         const T* zr = zp + (r * Z.K + i) * Z.O;
-        const T* cr = cp + (e * Z.K + i) * Z.O;
+        const T* cr = coef.data() + (e * Z.K + i) * Z.O;
         _Pragma("omp simd")
         for (int64_t c = 0; c < Z.O; ++c) o[c] += zr[c] * cr[c];
       }
@@ -76,14 +126,28 @@ void combine_out_cpu(const at::Tensor& z, const at::Tensor& coef, const at::Tens
   });
 }
 
-// Tensor[N, k, O]: sum over the pixels of z[n, p, i, o] * dy[n, p, o], in double per thread.
-at::Tensor zdot_cpu(const at::Tensor& z, const at::Tensor& dy) {
-  const auto Z = check_z(z, "zdot");
-  check_like(dy, {Z.N, Z.P, Z.O}, z, "zdot", "dy");
-  const int64_t KO = Z.K * Z.O, M = Z.N * Z.P, parts = num_parts(M);
-  std::vector<double> acc(parts * Z.N * KO, 0.0);
-  auto out = at::empty({Z.N, Z.K, Z.O}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "zdot", [&] {
+// The backward of combine_bn_out given dy: writes dz (every candidate's BN3 backward, the
+// batch statistics' gradient included when `training`) and returns (the mask's gradient
+// Tensor[N, k], dgamma, dbeta shaped like gamma). Two passes over z: the sums of z * dy and
+// of dy per example and channel (in double per thread), then dz.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_bn_backward_out_cpu(
+    const at::Tensor& z, const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+    bool training, const at::Tensor& dz) {
+  const char* op = "combine_bn_backward_out";
+  const auto Z = check_z(z, op);
+  int64_t rows;
+  const auto m = mask_values(mask, Z, &rows, op);
+  const auto bn = bn3_coefs(Z, mean, var, gamma, beta, eps, op);
+  check_like(dy, {Z.N, Z.P, Z.O}, z, op, "dy");
+  check_like(dz, z.sizes(), z, op, "dz");
+  const int64_t K = Z.K, O = Z.O, KO = K * O, M = Z.N * Z.P, parts = num_parts(M);
+  const int64_t per = Z.N * (KO + O);      // one part's sums: z * dy [N, k, O], dy [N, O]
+  std::vector<double> acc(parts * per, 0.0);
+  auto dmask = at::empty({Z.N, K}, z.options());
+  auto dgamma = at::empty(gamma.sizes(), gamma.options());
+  auto dbeta = at::empty(gamma.sizes(), gamma.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_bn_backward_out", [&] {
     using T = scalar_t;
     const T* zp = z.const_data_ptr<T>();
     const T* gp = dy.const_data_ptr<T>();
@@ -91,66 +155,77 @@ at::Tensor zdot_cpu(const at::Tensor& z, const at::Tensor& dy) {
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(M, parts, t);
         for (int64_t r = r0; r < r1; ++r) {
-          double* a = acc.data() + (t * Z.N + r / Z.P) * KO;
-          const T* g = gp + r * Z.O;
-          for (int64_t i = 0; i < Z.K; ++i) {
-            const T* zr = zp + (r * Z.K + i) * Z.O;
-            double* ai = a + i * Z.O;
+          const int64_t n = r / Z.P;
+          double* a = acc.data() + t * per + n * KO;
+          double* sd = acc.data() + t * per + Z.N * KO + n * O;
+          const T* g = gp + r * O;
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < O; ++c) sd[c] += double(g[c]);
+          for (int64_t i = 0; i < K; ++i) {
+            const T* zr = zp + (r * K + i) * O;
+            double* ai = a + i * O;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < Z.O; ++c) ai[c] += double(zr[c]) * double(g[c]);
+            for (int64_t c = 0; c < O; ++c) ai[c] += double(zr[c]) * double(g[c]);
           }
         }
       }
     });
-    T* o = out.mutable_data_ptr<T>();
-    for (int64_t j = 0; j < Z.N * KO; ++j) {
-      double s = 0;
-      for (int64_t t = 0; t < parts; ++t) s += acc[t * Z.N * KO + j];
-      o[j] = T(s);
+    for (int64_t t = 1; t < parts; ++t)
+      for (int64_t j = 0; j < per; ++j) acc[j] += acc[t * per + j];
+    const double* pz = acc.data();               // [N, k, O]
+    const double* sdy = acc.data() + Z.N * KO;   // [N, O]
+    // the mask's gradient, and sum(g), sum(g * z) of BN3's input gradient g = m dy
+    std::vector<double> sg(KO, 0.0), sgz(KO, 0.0);
+    T* dm = dmask.mutable_data_ptr<T>();
+    for (int64_t n = 0; n < Z.N; ++n) {
+      const int64_t e = rows == 1 ? 0 : n;
+      for (int64_t i = 0; i < K; ++i) {
+        const double w = m[e * K + i];
+        double s = 0;
+        for (int64_t c = 0; c < O; ++c) {
+          const int64_t j = i * O + c;
+          s += pz[n * KO + j] * bn.scale[j] + sdy[n * O + c] * bn.shift[j];
+          sg[j] += w * sdy[n * O + c];
+          sgz[j] += w * pz[n * KO + j];
+        }
+        dm[n * K + i] = T(s);
+      }
     }
-  });
-  return out;
-}
-
-// dz[n, p, i, o] = z[n, p, i, o] * beta[i, o] + delta[i, o] + dy[n, p, o] * alpha[e, i, o]
-// (e = n, or 0 per batch): the BN3 backward of every candidate at once.
-void bn3_backward_out_cpu(const at::Tensor& z, const at::Tensor& dy, const at::Tensor& beta,
-                          const at::Tensor& delta, const at::Tensor& alpha, const at::Tensor& dz) {
-  const auto Z = check_z(z, "bn3_backward_out");
-  const int64_t rows = coef_rows(alpha, Z, "bn3_backward_out", "alpha");
-  check_like(dy, {Z.N, Z.P, Z.O}, z, "bn3_backward_out", "dy");
-  check_like(beta, {Z.K, Z.O}, z, "bn3_backward_out", "beta");
-  check_like(delta, {Z.K, Z.O}, z, "bn3_backward_out", "delta");
-  check_like(alpha, {rows, Z.K, Z.O}, z, "bn3_backward_out", "alpha");
-  check_like(dz, z.sizes(), z, "bn3_backward_out", "dz");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn3_backward_out", [&] {
-    using T = scalar_t;
-    const T* zp = z.const_data_ptr<T>();
-    const T* gp = dy.const_data_ptr<T>();
-    const T* bp = beta.const_data_ptr<T>();
-    const T* dp = delta.const_data_ptr<T>();
-    const T* ap = alpha.const_data_ptr<T>();
-    T* op = dz.mutable_data_ptr<T>();
+    // dz = z * beta + delta + dy * alpha * m (plan.bn_grad's coefficients)
+    std::vector<T> beta_(KO), delta(KO), alpha(rows * KO);
+    T* dgp = dgamma.mutable_data_ptr<T>();
+    T* dbp = dbeta.mutable_data_ptr<T>();
+    for (int64_t j = 0; j < KO; ++j) {
+      const double r = bn.rstd[j], dg = (sgz[j] - bn.mean[j] * sg[j]) * r;
+      const double al = bn.gamma[j] * r;
+      const double be = training ? -al * r * dg / double(M) : 0.0;
+      beta_[j] = T(be);
+      delta[j] = T(training ? -be * bn.mean[j] - al * sg[j] / double(M) : 0.0);
+      for (int64_t e = 0; e < rows; ++e) alpha[e * KO + j] = T(al * m[e * K + j / O]);
+      dgp[j] = T(dg);
+      dbp[j] = T(sg[j]);
+    }
+    T* op_ = dz.mutable_data_ptr<T>();
     for_pixels(Z, rows, [&](int64_t r, int64_t e) {
-      const T* g = gp + r * Z.O;
-      for (int64_t i = 0; i < Z.K; ++i) {
-        const int64_t off = (r * Z.K + i) * Z.O, w = i * Z.O;
+      const T* g = gp + r * O;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t off = (r * K + i) * O, w = i * O;
         const T* zr = zp + off;
-        const T* ar = ap + e * Z.K * Z.O + w;
-        T* o = op + off;
+        const T* ar = alpha.data() + e * KO + w;
+        T* o = op_ + off;
         _Pragma("omp simd")
-        for (int64_t c = 0; c < Z.O; ++c) o[c] = zr[c] * bp[w + c] + dp[w + c] + g[c] * ar[c];
+        for (int64_t c = 0; c < O; ++c) o[c] = zr[c] * beta_[w + c] + delta[w + c] + g[c] * ar[c];
       }
     });
   });
+  return {dmask, dgamma, dbeta};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
-  m.impl("combine_out", &combine_out_cpu);
-  m.impl("zdot", &zdot_cpu);
-  m.impl("bn3_backward_out", &bn3_backward_out_cpu);
+  m.impl("combine_bn_out", &combine_bn_out_cpu);
+  m.impl("combine_bn_backward_out", &combine_bn_backward_out_cpu);
 }
 
 }  // namespace fbnet_fast

@@ -316,14 +316,11 @@ def mixed_block_cpu_impl(
         O = L.out_channels
         mr = _mask_rows(mask, n)                       # [Nm, K]
         nm = mr.shape[0]
-        k = p.n_conv
         conv_cols = p.conv_cols
-        bn3 = bn_coef_cpu(*r.bn3, bn3_weight, bn3_bias)
-        mk = mr[:, conv_cols].view(nm, k, 1)
-        # y = sum_i m_i * (Z_i * sc_i + sh_i) + ...: one pass over Z
+        # y = sum_i m_i BN3_i(Z_i) + ...: one pass over Z
         out = x.new_empty(n, ho * wo, O)
-        torch.ops.fbnet_fast.combine_out.default(r.Z, mk * bn3.scale.view(1, k, O),
-                                                 (mk * bn3.shift.view(1, k, O)).sum(1), out)
+        torch.ops.fbnet_fast.combine_bn_out.default(r.Z, mr[:, conv_cols], *r.bn3, bn3_weight,
+                                                    bn3_bias, BN_EPS, out)
         res = mr[:, conv_cols].sum(1) if L.residual else None
         if L.skip_index >= 0:
             ms = mr[:, L.skip_index]
@@ -383,22 +380,13 @@ def mixed_block_cpu_backward_impl(
         dY = nhwc(grad).view(n, ho * wo, O)
         mr = _mask_rows(mask, n)
         nm = mr.shape[0]
-        Sdy = dY.sum(1)                                         # [n, O]
         dm = x.new_zeros(n, K)                                  # per example
         k = p.n_conv
         conv_cols = p.conv_cols
-        # every slot's BN3 backward at once, on [n, pixels, k, O] views; the BN3 input
-        # gradient is g = m_i * dy, so the sums below weight each example by its mask
-        g3 = bn3_weight.view(k, O)
-        bn3 = bn_coef_cpu(*(v.view(k, O) for v in r.bn3), g3, bn3_bias.view(k, O))
-        mk3 = mr[:, conv_cols].view(nm, k, 1)
-        Pz = torch.ops.fbnet_fast.zdot.default(r.Z, dY)         # [n, k, O]: sum of dy * z
-        dm[:, conv_cols] = (Pz * bn3.scale).sum(2) + Sdy @ bn3.shift.t()
-        c3 = _bn_grad(bn3, g3, (mk3 * Sdy.view(n, 1, O)).sum(0), (mk3 * Pz).sum(0), M2,
-                      training)
-        dZ = _ws.get("ZT", r.Z.shape, x)                        # one pass over Z
-        torch.ops.fbnet_fast.bn3_backward_out.default(r.Z, dY, c3.beta, c3.delta,
-                                                      c3.alpha.view(1, k, O) * mk3, dZ)
+        # every slot's BN3 backward and the mask's gradient at once, two passes over Z
+        dZ = _ws.get("ZT", r.Z.shape, x)
+        dm[:, conv_cols], dg3, db3 = torch.ops.fbnet_fast.combine_bn_backward_out.default(
+            r.Z, dY, mr[:, conv_cols], *r.bn3, bn3_weight, bn3_bias, BN_EPS, training, dZ)
         # the second 1x1s' backward with BN2's ReLU mask and sums as its epilogue: g2 = dL/d(BN2
         # output before the ReLU)
         g2 = _ws.get("dH2", (M2, T), x)
@@ -459,7 +447,7 @@ def mixed_block_cpu_backward_impl(
         dmask = dm if mask.dim() == 2 else dm.sum(0)
         ddw = torch.cat([t.reshape(-1) for t in dws]) if weight_grads else x.new_empty(0)
         return [dx, dmask, dpw1, ddw, dpw2, dg1, db1, dg2, db2,
-                c3.dgamma.flatten(), c3.dbeta.flatten(), dsw, dsg, dsb]
+                dg3, db3, dsw, dsg, dsb]
 
 
 def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: Tensor,

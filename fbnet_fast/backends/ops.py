@@ -125,18 +125,15 @@ if AVAILABLE:
         return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
                 sums, gxw)
 
-    @torch.library.register_fake("fbnet_fast::combine_out")
-    def _(z, coef, shift, out):
-        torch._check(z.dim() == 4, lambda: "combine_out: z must be [N, P, k, O]")
+    @torch.library.register_fake("fbnet_fast::combine_bn_out")
+    def _(z, mask, mean, var, gamma, beta, eps, out):
+        torch._check(z.dim() == 4, lambda: "combine_bn_out: z must be [N, P, k, O]")
 
-    @torch.library.register_fake("fbnet_fast::zdot")
-    def _(z, dy):
-        torch._check(z.dim() == 4, lambda: "zdot: z must be [N, P, k, O]")
-        return z.new_empty(z.shape[0], z.shape[2], z.shape[3])
-
-    @torch.library.register_fake("fbnet_fast::bn3_backward_out")
-    def _(z, dy, beta, delta, alpha, dz):
-        torch._check(z.dim() == 4, lambda: "bn3_backward_out: z must be [N, P, k, O]")
+    @torch.library.register_fake("fbnet_fast::combine_bn_backward_out")
+    def _(z, dy, mask, mean, var, gamma, beta, eps, training, dz):
+        torch._check(z.dim() == 4, lambda: "combine_bn_backward_out: z must be [N, P, k, O]")
+        like = torch.empty_like(gamma, memory_format=torch.contiguous_format)
+        return z.new_empty(z.shape[0], z.shape[2]), like, torch.empty_like(like)
 
     @torch.library.register_fake("fbnet_fast::pointwise_bn_out")
     def _(d, scale, shift, weight, segments, z):
