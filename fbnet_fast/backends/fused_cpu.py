@@ -112,22 +112,30 @@ class _Workspace(threading.local):
     The intermediates are [N*H*W, 22*C] matrices; allocated fresh they come from mmap and
     every page faults on first touch, which cost as much as the arithmetic. A buffer only
     grows (to the largest layer seen) and never leaves the op: nothing returned to the caller
-    or saved for backward is a view of it.
+    or saved for backward is a view of it. The views handed out are kept per shape too (two
+    torch calls fewer each, a dozen times per block call).
     """
 
     def __init__(self):
         self.bufs = {}
+        self.views = {}
 
     def get(self, role: str, shape: tuple, like: Tensor) -> Tensor:
-        numel = math.prod(shape)
         key = (role, like.dtype)
+        vkey = (key, tuple(shape), torch.is_inference_mode_enabled())
+        view = self.views.get(vkey)
+        if view is not None:
+            return view
+        numel = math.prod(shape)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < numel:
             self.bufs.pop(key, None)   # free the old one before allocating the larger one
+            self.views = {k: v for k, v in self.views.items() if k[0] != key}
             with torch.inference_mode(False):  # usable in and out of inference mode
                 buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self.bufs[key] = buf
-        return buf[:numel].view(shape)
+        view = self.views[vkey] = buf[:numel].view(shape)
+        return view
 
 
 _ws = _Workspace()
@@ -137,6 +145,7 @@ def clear_workspace() -> None:
     """Free this thread's scratch buffers and the idle blocks of the pool the kept
     intermediates come from (both are kept to be reused by the next call)."""
     _ws.bufs.clear()
+    _ws.views.clear()
     torch.ops.fbnet_fast.release_pool.default(torch.empty(0))
 
 

@@ -232,11 +232,9 @@ class FusedPlan:
 
     def unpack_stats(self, packed: Tensor) -> dict:
         """Inverse of ``pack_stats``; also reads the running statistics packed the same way."""
-        out, off = {}, 0
-        for role, size in zip(BN_ROLES, self.stat_sizes):
-            if size:
-                out[role] = (packed[0, off:off + size], packed[1, off:off + size])
-                off += size
+        roles = [(r, s) for r, s in zip(BN_ROLES, self.stat_sizes) if s]
+        parts = packed.split([s for _, s in roles], 1)     # one call, views
+        out = {r: tuple(part) for (r, _), part in zip(roles, parts)}
         out["bn1"] = tuple(self.shuffle(t) for t in out["bn1"])
         return out
 
