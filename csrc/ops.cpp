@@ -17,6 +17,9 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // Batch-norm passes over a [M, C] matrix (rows = pixels of channels-last data).
   // Per-channel (mean, biased variance).
   m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
+  // Per-channel mean and the centred cross products sum_r (x_r - mean)(x_r - mean)^T,
+  // Tensor[C, C]: the input side of a 1x1 conv's statistics.
+  m.def("channel_cov(Tensor x) -> (Tensor, Tensor)");
   // x * scale + shift per channel, then ReLU if `relu`; a new contiguous [M, C] matrix.
   m.def("scale_shift(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor");
   // Backward of [ReLU](BN(z)) given dL/dy: (dz, dweight, dbias); `training`: the statistics

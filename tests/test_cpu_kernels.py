@@ -711,3 +711,22 @@ def test_pw1_dense_and_packed_match_plan(c_in, c_out, stride):
         torch.ops.fbnet_fast.pw1_dense.default(w[:-1], p.pw1_block_ints, T, C)
     with pytest.raises(RuntimeError, match="pw1_packed: a block runs past"):
         torch.ops.fbnet_fast.pw1_packed.default(g[:-1], p.pw1_block_ints)
+
+
+@pytest.mark.parametrize("m,c", [(1, 5), (7, 3), (65, 8), (300, 33), (130, 184)])
+def test_channel_cov(m, c):
+    """Mean and centred cross products in one pass, against torch in float64, on a column
+    slice of a wider matrix (strided rows) far from zero mean (the shift keeps it exact)."""
+    g = torch.Generator().manual_seed(m + c)
+    wide = torch.randn(m, c + 5, dtype=DT, generator=g) * 0.5 + 40
+    x = wide[:, 2:2 + c]
+    mean, cov = torch.ops.fbnet_fast.channel_cov(x)
+    xc = x - x.mean(0)
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(cov, xc.t() @ xc)
+    m32, c32 = torch.ops.fbnet_fast.channel_cov(x.float())
+    assert m32.dtype == c32.dtype == torch.float32
+    torch.testing.assert_close(c32.double(), xc.t() @ xc, rtol=1e-5, atol=1e-4)
+    torch.library.opcheck(torch.ops.fbnet_fast.channel_cov.default, (x,))
+    with pytest.raises(RuntimeError, match="channel_cov: x must be a \\[M, C\\] matrix"):
+        torch.ops.fbnet_fast.channel_cov(x[0])

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "channel_sums.h"
+#include "gemm_tile.h"
 
 #include <algorithm>
 #include <numeric>
@@ -55,6 +56,59 @@ _Pragma("omp simd")
     }
   });
   return {mean, var};
+}
+
+// Per-channel mean and the centred cross-product matrix sum_r (x_r - mean)(x_r - mean)^T
+// (Tensor[C, C], not divided by M) in one pass over the rows, in double (shifted by row 0
+// against cancellation): a 1x1 conv's batch statistics and BN backward terms come from it
+// without a pass over the conv's wide output (fbnet_fast/backends/fused_cpu.py).
+std::tuple<at::Tensor, at::Tensor> channel_cov_cpu(const at::Tensor& x_in) {
+  auto x = rows_of(x_in, "channel_cov", "x");
+  const int64_t M = x.size(0), C = x.size(1), ld_x = x.stride(0);
+  TORCH_CHECK(M > 0, "channel_cov: needs at least one row, got shape ", x.sizes());
+  auto mean = at::empty({C}, x.options());
+  auto cov = at::empty({C, C}, x.options());
+  // per part: the shifted sums [C], then the cross products [C, ld] (ld: C padded to whole
+  // 32-byte vectors of doubles, what gemm_tile writes)
+  const int64_t ld = round_up(C, kLanes<double, 32>), parts = num_parts(M), per = C + C * ld;
+  std::vector<double> acc(parts * per, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_cov", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      // blocks of rows, shifted and in double, multiplied by the register-tiled kernel
+      constexpr int64_t kRows = 64;
+      std::vector<double> d(kRows * ld, 0.0);
+      for (int64_t t = b; t < e; ++t) {
+        const auto [r0, r1] = share(M, parts, t);
+        double* s = acc.data() + t * per;
+        double* q = s + C;
+        for (int64_t r = r0; r < r1; r += kRows) {
+          const int64_t nr = std::min(kRows, r1 - r);
+          for (int64_t k = 0; k < nr; ++k) {
+            const scalar_t* row = xp + (r + k) * ld_x;
+            double* dk = d.data() + k * ld;
+            for (int64_t c = 0; c < C; ++c) {
+              dk[c] = double(row[c]) - double(xp[c]);
+              s[c] += dk[c];
+            }
+          }
+          // q[i][j] += sum_k d[k][i] d[k][j]
+          gemm_tile<double>(C, ld, nr, d.data(), 1, ld, d.data(), ld, q, ld, true);
+        }
+      }
+    });
+    for (int64_t t = 1; t < parts; ++t)
+      for (int64_t j = 0; j < per; ++j) acc[j] += acc[t * per + j];
+    const double* s = acc.data();
+    const double* q = s + C;
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* cp = cov.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) {
+      mp[i] = scalar_t(double(xp[i]) + s[i] / M);
+      for (int64_t j = 0; j < C; ++j) cp[i * C + j] = scalar_t(q[i * ld + j] - s[i] * s[j] / M);
+    }
+  });
+  return {mean, cov};
 }
 
 // Checks an output [M, C] matrix shaped like x.
@@ -237,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
 
 TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("channel_cov", &channel_cov_cpu);
   m.impl("scale_shift", &scale_shift_cpu);
   m.impl("bn_backward", &bn_backward_cpu);
   m.impl("scale_shift_out", &scale_shift_out_cpu);

@@ -270,14 +270,6 @@ def _depthwise_input(geo, X: Tensor, W1: Tensor, A: Optional[Tensor]) -> tuple:
     return (geo.image_in(X), W1) if A is None else (geo.image_in(A), None)
 
 
-def _centered(X: Tensor):
-    """(mean, X - mean, (X - mean)^T (X - mean)) of the [M, C] input: C is narrow, so these
-    cost a few passes over X, about 1/22 of one over the expanded tensor each."""
-    mx = X.mean(0)
-    Xc = torch.sub(X, mx, out=_ws.get("Xc", X.shape, X))
-    return mx, Xc, Xc.t() @ Xc
-
-
 def _grad_via_covariance(X: Tensor) -> bool:
     """Whether BN1's backward terms go through X's covariance (GEMMs of T C_in^2
     multiply-adds) rather than through A (GEMMs of M T C_in): from M > C_in."""
@@ -288,7 +280,7 @@ def _grad_via_covariance(X: Tensor) -> bool:
 def _pw_stats(X: Tensor, W1: Tensor):
     """BN1's batch statistics of A = X W1^T without a pass over A: mean W1 mean(x), biased
     variance diag(W1 cov(x) W1^T), from the [C_in, C_in] covariance of the input."""
-    mx, _, cov = _centered(X)
+    mx, cov = torch.ops.fbnet_fast.channel_cov.default(X)
     return W1 @ mx, ((W1 @ cov) * W1).sum(1).div_(X.shape[0]).clamp_min_(0)
 
 
@@ -466,17 +458,20 @@ def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: T
     g (alpha W1), which the depthwise backward takes): dW1 gains (beta A + delta)^T X and dX
     gains (beta A + delta) W1. With many rows these come from the narrow X alone: A = Xc W1^T
     + W1 mean(x) (Xc = X - mean(x)), so beta A + delta = beta Xc W1^T + e with e = delta +
-    beta W1 mean(x), and dW1 gains beta W1 Xc^T Xc + e sum(X), dX gains Xc W1^T (beta W1) +
-    e W1. Both are updated in place; ``dX_skip`` (the skip's part) is added to dX."""
+    beta W1 mean(x), and dW1 gains beta W1 Xc^T Xc + e sum(X), dX gains Xc B + e W1 = X B +
+    (e W1 - mean(x) B) with B = W1^T (beta W1): one pass over X (``channel_cov``) and
+    [C_in]-sized terms, Xc is never made. Both are updated in place; ``dX_skip`` (the skip's
+    part) is added to dX."""
     if dX_skip is not None:
         dX.add_(dX_skip)
     if training and _grad_via_covariance(X):
-        mx, Xc, XcXc = _centered(X)
+        mx, XcXc = torch.ops.fbnet_fast.channel_cov.default(X)
         bW1 = c.beta[:, None] * W1
         e = c.delta + bW1 @ mx
+        B = W1.t() @ bW1
         if dW1 is not None:
-            dW1.add_(bW1 @ XcXc).addr_(e, X.sum(0))
-        dX.addmm_(Xc, W1.t() @ bW1).add_(e @ W1)
+            dW1.add_(bW1 @ XcXc).addr_(e, mx, alpha=X.shape[0])
+        dX.addmm_(X, B).add_(e @ W1 - mx @ B)
     elif training:
         if dW1 is not None:
             dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))

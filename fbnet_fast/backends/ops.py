@@ -176,6 +176,11 @@ if AVAILABLE:
         torch._check(x.dim() == 2, lambda: "channel_stats: x must be [M, C]")
         return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
+    @torch.library.register_fake("fbnet_fast::channel_cov")
+    def _(x):
+        torch._check(x.dim() == 2, lambda: "channel_cov: x must be [M, C]")
+        return x.new_empty(x.shape[1]), x.new_empty(x.shape[1], x.shape[1])
+
     @torch.library.register_fake("fbnet_fast::scale_shift")
     def _(x, scale, shift, relu):
         torch._check(x.dim() == 2, lambda: "scale_shift: x must be [M, C]")
