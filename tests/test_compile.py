@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fbnet_fast import SuperNet
-from fbnet_fast.backends import jit, registry, selfcheck
+from fbnet_fast.backends import jit, plan, registry, selfcheck
 from fbnet_fast.backends.plan import fused_op_args
 from fbnet_fast.nn.space import SearchSpace
 from fbnet_fast.testing import make_pair, randomize, single_thread
@@ -111,6 +111,22 @@ def test_compiled_mixed_block_step_matches_eager(name, compiler):
     x = torch.randn(2, 16, 4, 4, generator=g, dtype=DT).to(DEVICE)
     mask = torch.softmax(torch.randn(2, 9, generator=g, dtype=DT), -1).to(DEVICE)
     _compiled_matches_eager(block, (x, mask), compiler)
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+def test_layout_first_seen_inside_torch_compile(name):
+    """A layout whose plan is first built while torch.compile traces (by its fake kernel)
+    keeps no fake tensors that its real kernels would meet when the compiled code runs."""
+    _require(name)
+    plan._plan_of_key.cache_clear()
+    block, _ = make_pair(name, 8, 16, 2, ("k3_e1", "k5_e1_g2", "skip"), dtype=DT,
+                         device=DEVICE, seed=4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 5, 5, generator=g, dtype=DT).to(DEVICE)
+    mask = torch.softmax(torch.randn(3, generator=g, dtype=DT), -1).to(DEVICE)
+    torch._dynamo.reset()
+    y = torch.compile(block, fullgraph=True, backend="aot_eager")(x, mask)
+    torch.testing.assert_close(y, block(x, mask))
 
 
 @pytest.mark.parametrize("name", ["cpu", "triton"])

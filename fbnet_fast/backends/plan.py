@@ -138,7 +138,7 @@ class FusedPlan:
     """
 
     layout: MixedLayout
-    perm: Optional[Tensor]       # expanded column r <- BN1 (stored-order) channel perm[r]
+    perm: Optional[tuple]        # expanded column r <- BN1 (stored-order) channel perm[r]
     pw2_groups: tuple            # Segment per (candidate, group): Z columns <- expanded ones
     dw_runs: tuple               # DwRun per stretch of candidates with equal kernel size
     mask_cols: tuple             # candidate (mask) columns: conv candidates, then skip
@@ -155,13 +155,17 @@ class FusedPlan:
         return Geometry(n, h, w, self.layout.stride, self.dw_runs)
 
     def on(self, device) -> DeviceIndex:
-        """The index tensors on ``device``, moved there once."""
+        """The index tensors on ``device``, made there once. Made under a fake mode (a
+        fake kernel while torch.compile traces) they are fake and not kept: a kept one
+        would reach the real kernels later."""
         key = str(device)
         idx = self._on.get(key)
         if idx is None:
-            cols = torch.tensor(self.mask_cols, dtype=torch.long)
-            idx = DeviceIndex(*(None if t is None else t.to(device) for t in (self.perm, cols)))
-            self._on[key] = idx
+            idx = DeviceIndex(*(None if v is None else
+                                torch.tensor(v, dtype=torch.long, device=device)
+                                for v in (self.perm, self.mask_cols)))
+            if type(idx.mask_cols) is torch.Tensor:
+                self._on[key] = idx
         return idx
 
     # -- moving data between stored and fused order --------------------------------------
@@ -255,16 +259,15 @@ def _build(L: MixedLayout) -> FusedPlan:
                          "reference backend for a skip-only layer")
     C, O, T = L.in_channels, L.out_channels, L.total_mid
     grouped = any(s.spec.groups > 1 for s in L.slots)
-    perm = torch.empty(T, dtype=torch.long)
+    perm = [0] * T      # plain ints: a plan may first be built while torch.compile traces
     runs, groups = [], []
     for s in L.slots:
         G, mid = s.spec.groups, s.mid
         mid_g, out_g = mid // G, O // G
         # pw1 output channel o (group o // mid_g) lands in expanded column ``col``:
         # channel_shuffle moves channel g * mid_g + j to j * G + g.
-        o = torch.arange(mid)
-        col = s.mid_offset + (o % mid_g) * G + o // mid_g
-        perm[col] = s.mid_offset + o
+        for o in range(mid):
+            perm[s.mid_offset + (o % mid_g) * G + o // mid_g] = s.mid_offset + o
         if runs and runs[-1].kernel == s.spec.kernel:
             runs[-1] = runs[-1]._replace(channels=runs[-1].channels + mid)
         else:
@@ -276,9 +279,7 @@ def _build(L: MixedLayout) -> FusedPlan:
     skip = L.skip_index >= 0
     cols = tuple(s.index for s in L.slots) + ((L.skip_index,) if skip else ())
     n_skip = O if skip and L.skip_is_conv else 0
-    if not grouped:
-        perm = None
-    return FusedPlan(L, perm, tuple(groups), tuple(runs), cols,
+    return FusedPlan(L, tuple(perm) if grouped else None, tuple(groups), tuple(runs), cols,
                      (T, T, len(L.slots) * O, n_skip))
 
 
