@@ -160,7 +160,6 @@ def resolve(name: str, device: torch.device) -> Callable:
     return fn
 
 
-@torch.compiler.assume_constant_result
 def _pick_and_load(name: str, device: torch.device) -> str:
     """``pick_name``, and the family loaded into ``_loaded``: eagerly even under
     ``torch.compile`` (imports, builds, the self-check), which sees only the name."""
@@ -168,6 +167,12 @@ def _pick_and_load(name: str, device: torch.device) -> str:
     if family not in _loaded:
         _loaded[family] = BACKENDS[family].load()
     return family
+
+
+# What ``torch.compiler.assume_constant_result`` does, without its import of torch._dynamo
+# (with triton and sympy: about a second and 170 MB of RSS in every process, compiling or
+# not); tests/test_compile.py checks that compiled calls still see only the name.
+_pick_and_load._dynamo_marked_constant = True
 
 
 # The fused families. Each module defines ``mixed_block_forward(block, x, weights)`` and
