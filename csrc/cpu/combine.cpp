@@ -88,30 +88,45 @@ std::vector<double> mask_values(const at::Tensor& mask, const ZShape& Z, int64_t
   return std::vector<double>(m.const_data_ptr<double>(), m.const_data_ptr<double>() + m.numel());
 }
 
+// What both ops check and derive from z, the mask and BN3's parameters.
+struct CombineArgs {
+  ZShape Z;
+  int64_t rows;           // the mask's: 1 (per batch) or N
+  std::vector<double> m;  // the mask, [rows, k]
+  Bn3 bn;
+};
+
+CombineArgs combine_args(const at::Tensor& z, const at::Tensor& mask, const at::Tensor& mean,
+                         const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                         double eps, const char* op) {
+  const auto Z = check_z(z, op);
+  int64_t rows;
+  auto m = mask_values(mask, Z, &rows, op);
+  return {Z, rows, std::move(m), bn3_coefs(Z, mean, var, gamma, beta, eps, op)};
+}
+
 // out[n, p, o] = sum_i m[e, i] * (z[n, p, i, o] * scale[i, o] + shift[i, o]) (e = n, or 0 per
 // batch): every candidate's BN3 and the mask-weighted sum, one pass over z.
 void combine_bn_out_cpu(const at::Tensor& z, const at::Tensor& mask, const at::Tensor& mean,
                         const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
                         double eps, const at::Tensor& out) {
   const char* op = "combine_bn_out";
-  const auto Z = check_z(z, op);
-  int64_t rows;
-  const auto m = mask_values(mask, Z, &rows, op);
-  const auto bn = bn3_coefs(Z, mean, var, gamma, beta, eps, op);
+  const auto a = combine_args(z, mask, mean, var, gamma, beta, eps, op);
+  const auto& Z = a.Z;
   check_like(out, {Z.N, Z.P, Z.O}, z, op, "out");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_bn_out", [&] {
     using T = scalar_t;
-    std::vector<T> coef(rows * Z.K * Z.O), shift(rows * Z.O, T(0));
-    for (int64_t e = 0; e < rows; ++e)
+    std::vector<T> coef(a.rows * Z.K * Z.O), shift(a.rows * Z.O, T(0));
+    for (int64_t e = 0; e < a.rows; ++e)
       for (int64_t i = 0; i < Z.K; ++i)
         for (int64_t c = 0; c < Z.O; ++c) {
-          const double w = m[e * Z.K + i];
-          coef[(e * Z.K + i) * Z.O + c] = T(w * bn.scale[i * Z.O + c]);
-          shift[e * Z.O + c] += T(w * bn.shift[i * Z.O + c]);
+          const double w = a.m[e * Z.K + i];
+          coef[(e * Z.K + i) * Z.O + c] = T(w * a.bn.scale[i * Z.O + c]);
+          shift[e * Z.O + c] += T(w * a.bn.shift[i * Z.O + c]);
         }
     const T* zp = z.const_data_ptr<T>();
     T* op_ = out.mutable_data_ptr<T>();
-    for_pixels(Z, rows, [&](int64_t r, int64_t e) {
+    for_pixels(Z, a.rows, [&](int64_t r, int64_t e) {
       T* o = op_ + r * Z.O;
       const T* s = shift.data() + e * Z.O;
       _Pragma("omp simd")
@@ -135,10 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_bn_backward_out_cpu(
     const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, double eps,
     bool training, const at::Tensor& dz) {
   const char* op = "combine_bn_backward_out";
-  const auto Z = check_z(z, op);
-  int64_t rows;
-  const auto m = mask_values(mask, Z, &rows, op);
-  const auto bn = bn3_coefs(Z, mean, var, gamma, beta, eps, op);
+  const auto args = combine_args(z, mask, mean, var, gamma, beta, eps, op);
+  const auto& Z = args.Z;  // no structured binding: lambdas capture these (C++17)
+  const auto& m = args.m;
+  const auto& bn = args.bn;
+  const int64_t rows = args.rows;
   check_like(dy, {Z.N, Z.P, Z.O}, z, op, "dy");
   check_like(dz, z.sizes(), z, op, "dz");
   const int64_t K = Z.K, O = Z.O, KO = K * O, M = Z.N * Z.P, parts = num_parts(M);
