@@ -685,7 +685,7 @@ def test_bn_coef_ops_match_plan(training, dtype):
     torch.library.opcheck(torch.ops.fbnet_fast.bn_coef.default, (mean, var, gamma, beta, BN_EPS))
     torch.library.opcheck(torch.ops.fbnet_fast.bn_grad_coef.default,
                           (sum_g, sum_gz, mean, bn.rstd, gamma, 7, training, False))
-    with pytest.raises(RuntimeError, match="bn_coef: an input has 5 elements"):
+    with pytest.raises(RuntimeError, match="bn_coef: var has 5 elements"):
         torch.ops.fbnet_fast.bn_coef.default(mean, var[0, :5], gamma, beta, BN_EPS)
 
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace fbnet_fast {
@@ -22,7 +23,8 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_coef_cpu(
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma,
     const at::Tensor& beta, double eps) {
-  for (auto* t : {&var, &gamma, &beta}) check_like(*t, mean, "bn_coef", "an input");
+  for (auto [t, name] : {std::pair{&var, "var"}, {&gamma, "gamma"}, {&beta, "beta"}})
+    check_like(*t, mean, "bn_coef", name);
   auto m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
   auto rstd = at::empty_like(m), scale = at::empty_like(m), shift = at::empty_like(m);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "bn_coef", [&] {
@@ -49,7 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_c
     const at::Tensor& sum_g, const at::Tensor& sum_gz, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& gamma, int64_t count, bool training,
     bool centered) {
-  for (auto* t : {&sum_g, &sum_gz, &mean, &rstd}) check_like(*t, gamma, "bn_grad_coef", "an input");
+  for (auto [t, name] : {std::pair{&sum_g, "sum_g"}, {&sum_gz, "sum_gz"}, {&mean, "mean"},
+                         {&rstd, "rstd"}})
+    check_like(*t, gamma, "bn_grad_coef", name);
   TORCH_CHECK(count > 0, "bn_grad_coef: count must be positive, got ", count);
   auto as_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
   auto sg = as_double(sum_g), sgz = as_double(sum_gz), m = as_double(mean), r = as_double(rstd),
