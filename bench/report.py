@@ -231,6 +231,18 @@ def supernet_case(n: int, res: int, backend: str, channels_last: bool = True,
 
 # --- measurement -------------------------------------------------------------------
 
+def timed_alone(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls in a row after one warm-up: the steady state a
+    training loop sees, where ``ratios`` starts each call after another variant's."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def ratios(fns: dict, ours: str, reps: int) -> dict:
     """{name: (median time s, median ratio name/ours)}, all timed interleaved."""
     for f in fns.values():
@@ -375,14 +387,17 @@ def _fused_vs_reference(fwds: dict, reps: int) -> dict:
 
 def _quick_size_step(args) -> dict:
     """The weight step the main job runs most (quick preset: 32x32 small-input macro, width
-    0.25, head 256, 10 classes, batch 32), fused against the channels-last reference."""
+    0.25, head 256, 10 classes, batch 32), fused against the channels-last reference, and
+    the fused step alone, as the main job runs it."""
     n, res, space = MASK_SIZES["quick"]
     n = 2 if args.quick else n
     fwds = {k: supernet_case(n, res, b, space=space(), classes=10)
             for k, b in (("fused", "cpu"), ("ref_cl", "reference"))}
-    out = {"batch": n, "resolution": res, **_fused_vs_reference(fwds, max(3, args.reps))}
+    out = {"batch": n, "resolution": res, **_fused_vs_reference(fwds, max(3, args.reps)),
+           "fused_alone_s": timed_alone(step(fwds["fused"]), max(3, args.reps))}
     print(f"supernet at the quick preset's size (batch {n}): fused {out['fused_s'] * 1e3:.0f} ms,"
-          f" reference CL {out['ref_cl_s'] * 1e3:.0f} ms (x{out['speedup_vs_ref_cl']:.2f})",
+          f" reference CL {out['ref_cl_s'] * 1e3:.0f} ms (x{out['speedup_vs_ref_cl']:.2f});"
+          f" fused timed alone, step after step {out['fused_alone_s'] * 1e3:.0f} ms",
           flush=True)
     return out
 
