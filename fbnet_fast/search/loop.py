@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from ..backends import registry
 from ..latency.loss import FBNetLoss
 from ..latency.measuring import measure as measure_table
 from ..latency.table import LatencyTable
@@ -154,6 +155,9 @@ class _Search:
         if self.cl:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
+        # the fused kernels' build (a minute on first use) and self-check happen here, not
+        # inside the first epoch's time and images/s
+        registry.resolve(cfg.backend, d.device)
         self.crit = FBNetLoss(table, cfg.latency_loss, cfg.alpha, cfg.beta, cfg.lam,
                               space=space, num_classes=data.num_classes)
         self.w_params = net.weight_parameters()
