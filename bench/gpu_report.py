@@ -79,7 +79,9 @@ def check_correctness(device, backends, shapes, dtype):
 
 # --- timing ------------------------------------------------------------------------------
 
-def _timer(device):
+def timer(device):
+    """run(fn, reps, warmup) -> seconds of each of ``reps`` calls after ``warmup`` ones (CUDA
+    events on a GPU, the wall clock on the CPU; bench/report.py times with it too)."""
     import torch
     if device.type == "cuda":
         def run(fn, reps, warmup):
@@ -111,7 +113,7 @@ def _timer(device):
 def measure(step, device, reps, warmup=3):
     """(median seconds, peak bytes above the memory held before the step)."""
     import torch
-    timer = _timer(device)
+    run = timer(device)
     peak = None
     if device.type == "cuda":
         step()
@@ -121,7 +123,7 @@ def measure(step, device, reps, warmup=3):
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-    times = timer(step, reps, warmup)
+    times = run(step, reps, warmup)
     return statistics.median(times), peak
 
 

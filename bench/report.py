@@ -39,6 +39,8 @@ from fbnet_fast.nn.space import SearchSpace, conv_out
 from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
 from fbnet_fast.testing import make_pair
 
+import gpu_report  # its CPU timer; a sibling script, importable from bench/
+
 CL = torch.channels_last
 
 
@@ -234,13 +236,7 @@ def supernet_case(n: int, res: int, backend: str, channels_last: bool = True,
 def timed_alone(fn, reps: int) -> float:
     """Median seconds of ``reps`` calls in a row after one warm-up: the steady state a
     training loop sees, where ``ratios`` starts each call after another variant's."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(gpu_report.timer(torch.device("cpu"))(fn, reps, 1))
 
 
 def ratios(fns: dict, ours: str, reps: int) -> dict:
