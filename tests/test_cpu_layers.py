@@ -1,5 +1,6 @@
-"""The discrete models' C++ layers (``backends/cpu_layers.py``) against the torch modules they
-replace, in float64: outputs, every gradient, the BN buffers, and whole FBNets."""
+"""The discrete models' C++ layers and fused candidate blocks (``backends/cpu_layers.py``)
+against the torch modules they replace, in float64: outputs, every gradient, the BN buffers,
+and whole FBNets."""
 import copy
 
 import pytest
@@ -96,6 +97,48 @@ def test_depthwise_matches_conv2d(k, stride):
     assert "fbnet_fast_dw_conv" in type(y.grad_fn).__name__           # the C++ path ran
 
 
+def _candidate_pair(c_in, c_out, stride, k, e, g, momentum):
+    torch.manual_seed(c_in + 7 * k + e)
+    ref = CandidateBlock(c_in, c_out, stride, k, e, g).to(DT).train()
+    with torch.no_grad():
+        for bn in (ref.bn1, ref.bn2, ref.bn3):
+            bn.momentum = momentum
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return ref, cpu_layers.accelerate(copy.deepcopy(ref))
+
+
+# (C_in, C_out, stride, kernel, expansion, groups): residual and not, both strides, grouped
+CANDIDATE_SHAPES = [(8, 8, 1, 3, 1, 1), (8, 16, 2, 5, 6, 1), (16, 16, 1, 5, 1, 2),
+                    (24, 24, 1, 3, 3, 1), (32, 48, 2, 3, 1, 2), (48, 48, 1, 5, 6, 1)]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "average"])
+@pytest.mark.parametrize("shape", CANDIDATE_SHAPES, ids=lambda s: "k{3}_e{4}_g{5}_{0}_{1}_s{2}".format(*s))
+def test_candidate_block_trains_as_the_fused_op(shape, momentum):
+    """A candidate block trains as the one-candidate fused op: two steps give the block's
+    output, every gradient and the BN buffers of the plain block; a forward without
+    gradient (BN re-estimation) updates the buffers alike; eval runs the layers."""
+    ref, ours = _candidate_pair(*shape, momentum)
+    assert type(ours) is cpu_layers.FusedCandidateBlock
+    for step in range(2):
+        ref.zero_grad(), ours.zero_grad()
+        x = (torch.randn(3, shape[0], 9, 7, dtype=DT) + 0.3).contiguous(memory_format=CL)
+        y = _check_step(ref, ours, x)
+        assert "mixed_block_cpu" in type(y.grad_fn).__name__            # the fused op ran
+        for a, b in zip(ours.buffers(), ref.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+    x = torch.randn(2, shape[0], 5, 6, dtype=DT).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+    for a, b in zip(ours.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+
+
 def _train_step(model, x, y):
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
@@ -120,7 +163,8 @@ def test_accelerated_fbnet_trains_like_the_plain_one():
     assert sum(b.relu for b in bns) == sum(isinstance(m, nn.ReLU) for m in plain.modules())
     assert not any(isinstance(m, nn.ReLU) for m in fast.modules())
     assert sum(isinstance(m, cpu_layers.DepthwiseConv2d) for m in fast.modules()) == sum(
-        isinstance(m, CandidateBlock) for m in plain.modules())
+        isinstance(m, CandidateBlock) for m in plain.modules()) == sum(
+        isinstance(m, cpu_layers.FusedCandidateBlock) for m in fast.modules())
     x = torch.randn(4, 3, 32, 32, dtype=DT).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (4,))
     torch.testing.assert_close(_train_step(fast, x, y), _train_step(plain, x, y))

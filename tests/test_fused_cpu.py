@@ -153,10 +153,10 @@ def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
     gradient and the running statistics equal those of the custom op (grouped candidates, a
     conv skip, stride 2)."""
     from fbnet_fast.backends import fused_cpu
-    assert fused_cpu._eager is not None
+    assert fused_cpu.mixed_block_eager is not None
 
     def run(eager):
-        monkeypatch.setattr(fused_cpu, "_eager", eager)
+        monkeypatch.setattr(fused_cpu, "mixed_block_eager", eager)
         torch.manual_seed(3)
         block = MixedBlock(16, 24, 2, backend="cpu").to(DT).train()
         x = torch.randn(3, 16, 9, 9, dtype=DT, requires_grad=True)
@@ -167,7 +167,7 @@ def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
         grads = [x.grad, mask.grad] + [p.grad for p in block.parameters()]
         return [y.detach(), *grads, *(b.clone() for b in block.buffers())]
 
-    for a, b in zip(run(fused_cpu._eager), run(None), strict=True):
+    for a, b in zip(run(fused_cpu.mixed_block_eager), run(None), strict=True):
         torch.testing.assert_close(a, b)
 
 

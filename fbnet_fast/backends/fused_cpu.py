@@ -500,8 +500,9 @@ def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, la
             + [like(sw, conv=True), like(sg), like(sb)])
 
 
-_eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
-                                 mixed_block_cpu_backward_impl, keeps=True)
+# the eager path's autograd.Function (plan.run_fused_op), also cpu_layers' for single blocks
+mixed_block_eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
+                                            mixed_block_cpu_backward_impl, keeps=True)
 
 
 # --- the backend entry point --------------------------------------------------------------
@@ -509,4 +510,4 @@ _eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
 def mixed_block_forward(block, x: Tensor, weights: Tensor) -> Tensor:
     """``MixedBlock`` forward on the fused op; updates the BN running statistics in training."""
     return call_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, block, x, weights.to(x.dtype),
-                         eager=_eager)
+                         eager=mixed_block_eager)

@@ -398,11 +398,7 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
     args = fused_op_args(block, x, weights)
-    if eager is None or torch.compiler.is_compiling():
-        run = op
-    else:  # with no graph to record, the implementation itself
-        run = eager.apply if torch.is_grad_enabled() else eager.impl
-    y, stats = run(*args, *extra)
+    y, stats = run_fused_op(op, (*args, *extra), eager)
     if block.training:
         rms, rvs = args[14][0::2], args[14][1::2]
         sizes = [t.shape[0] for t in rms]
@@ -410,6 +406,15 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
         update_running(rms, rvs, st[0].split(sizes), st[1].split(sizes),
                        [geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out][:len(rms)])
     return y
+
+
+def run_fused_op(op, args: tuple, eager=None) -> tuple:
+    """(y, statistics) of a fused MixedBlock op on ``args``: the custom op under a trace,
+    else ``eager`` (``register_fused_autograd``'s Function, when the backend has one), or
+    with no graph to record its implementation itself."""
+    if eager is None or torch.compiler.is_compiling():
+        return op(*args)
+    return (eager.apply if torch.is_grad_enabled() else eager.impl)(*args)
 
 
 def op_impl(impl: Callable) -> Callable:
