@@ -34,6 +34,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fbnet_fast
 from fbnet_fast import MixedBlock
+from fbnet_fast.backends import registry
 from fbnet_fast.backends.plan import bn1_stats_via_covariance
 from fbnet_fast.nn.space import SearchSpace, conv_out
 from fbnet_fast.nn.space import layer_shapes as space_layer_shapes
@@ -417,6 +418,46 @@ def section_masks(args) -> dict:
     return out
 
 
+def discrete_case(net, arch, backend: str, n: int, res: int):
+    """One SGD step of the discrete FBNet ``arch`` carrying ``net``'s weights, on the layers
+    ``registry.fast_layers`` gives it for ``backend``: what fine-tuning runs."""
+    torch.manual_seed(0)
+    model = registry.fast_layers(net.extract(arch), "cpu", backend).to(memory_format=CL)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(n, 3, res, res).contiguous(memory_format=CL)
+    target = torch.randint(0, net.classifier.out_features, (n,))
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+    return run
+
+
+def section_discrete(args) -> list:
+    """Training steps of discrete architectures drawn from a quick-preset supernet (what the
+    main job's fine-tuning, ``fbnet-fast train`` and ``baseline`` run): the plain model
+    against the one on the C++ layers and fused candidate blocks."""
+    n, res, space = MASK_SIZES["quick"]
+    n = 2 if args.quick else n
+    torch.manual_seed(0)
+    net = fbnet_fast.SuperNet(space(), num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(args.archs):
+        arch = net.sample_architecture(g, name=f"sample_{k + 1}")
+        runs = {v: discrete_case(net, arch, b, n, res)
+                for v, b in (("fused", "cpu"), ("plain", "reference"))}
+        t = ratios(runs, "fused", max(3, args.reps))
+        out.append({"arch": list(arch.blocks), "batch": n, "fused_ms": t["fused"][0] * 1e3,
+                    "plain_ms": t["plain"][0] * 1e3, "speedup": t["plain"][1]})
+        print(f"discrete {arch.name} (batch {n}): fused {out[-1]['fused_ms']:.0f} ms, plain "
+              f"{out[-1]['plain_ms']:.0f} ms (x{out[-1]['speedup']:.2f})", flush=True)
+    print(f"discrete: median x{statistics.median(o['speedup'] for o in out):.2f}", flush=True)
+    return out
+
+
 def peak_rss_mb(backend: str, n: int, res: int, steps_run: int = 2) -> float:
     """Peak RSS of a fresh process that runs ``steps_run`` SuperNet steps on one backend.
 
@@ -439,8 +480,8 @@ def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("budget", "dw", "mixed", "supernet", "masks"),
-                   action="append",
+    p.add_argument("--only", action="append",
+                   choices=("budget", "dw", "mixed", "supernet", "masks", "discrete"),
                    help="sections to run (repeatable; default all)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     p.add_argument("--max-shapes", type=int, default=None, help="first N shapes per section")
@@ -451,10 +492,11 @@ def main(argv=None) -> dict:
                    help="every MixedBlock map this size instead (e.g. 4: the fixed cost per call)")
     p.add_argument("--supernet-batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224, help="SuperNet input size")
+    p.add_argument("--archs", type=int, default=6, help="sampled architectures (discrete)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    sections = args.only or ["budget", "dw", "mixed", "supernet", "masks"]
+    sections = args.only or ["budget", "dw", "mixed", "supernet", "masks", "discrete"]
     rate, bandwidth = gemm_rate(), copy_bandwidth()
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -472,6 +514,8 @@ def main(argv=None) -> dict:
         out["supernet"] = section_supernet(args)
     if "masks" in sections:
         out["masks"] = section_masks(args)
+    if "discrete" in sections:
+        out["discrete"] = section_discrete(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_report_quick_writes_every_section(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--quick",
-                           "--reps", "1", "--json", str(out)], cwd=tmp_path,
+                           "--reps", "1", "--archs", "2", "--json", str(out)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads(out.read_text())
@@ -43,6 +43,9 @@ def test_report_quick_writes_every_section(tmp_path):
         assert sorted(v) == ["hard", "soft", "two-path"]
         assert v["soft"]["speedup_vs_soft"] == 1.0
         assert all(m["images_per_s"] == 2 / m["step_s"] for m in v.values())
+    disc = rep["discrete"]
+    assert len(disc) == 2 and all(len(d["arch"]) == 22 and d["batch"] == 2 for d in disc)
+    assert all(min(d["fused_ms"], d["plain_ms"], d["speedup"]) > 0 for d in disc)
 
 
 def test_gpu_compare_on_the_stored_h200_run(tmp_path):
