@@ -156,6 +156,17 @@ def test_opcheck(stride):
     g = torch.randn(2, 12, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=DT)
     torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_backward.default,
                           (g, x.detach(), [w.detach() for w in ws], stride))
+    out = torch.randn(g.shape, dtype=DT).contiguous(memory_format=torch.channels_last)
+    xc = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_out.default,
+                          (xc, [w.detach() for w in ws], stride, out))
+    gx = torch.randn(x.shape, dtype=DT).contiguous(memory_format=torch.channels_last)
+    # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
+    # a Tensor[] (as dw_conv_bn_backward_out below)
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_backward_out.default,
+                          (g, xc, [w.detach() for w in ws], stride, gx),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
 
 
 # --- batch-norm passes over [M, C] matrices ---------------------------------------------
@@ -251,6 +262,10 @@ def test_bn_out_variants_in_place(relu):
     dw2, db2 = torch.ops.fbnet_fast.bn_backward_out(g2, z, mean, rstd, scale, shift, relu, True, g2)
     for a, b in ((g2, dz), (dw2, dw), (db2, db)):
         torch.testing.assert_close(a, b)
+    torch.library.opcheck(torch.ops.fbnet_fast.scale_shift_out.default,
+                          (z, scale, shift, relu, torch.empty_like(z)))
+    torch.library.opcheck(torch.ops.fbnet_fast.bn_backward_out.default,
+                          (grad, z, mean, rstd, scale, shift, relu, True, torch.empty_like(z)))
 
 
 # --- the depthwise conv with BN1 + ReLU as its prologue, BN statistics as its epilogue ------

@@ -110,6 +110,14 @@ if AVAILABLE:
         gx = torch.empty_like(x, memory_format=torch.channels_last)
         return gx, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
+    @torch.library.register_fake("fbnet_fast::dw_conv_out")
+    def _(x, weights, stride, out):
+        torch._check(out.dim() == 4, lambda: "dw_conv_out: out must be 4-d")
+
+    @torch.library.register_fake("fbnet_fast::dw_conv_backward_out")
+    def _(grad, x, weights, stride, grad_x):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_out")
     def _(a, weights, stride, scale, shift, out, a_weight=None):
         return a.new_empty((2, a.shape[1] if a_weight is None else a_weight.shape[0]))
@@ -190,6 +198,16 @@ if AVAILABLE:
     def _(grad, z, mean, rstd, weight, bias, relu, training):
         torch._check(z.dim() == 2 and grad.shape == z.shape, lambda: "bn_backward: [M, C] inputs")
         return z.new_empty(z.shape), z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
+
+    @torch.library.register_fake("fbnet_fast::scale_shift_out")
+    def _(x, scale, shift, relu, out):
+        torch._check(x.dim() == 2 and out.shape == x.shape, lambda: "scale_shift_out: [M, C]")
+
+    @torch.library.register_fake("fbnet_fast::bn_backward_out")
+    def _(grad, z, mean, rstd, weight, bias, relu, training, grad_z):
+        torch._check(z.dim() == 2 and grad.shape == z.shape,
+                     lambda: "bn_backward_out: [M, C] inputs")
+        return z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
 
     def _setup_context(ctx, inputs, output):
         x, weights, stride = inputs
