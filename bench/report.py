@@ -478,10 +478,12 @@ def _rss_child(backend: str, n: int, res: int, steps_run: int) -> None:
     print(kib / 1024)
 
 
+SECTIONS = ("budget", "dw", "mixed", "supernet", "masks", "discrete")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", action="append",
-                   choices=("budget", "dw", "mixed", "supernet", "masks", "discrete"),
+    p.add_argument("--only", action="append", choices=SECTIONS,
                    help="sections to run (repeatable; default all)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     p.add_argument("--max-shapes", type=int, default=None, help="first N shapes per section")
@@ -496,7 +498,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    sections = args.only or ["budget", "dw", "mixed", "supernet", "masks", "discrete"]
+    sections = args.only or SECTIONS
     rate, bandwidth = gemm_rate(), copy_bandwidth()
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__,

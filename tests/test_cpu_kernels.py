@@ -154,17 +154,17 @@ def test_opcheck(stride):
           torch.randn(8, 1, 5, 5, dtype=DT, requires_grad=True)]
     torch.library.opcheck(torch.ops.fbnet_fast.dw_conv.default, (x, ws, stride))
     g = torch.randn(2, 12, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=DT)
+    wd = [w.detach() for w in ws]
     torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_backward.default,
-                          (g, x.detach(), [w.detach() for w in ws], stride))
+                          (g, x.detach(), wd, stride))
     out = torch.randn(g.shape, dtype=DT).contiguous(memory_format=torch.channels_last)
     xc = x.detach().contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_out.default,
-                          (xc, [w.detach() for w in ws], stride, out))
+    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_out.default, (xc, wd, stride, out))
     gx = torch.randn(x.shape, dtype=DT).contiguous(memory_format=torch.channels_last)
     # not test_aot_dispatch_dynamic: functionalization cannot take a mutating op that returns
     # a Tensor[] (as dw_conv_bn_backward_out below)
     torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_backward_out.default,
-                          (g, xc, [w.detach() for w in ws], stride, gx),
+                          (g, xc, wd, stride, gx),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
