@@ -92,6 +92,12 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // back; blocks: flat (row0, rows, offset, groups) tuples (fbnet_fast/backends/plan.py).
   m.def("pw1_dense(Tensor w, int[] blocks, int rows, int cols) -> Tensor");
   m.def("pw1_packed(Tensor dense, int[] blocks) -> Tensor");
+  // The first 1x1 (A = X W1^T) through X's channel_cov (mean, centred cross products) instead
+  // of a pass over the wide A: BN1's batch (mean, biased variance) over `rows` rows, and the
+  // backward's (beta A + delta) terms added in place to grad_x and, when given, grad_w1.
+  m.def("pw1_bn_stats(Tensor w1, Tensor x_mean, Tensor x_cov, int rows) -> (Tensor, Tensor)");
+  m.def("pw1_cov_backward(Tensor(a!) grad_x, Tensor(b!)? grad_w1, Tensor x, Tensor w1,"
+        " Tensor beta, Tensor delta, Tensor x_mean, Tensor x_cov) -> ()");
   // A new uninitialised contiguous Tensor[size] of like's dtype and device whose memory comes
   // from a pool of blocks that earlier such tensors left (csrc/cpu/pool.cpp): for tensors
   // saved from one step to its backward, which recur every step. release_pool frees the

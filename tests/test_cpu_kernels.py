@@ -745,3 +745,49 @@ def test_channel_cov(m, c):
     torch.library.opcheck(torch.ops.fbnet_fast.channel_cov.default, (x,))
     with pytest.raises(RuntimeError, match="channel_cov: x must be a \\[M, C\\] matrix"):
         torch.ops.fbnet_fast.channel_cov(x[0])
+
+
+# (rows, C_in, T): the quick preset's 32x32 and 4x4 layers, a 224x224 7x7 one, odd sizes
+PW1_COV_SHAPES = [(2048, 8, 192), (512, 22, 270), (392, 184, 1104), (37, 5, 9)]
+
+
+@pytest.mark.parametrize("m,c,t", PW1_COV_SHAPES)
+def test_pw1_bn_stats(m, c, t):
+    """BN1's statistics from X's covariance against the mean and biased variance of A = X W1^T
+    made whole, in float64."""
+    g = torch.Generator().manual_seed(m + c + t)
+    x = torch.randn(m, c, dtype=DT, generator=g) * 0.7 + 0.3
+    w1 = torch.randn(t, c, dtype=DT, generator=g)
+    a = x @ w1.t()
+    mean, var = torch.ops.fbnet_fast.pw1_bn_stats(w1, *torch.ops.fbnet_fast.channel_cov(x), m)
+    torch.testing.assert_close(mean, a.mean(0))
+    torch.testing.assert_close(var, a.var(0, unbiased=False))
+    args = (w1, *torch.ops.fbnet_fast.channel_cov(x), m)
+    torch.library.opcheck(torch.ops.fbnet_fast.pw1_bn_stats.default, args)
+    with pytest.raises(RuntimeError, match="pw1_bn_stats: x_mean and x_cov must be"):
+        torch.ops.fbnet_fast.pw1_bn_stats(w1, args[1][:-1], args[2], m)
+
+
+@pytest.mark.parametrize("m,c,t", PW1_COV_SHAPES)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_pw1_cov_backward(m, c, t, weight_grad):
+    """The (beta A + delta) terms of the first 1x1's backward through X's covariance against
+    A made whole, in float64: grad_x += (beta A + delta) W1, grad_w1 += (beta A + delta)^T X,
+    added to what the buffers held."""
+    g = torch.Generator().manual_seed(3 * m + c + t)
+    x = torch.randn(m, c, dtype=DT, generator=g) * 0.7 - 0.2
+    w1 = torch.randn(t, c, dtype=DT, generator=g)
+    beta, delta = (torch.randn(t, dtype=DT, generator=g) for _ in range(2))
+    gx0, gw0 = torch.randn(m, c, dtype=DT, generator=g), torch.randn(t, c, dtype=DT, generator=g)
+    term = beta * (x @ w1.t()) + delta
+    gx, gw = gx0.clone(), gw0.clone() if weight_grad else None
+    cov = torch.ops.fbnet_fast.channel_cov(x)
+    torch.ops.fbnet_fast.pw1_cov_backward(gx, gw, x, w1, beta, delta, *cov)
+    torch.testing.assert_close(gx, gx0 + term @ w1)
+    if weight_grad:
+        torch.testing.assert_close(gw, gw0 + term.t() @ x)
+    torch.library.opcheck(torch.ops.fbnet_fast.pw1_cov_backward.default,
+                          (gx0.clone(), gw0.clone() if weight_grad else None, x, w1, beta, delta,
+                           *cov))
+    with pytest.raises(RuntimeError, match="pw1_cov_backward: grad_x must be shaped like x"):
+        torch.ops.fbnet_fast.pw1_cov_backward(gx[:-1], gw, x, w1, beta, delta, *cov)

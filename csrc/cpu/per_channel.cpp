@@ -1,12 +1,14 @@
 // The fused block's small per-channel and per-weight steps, each one op: done as torch ops
 // from Python they were 20-40 calls per MixedBlock call (about 6 us each), a fifth of the
-// fixed cost of a layer at the main job's size. Computed in double, returned in the
-// inputs' dtype.
+// fixed cost of a layer at the main job's size. The per-channel ones are computed in double
+// and returned in the inputs' dtype; the first 1x1's covariance terms (pw1_bn_stats,
+// pw1_cov_backward) are GEMMs in the inputs' dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -153,6 +155,51 @@ at::Tensor pw1_packed_cpu(const at::Tensor& dense, at::IntArrayRef blocks) {
   return w;
 }
 
+// BN1's batch statistics (mean, biased variance) of A = X W1^T from X's mean and centred
+// cross products (channel_cov), without a pass over A: mean = W1 mean(x), var = diag(W1 cov
+// W1^T) / rows. One GEMM of T C_in^2, the rest [T]-sized.
+std::tuple<at::Tensor, at::Tensor> pw1_bn_stats_cpu(const at::Tensor& w1, const at::Tensor& x_mean,
+                                                    const at::Tensor& x_cov, int64_t rows) {
+  TORCH_CHECK(w1.dim() == 2, "pw1_bn_stats: w1 must be [T, C_in], got ", w1.sizes());
+  const int64_t C = w1.size(1);
+  TORCH_CHECK(x_mean.numel() == C && x_cov.dim() == 2 && x_cov.size(0) == C &&
+                  x_cov.size(1) == C,
+              "pw1_bn_stats: x_mean and x_cov must be [", C, "] and [", C, ", ", C,
+              "] (channel_cov of the input), got ", x_mean.sizes(), " and ", x_cov.sizes());
+  TORCH_CHECK(rows > 0, "pw1_bn_stats: rows must be positive, got ", rows);
+  auto mean = at::mv(w1, x_mean.reshape({C}));
+  auto var = at::mm(w1, x_cov).mul_(w1).sum(1).div_(double(rows)).clamp_min_(0);
+  return {mean, var};
+}
+
+// The part of the first 1x1's backward that the depthwise backward leaves (fused_cpu.py,
+// _pw1_backward): given dA = alpha g + beta A + delta per channel, grad_x gains (beta A +
+// delta) W1 and grad_w1 (when defined) gains (beta A + delta)^T X, both from the narrow X
+// alone: with e = delta + beta W1 mean(x) and B = W1^T (beta W1), grad_w1 += beta W1 cov +
+// rows e mean(x)^T and grad_x += X B + (W1^T e - B^T mean(x)). In place.
+void pw1_cov_backward_cpu(const at::Tensor& grad_x, const std::optional<at::Tensor>& grad_w1,
+                          const at::Tensor& x, const at::Tensor& w1, const at::Tensor& beta,
+                          const at::Tensor& delta, const at::Tensor& x_mean,
+                          const at::Tensor& x_cov) {
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && x.size(1) == w1.size(1),
+              "pw1_cov_backward: x [M, C_in] and w1 [T, C_in] must agree, got ", x.sizes(),
+              " and ", w1.sizes());
+  const int64_t T = w1.size(0), C = w1.size(1);
+  TORCH_CHECK(grad_x.sizes() == x.sizes(), "pw1_cov_backward: grad_x must be shaped like x ",
+              x.sizes(), ", got ", grad_x.sizes());
+  TORCH_CHECK(beta.numel() == T && delta.numel() == T, "pw1_cov_backward: beta and delta must "
+              "have ", T, " elements (one per channel of A)");
+  auto mx = x_mean.reshape({C});
+  auto bw1 = w1 * beta.reshape({T, 1});
+  auto e = at::mv(bw1, mx).add_(delta.reshape({T}));
+  auto B = at::mm(w1.t(), bw1);
+  if (grad_w1.has_value() && grad_w1->defined()) {
+    TORCH_CHECK(grad_w1->sizes() == w1.sizes(), "pw1_cov_backward: grad_w1 must be shaped like w1");
+    grad_w1->add_(at::mm(bw1, x_cov)).addr_(e, mx, 1, double(x.size(0)));
+  }
+  grad_x.addmm_(x, B).add_(at::mv(w1.t(), e).sub_(at::mv(B.t(), mx)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
@@ -160,6 +207,8 @@ TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("bn_grad_coef", &bn_grad_coef_cpu);
   m.impl("pw1_dense", &pw1_dense_cpu);
   m.impl("pw1_packed", &pw1_packed_cpu);
+  m.impl("pw1_bn_stats", &pw1_bn_stats_cpu);
+  m.impl("pw1_cov_backward", &pw1_cov_backward_cpu);
 }
 
 }  // namespace fbnet_fast

@@ -18,8 +18,8 @@ row, so it is never written, and BN1's backward is taken apart in [C_in]-sized t
 mask-weighted combine and BN3's backward are C++ passes over all candidates' second 1x1
 outputs at once. No loop over the candidates runs in Python. The backward recomputes the
 intermediates from x, so only x, the mask, the weights and the BN batch statistics are
-saved; at small maps the eager path also keeps D, Z and A where the forward writes it
-(``KEEP_BYTES``). Both ops are registered with fake kernels, so torch.compile and export
+saved, and in the eager path X's covariance where BN1's statistics came from it; at small
+maps the eager path also keeps D, Z and A where the forward writes it (``KEEP_BYTES``). Both ops are registered with fake kernels, so torch.compile and export
 trace them; eager calls run the same two implementations through an autograd.Function
 (``plan.register_fused_autograd``), without the custom op's dispatch.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
@@ -187,11 +187,13 @@ def keeps_intermediates(p: FusedPlan, geo, dtype: torch.dtype) -> bool:
 
 
 def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, running,
-             training, stats_in=None, keep=False, kept=None, reuse=None):
+             training, stats_in=None, keep=False, kept=None, keep_big=False, reuse=None):
     """The forward's intermediates. ``keep``: the backward's call (A, D and W1 stay in r);
-    ``kept``: a list to append D, Z, A (or None where A is not written) and the skip conv's
-    output (or None) to, as tensors of their own (from a pool: fresh ones page-fault every
-    step) for the backward; ``reuse``: that list, so the backward recomputes at most A."""
+    ``kept``: a list to append, for the backward, X's ``channel_cov`` (mean, cross products;
+    two Nones unless BN1's statistics came from it) and, with ``keep_big``, D, Z, A (or None
+    where A is not written) and the skip conv's output (or None) as tensors of their own
+    (from a pool: fresh ones page-fault every step), else four Nones; ``reuse``: those four,
+    so the backward recomputes at most A."""
     L = p.layout
     n, C, h, w = x.shape
     geo = p.geometry(x.shape)
@@ -203,7 +205,8 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
     k = p.n_conv
-    fresh = kept is not None
+    fresh = keep_big
+    cov = [] if kept is not None else None
 
     def buf(role, shape):  # what is saved for the backward cannot live in the workspace
         return torch.ops.fbnet_fast.pooled_empty.default(x, shape) if fresh else _ws.get(
@@ -222,7 +225,7 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
-        m1, v1 = _pw_stats(X, W1) if via_cov else torch.ops.fbnet_fast.channel_stats.default(A)
+        m1, v1 = _pw_stats(X, W1, cov) if via_cov else torch.ops.fbnet_fast.channel_stats.default(A)
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef_cpu(m1, v1, g1, b1)
@@ -255,8 +258,8 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         S = Xs @ sw.view(O, C).t() if S is None else S
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef_cpu(*st, sg, sb))
-    if fresh:
-        kept.extend([Dm, Z, A, S])
+    if kept is not None:
+        kept.extend([*(cov or (None, None)), *((Dm, Z, A, S) if fresh else (None,) * 4)])
     if keep:  # the backward needs them; the forward lets them go as soon as it can
         r.A, r.D, r.W1 = A, Dm, W1
         r.g1 = g1
@@ -277,11 +280,14 @@ def _grad_via_covariance(X: Tensor) -> bool:
     return m > c
 
 
-def _pw_stats(X: Tensor, W1: Tensor):
+def _pw_stats(X: Tensor, W1: Tensor, cov_out: Optional[list] = None):
     """BN1's batch statistics of A = X W1^T without a pass over A: mean W1 mean(x), biased
-    variance diag(W1 cov(x) W1^T), from the [C_in, C_in] covariance of the input."""
-    mx, cov = torch.ops.fbnet_fast.channel_cov.default(X)
-    return W1 @ mx, ((W1 @ cov) * W1).sum(1).div_(X.shape[0]).clamp_min_(0)
+    variance diag(W1 cov(x) W1^T), from the [C_in, C_in] covariance of the input, which
+    goes to ``cov_out`` (when given) for the backward's ``_pw1_backward``."""
+    cov = torch.ops.fbnet_fast.channel_cov.default(X)
+    if cov_out is not None:
+        cov_out.extend(cov)
+    return torch.ops.fbnet_fast.pw1_bn_stats.default(W1, *cov, X.shape[0])
 
 
 def _mask_rows(mask: Tensor, n: int) -> Tensor:
@@ -306,13 +312,12 @@ def mixed_block_cpu_impl(
     """
     p = plan_for(layout)
     L = p.layout
-    if kept is not None and not (training and keeps_intermediates(p, p.geometry(x.shape),
-                                                                  x.dtype)):
-        kept = None
+    keep_big = (kept is not None and training
+                and keeps_intermediates(p, p.geometry(x.shape), x.dtype))
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, running,
-                     training, kept=kept)
+                     training, kept=kept, keep_big=keep_big)
         n, C, h, w, ho, wo = r.shape
         O = L.out_channels
         mr = _mask_rows(mask, n)                       # [Nm, K]
@@ -374,7 +379,8 @@ def mixed_block_cpu_backward_impl(
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, None,
-                     training, stats_in=p.unpack_stats(stats), keep=True, reuse=kept or None)
+                     training, stats_in=p.unpack_stats(stats), keep=True,
+                     reuse=kept[2:] if kept and kept[2] is not None else None)
         n, C, h, w, ho, wo = r.shape
         O, T, K = L.out_channels, L.total_mid, mask.shape[-1]
         M1, M2 = n * h * w, n * ho * wo
@@ -436,7 +442,8 @@ def mixed_block_cpu_backward_impl(
             a_weight=a_weight)
         c1 = _bn_grad(r.bn1, r.g1, *sums1, M1, training, centered=True)
         dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
-        dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training)
+        dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training,
+                           cov=tuple(kept[:2]) if kept and kept[0] is not None else None)
         dg1, db1 = c1.dgamma, c1.dbeta
         dpw1 = _packed_pw1(p, dW1) if weight_grads else x.new_empty(0)
         if res is not None:
@@ -452,7 +459,8 @@ def mixed_block_cpu_backward_impl(
 
 
 def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: Tensor,
-                  c: BNGrad, dX_skip: Optional[Tensor], training: bool) -> Tensor:
+                  c: BNGrad, dX_skip: Optional[Tensor], training: bool,
+                  cov: Optional[tuple] = None) -> Tensor:
     """dX (and dW1 unless it is None: no weight gradients) of A = X W1^T given dA = alpha g +
     beta A + delta per channel, from the two products of g (dW1 = alpha g^T X and dX =
     g (alpha W1), which the depthwise backward takes): dW1 gains (beta A + delta)^T X and dX
@@ -460,18 +468,14 @@ def _pw1_backward(dW1: Optional[Tensor], dX: Tensor, X: Tensor, W1: Tensor, A: T
     + W1 mean(x) (Xc = X - mean(x)), so beta A + delta = beta Xc W1^T + e with e = delta +
     beta W1 mean(x), and dW1 gains beta W1 Xc^T Xc + e sum(X), dX gains Xc B + e W1 = X B +
     (e W1 - mean(x) B) with B = W1^T (beta W1): one pass over X (``channel_cov``) and
-    [C_in]-sized terms, Xc is never made. Both are updated in place; ``dX_skip`` (the skip's
-    part) is added to dX."""
+    [C_in]-sized terms, Xc is never made (``pw1_cov_backward``; ``cov``: X's ``channel_cov``
+    when the forward kept it). Both are updated in place; ``dX_skip`` (the skip's part) is
+    added to dX."""
     if dX_skip is not None:
         dX.add_(dX_skip)
     if training and _grad_via_covariance(X):
-        mx, XcXc = torch.ops.fbnet_fast.channel_cov.default(X)
-        bW1 = c.beta[:, None] * W1
-        e = c.delta + bW1 @ mx
-        B = W1.t() @ bW1
-        if dW1 is not None:
-            dW1.add_(bW1 @ XcXc).addr_(e, mx, alpha=X.shape[0])
-        dX.addmm_(X, B).add_(e @ W1 - mx @ B)
+        cov = cov or torch.ops.fbnet_fast.channel_cov.default(X)
+        torch.ops.fbnet_fast.pw1_cov_backward.default(dX, dW1, X, W1, c.beta, c.delta, *cov)
     elif training:
         if dW1 is not None:
             dW1.addcmul_(c.beta[:, None], A.t() @ X).addr_(c.delta, X.sum(0))

@@ -175,6 +175,15 @@ if AVAILABLE:
         return dense.new_empty(max(o + r * (cols // g) for _, r, o, g in
                                    zip(*[iter(blocks)] * 4)))
 
+    @torch.library.register_fake("fbnet_fast::pw1_bn_stats")
+    def _(w1, x_mean, x_cov, rows):
+        torch._check(w1.dim() == 2, lambda: "pw1_bn_stats: w1 must be [T, C_in]")
+        return w1.new_empty(w1.shape[0]), w1.new_empty(w1.shape[0])
+
+    @torch.library.register_fake("fbnet_fast::pw1_cov_backward")
+    def _(grad_x, grad_w1, x, w1, beta, delta, x_mean, x_cov):
+        torch._check(grad_x.shape == x.shape, lambda: "pw1_cov_backward: grad_x like x")
+
     @torch.library.register_fake("fbnet_fast::pooled_empty")
     def _(like, size):
         return like.new_empty(size)
