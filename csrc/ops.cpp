@@ -98,6 +98,11 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("pw1_bn_stats(Tensor w1, Tensor x_mean, Tensor x_cov, int rows) -> (Tensor, Tensor)");
   m.def("pw1_cov_backward(Tensor(a!) grad_x, Tensor(b!)? grad_w1, Tensor x, Tensor w1,"
         " Tensor beta, Tensor delta, Tensor x_mean, Tensor x_cov) -> ()");
+  // The running statistics of several BNs updated in place from a call's packed [2, S]
+  // statistics (means, biased variances) over counts[i] rows each, F.batch_norm's rule;
+  // tracked: none, or each BN's num_batches_tracked, counted up (momentum < 0: their average).
+  m.def("bn_running_update(Tensor(a!)[] means, Tensor(b!)[] vars, Tensor(c!)[] tracked,"
+        " Tensor stats, int[] counts, float[] momenta) -> ()");
   // A new uninitialised contiguous Tensor[size] of like's dtype and device whose memory comes
   // from a pool of blocks that earlier such tensors left (csrc/cpu/pool.cpp): for tensors
   // saved from one step to its backward, which recur every step. release_pool frees the

@@ -183,11 +183,37 @@ def test_backward_coefficients_equal_autograd(training, relu):
         assert not c.beta.any() and not c.delta.any()
 
 
-def test_running_update_equals_batch_norm():
-    z, gamma, beta = _bn_inputs()
-    rm, rv = torch.randn(C, dtype=DT), torch.rand(C, dtype=DT) + 0.5
-    ref_m, ref_v = rm.clone(), rv.clone()
-    F.batch_norm(z, ref_m, ref_v, gamma, beta, True, BN_MOMENTUM, BN_EPS)
-    update_running([rm], [rv], *([t] for t in batch_stats(z.sum(0), (z * z).sum(0), M)), [M])
-    torch.testing.assert_close(rm, ref_m)
-    torch.testing.assert_close(rv, ref_v)
+@pytest.mark.parametrize("path", ["cpu_op", "foreach"])
+@pytest.mark.parametrize("momentum", [BN_MOMENTUM, 0.3, None])
+def test_running_update_equals_batch_norm(path, momentum):
+    """Three BNs of different widths and row counts from one packed statistics tensor, two
+    steps, against nn.BatchNorm2d in float64 (momentum None: the average over the batches,
+    counted in num_batches_tracked); the C++ op and the foreach path other devices take."""
+    from fbnet_fast.backends import jit, plan
+    if path == "cpu_op" and not jit.load():
+        pytest.skip(jit.why_unavailable())
+    update = update_running if path == "cpu_op" else plan._update_running_foreach
+    g = torch.Generator().manual_seed(5)
+    widths, rows = (5, 8, 3), (24, 6, 6)
+    bns = [torch.nn.BatchNorm1d(c, momentum=momentum).double() for c in widths]
+    mine = [(torch.zeros(c, dtype=DT), torch.ones(c, dtype=DT), torch.zeros((), dtype=torch.long))
+            for c in widths]
+    for _ in range(2):
+        zs = [torch.randn(m, c, dtype=DT, generator=g) * 2 + 1 for c, m in zip(widths, rows)]
+        for bn, z in zip(bns, zs):
+            bn.train()(z)
+        stats = torch.stack([torch.cat([z.mean(0) for z in zs]),
+                             torch.cat([z.var(0, unbiased=False) for z in zs])])
+        update([t[0] for t in mine], [t[1] for t in mine], stats, list(rows),
+               [momentum] * 3, [t[2] for t in mine])
+    for bn, (rm, rv, n) in zip(bns, mine):
+        torch.testing.assert_close(rm, bn.running_mean)
+        torch.testing.assert_close(rv, bn.running_var)
+        assert int(n) == int(bn.num_batches_tracked) == 2
+    if path == "cpu_op":
+        torch.library.opcheck(torch.ops.fbnet_fast.bn_running_update.default, (
+            [t[0].clone() for t in mine], [t[1].clone() for t in mine],
+            [t[2].clone() for t in mine], stats, list(rows), [0.1, -1.0, 0.5]))
+        with pytest.raises(RuntimeError, match=r"bn_running_update: stats must be \[2, 16\]"):
+            update([t[0] for t in mine], [t[1] for t in mine], stats[:, 1:], list(rows),
+                   [momentum] * 3)

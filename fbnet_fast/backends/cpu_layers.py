@@ -40,11 +40,12 @@ class _TrainBN(torch.autograd.Function):
     mask from x, so x alone is saved (PyTorch keeps the BN output for the ReLU too)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, factor: float, eps: float,
+    def forward(ctx, x, weight, bias, running_mean, running_var, tracked, momentum, eps: float,
                 relu: bool):
         z = nhwc(x)
         mean, var = ops.channel_stats(z)
-        update_running([running_mean], [running_var], [mean], [var], [z.shape[0]], factor)
+        update_running([running_mean], [running_var], torch.stack((mean, var)), [z.shape[0]],
+                       [momentum], [tracked])
         bn = bn_coef_cpu(mean, var, weight, bias, eps)
         y = torch.empty_like(x, memory_format=torch.channels_last)
         torch.ops.fbnet_fast.scale_shift_out.default(z, bn.scale, bn.shift, relu, nhwc(y))
@@ -59,14 +60,7 @@ class _TrainBN(torch.autograd.Function):
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         dw, db = torch.ops.fbnet_fast.bn_backward_out.default(
             nhwc(grad), nhwc(x), mean, rstd, weight, bias, ctx.relu, True, nhwc(dx))
-        return dx, dw, db, None, None, None, None, None
-
-
-def _update_factor(bn: nn.BatchNorm2d) -> float:
-    """Counts a training batch and returns its weight in the running statistics, by
-    ``nn.BatchNorm2d``'s rule (momentum None: a plain average over the batches)."""
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -84,7 +78,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             y = super().forward(x)
             return torch.relu(y) if self.relu else y
         return _TrainBN.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              _update_factor(self), self.eps, self.relu)
+                              self.num_batches_tracked, self.momentum, self.eps, self.relu)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -117,12 +111,9 @@ class FusedCandidateBlock(CandidateBlock):
             self.conv_pwl.weight.view(-1), self.bn1.weight, self.bn1.bias, self.bn2.weight,
             self.bn2.bias, self.bn3.weight, self.bn3.bias, None, None, None, running,
             self._layout_key, True), mixed_block_eager)
-        sizes = [bn.num_features for bn in bns]
-        st = stats.to(running[0].dtype)
-        for bn, mean, var, count in zip(bns, st[0].split(sizes), st[1].split(sizes),
-                                        (geo.rows_in, geo.rows_out, geo.rows_out)):
-            update_running([bn.running_mean], [bn.running_var], [mean], [var], [count],
-                           _update_factor(bn))
+        update_running(running[0::2], running[1::2], stats,
+                       [geo.rows_in, geo.rows_out, geo.rows_out], [bn.momentum for bn in bns],
+                       [bn.num_batches_tracked for bn in bns])
         return y
 
     @functools.cached_property

@@ -184,6 +184,10 @@ if AVAILABLE:
     def _(grad_x, grad_w1, x, w1, beta, delta, x_mean, x_cov):
         torch._check(grad_x.shape == x.shape, lambda: "pw1_cov_backward: grad_x like x")
 
+    @torch.library.register_fake("fbnet_fast::bn_running_update")
+    def _(means, vars, tracked, stats, counts, momenta):
+        torch._check(stats.dim() == 2, lambda: "bn_running_update: stats must be [2, S]")
+
     @torch.library.register_fake("fbnet_fast::pooled_empty")
     def _(like, size):
         return like.new_empty(size)

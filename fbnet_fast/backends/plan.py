@@ -359,17 +359,36 @@ BN_ROLES = ("bn1", "bn2", "bn3", "skip_bn")   # the BNs of a MixedBlock, in pack
 
 
 @torch.no_grad()
-def update_running(running_means: list, running_vars: list, means: list, variances: list,
-                   counts: list, momentum: float = BN_MOMENTUM) -> None:
-    """The running-statistics update of ``F.batch_norm`` for several BNs, each from a
-    batch's mean and biased variance over ``counts[i]`` values per channel (the running
-    variance is unbiased): four foreach calls for all of them, not four ops per BN (this runs
-    on every training call)."""
-    unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
-    torch._foreach_mul_(running_means, 1 - momentum)
-    torch._foreach_add_(running_means, list(means), alpha=momentum)
-    torch._foreach_mul_(running_vars, 1 - momentum)
-    torch._foreach_add_(running_vars, unbiased, alpha=momentum)
+def update_running(running_means: list, running_vars: list, stats: Tensor, counts: list,
+                   momenta: list, tracked: list = ()) -> None:
+    """The running-statistics update of ``F.batch_norm`` for several BNs from ``stats``,
+    Tensor[2, S]: their batch means and biased variances one BN after the other (what the
+    fused ops return), each over ``counts[i]`` values per channel (the running variance is
+    unbiased). ``momenta``: one per BN, None for ``nn.BatchNorm2d``'s plain average over the
+    batches counted in ``tracked`` (each BN's ``num_batches_tracked``, counted up here). It
+    runs on every training call: on the CPU one C++ call (``bn_running_update``), elsewhere
+    foreach calls for all BNs at once."""
+    if stats.device.type == "cpu" and hasattr(torch.ops.fbnet_fast, "bn_running_update"):
+        torch.ops.fbnet_fast.bn_running_update.default(
+            running_means, running_vars, list(tracked), stats, counts,
+            [-1.0 if m is None else float(m) for m in momenta])
+    else:
+        _update_running_foreach(running_means, running_vars, stats, counts, momenta, tracked)
+
+
+def _update_running_foreach(running_means, running_vars, stats, counts, momenta, tracked=()):
+    """``update_running`` on any device."""
+    for t in tracked:
+        t.add_(1)
+    ms = [1.0 / float(t) if m is None else m
+          for m, t in zip(momenta, tracked or [None] * len(momenta))]
+    st = stats.to(running_means[0].dtype)
+    sizes = [t.shape[0] for t in running_means]
+    unbiased = torch._foreach_mul(list(st[1].split(sizes)), [c / (c - 1) for c in counts])
+    torch._foreach_mul_(running_means, [1 - m for m in ms])
+    torch._foreach_add_(running_means, torch._foreach_mul(list(st[0].split(sizes)), ms))
+    torch._foreach_mul_(running_vars, [1 - m for m in ms])
+    torch._foreach_add_(running_vars, torch._foreach_mul(unbiased, ms))
 
 
 # --- the adapter between a MixedBlock and a fused op --------------------------------------
@@ -401,10 +420,8 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
     y, stats = run_fused_op(op, (*args, *extra), eager)
     if block.training:
         rms, rvs = args[14][0::2], args[14][1::2]
-        sizes = [t.shape[0] for t in rms]
-        st = stats.to(rms[0].dtype)
-        update_running(rms, rvs, st[0].split(sizes), st[1].split(sizes),
-                       [geo.rows_in, geo.rows_out, geo.rows_out, geo.rows_out][:len(rms)])
+        update_running(rms, rvs, stats, [geo.rows_in, *[geo.rows_out] * (len(rms) - 1)],
+                       [BN_MOMENTUM] * len(rms))
     return y
 
 
