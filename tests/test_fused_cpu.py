@@ -212,3 +212,37 @@ def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
     assert all(p.grad is None for p in block.parameters())
     for a, b in zip(frozen, full, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 2, 9), (24, 24, 1, 8), (16, 16, 1, 6)],
+                         ids=["skip_conv_s2", "residual", "residual_small"])
+def test_mask_without_grad_skips_its_gradient(shape, monkeypatch):
+    """A weight step samples its masks without a graph: the backward skips the mask's
+    gradient (mask_grad=False) and gives the same input and weight gradients as with a mask
+    that needs one, in float64; a conv skip and two residual layers."""
+    asked = []
+    impl = fused_cpu.mixed_block_eager.backward
+
+    def spy(ctx, *args):
+        asked.append(ctx.needs_input_grad[1])
+        return impl(ctx, *args)
+
+    monkeypatch.setattr(fused_cpu.mixed_block_eager, "backward", staticmethod(spy))
+    c_in, c_out, stride, size = shape
+    torch.manual_seed(6)
+    block = MixedBlock(c_in, c_out, stride, backend="cpu").to(DT).train()
+    x = torch.randn(3, c_in, size, size, dtype=DT)
+    mask = torch.softmax(torch.randn(3, block.num_candidates, dtype=DT), -1)
+    out = (size + stride - 1) // stride
+    dy = torch.randn(3, c_out, out, out, dtype=DT)
+
+    def grads(mask_grad):
+        block.zero_grad(set_to_none=True)
+        xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_(mask_grad)
+        block(xi, mi).backward(dy)
+        return [xi.grad] + [p.grad for p in block.parameters()], mi.grad
+
+    (with_mask, dmask), (without, none) = grads(True), grads(False)
+    assert asked == [True, False] and none is None and dmask.abs().sum() > 0
+    for a, b in zip(without, with_mask, strict=True):
+        torch.testing.assert_close(a, b)

@@ -368,12 +368,14 @@ def mixed_block_cpu_backward_impl(
         bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
         skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor], stats: Tensor,
         layout: str, training: bool, weight_grads: bool = True,
-        kept: Optional[list] = None) -> List[Tensor]:
+        kept: Optional[list] = None, mask_grad: bool = True) -> List[Tensor]:
     """Gradients of ``mixed_block_cpu`` w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the
     skip conv (empty tensors when the skip is the identity), recomputing the forward from x
     unless the forward ``kept`` its intermediates. Without ``weight_grads`` (no weight needs
     one: a θ step) the three convs' weight gradients are skipped and come back empty (a
-    quick-size θ step runs 1.19x faster)."""
+    quick-size θ step runs 1.19x faster). Without ``mask_grad`` (eager calls whose mask
+    needs none: weight steps, discrete models) the skip path's share of the mask's gradient,
+    a pass over x or the skip conv's output, is skipped and the mask's comes back empty."""
     p = plan_for(layout)
     L = p.layout
     with torch.no_grad():
@@ -405,15 +407,19 @@ def mixed_block_cpu_backward_impl(
         res = mr[:, conv_cols].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
         if L.residual:
-            Sx = torch.mul(dY, r.X.view(n, h * w, C), out=_ws.get("dYX", dY.shape, x)).sum((1, 2))
-            dm[:, conv_cols] += Sx[:, None]
+            if mask_grad:
+                Sx = torch.mul(dY, r.X.view(n, h * w, C),
+                               out=_ws.get("dYX", dY.shape, x)).sum((1, 2))
+                dm[:, conv_cols] += Sx[:, None]
+                if L.skip_index >= 0:
+                    dm[:, L.skip_index] = Sx
             if L.skip_index >= 0:
-                dm[:, L.skip_index] = Sx
                 res = res + mr[:, L.skip_index]
         elif r.skip is not None:
             Xs, S, bn = r.skip
-            Ys = _scale_shift(S, bn.scale, bn.shift)
-            dm[:, L.skip_index] = (dY * Ys.view(n, ho * wo, O)).sum((1, 2))
+            if mask_grad:
+                Ys = _scale_shift(S, bn.scale, bn.shift)
+                dm[:, L.skip_index] = (dY * Ys.view(n, ho * wo, O)).sum((1, 2))
             G = (dY * mr[:, L.skip_index].view(nm, 1, 1)).view(M2, O)
             dS, dsg, dsb = _bn_bwd(G, S, bn.mean, bn.rstd, skip_bn_weight, skip_bn_bias, training)
             Ws = skip_weight.view(O, C)
@@ -452,7 +458,7 @@ def mixed_block_cpu_backward_impl(
         dx = r.geo.image_in(dX)
         if not x.is_contiguous(memory_format=torch.channels_last):
             dx = dx.contiguous()
-        dmask = dm if mask.dim() == 2 else dm.sum(0)
+        dmask = (dm if mask.dim() == 2 else dm.sum(0)) if mask_grad else x.new_empty(0)
         ddw = torch.cat([t.reshape(-1) for t in dws]) if weight_grads else x.new_empty(0)
         return [dx, dmask, dpw1, ddw, dpw2, dg1, db1, dg2, db2,
                 dg3, db3, dsw, dsg, dsb]

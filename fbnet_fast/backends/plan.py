@@ -434,16 +434,22 @@ def run_fused_op(op, args: tuple, eager=None) -> tuple:
     return (eager.apply if torch.is_grad_enabled() else eager.impl)(*args)
 
 
+_EAGER_ONLY = ("kept", "mask_grad")
+"""Parameters of the CPU implementations that only the eager path passes
+(``register_fused_autograd``): the intermediates the forward kept, and whether the mask
+needs a gradient."""
+
+
 def op_impl(impl: Callable) -> Callable:
-    """``impl`` as its custom op sees it: without the trailing ``kept`` parameter that only
-    the eager path passes (``register_fused_autograd(keeps=True)``), so the op's schema and
-    torch.compile's traces keep to x, the weights and the statistics, and recompute."""
+    """``impl`` as its custom op sees it: without the parameters that only the eager path
+    passes (``_EAGER_ONLY``), so the op's schema and torch.compile's traces keep to x, the
+    weights and the statistics, and recompute."""
     def op(*args, **kwargs):
         return impl(*args, **kwargs)
 
     sig = inspect.signature(impl, eval_str=True)  # its annotations, in its own module
     op.__signature__ = sig.replace(parameters=[q for q in sig.parameters.values()
-                                               if q.name != "kept"])
+                                               if q.name not in _EAGER_ONLY])
     op.__name__ = op.__qualname__ = impl.__name__
     op.__module__, op.__doc__ = impl.__module__, impl.__doc__
     return op
@@ -463,7 +469,8 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     the custom op's dispatch, argument checks and pytree handling (about 0.4 ms of a small
     layer's forward and backward, on each of the 22 layers of every step). Its backward
     passes ``weight_grads=False`` to the implementation when no weight needs a gradient (the
-    θ steps of a search). With ``keeps``, the forward implementation takes a list ``kept``
+    θ steps of a search), and ``mask_grad=False`` to one that takes it when the mask needs
+    none (weight steps, discrete models). With ``keeps``, the forward implementation takes a list ``kept``
     that it may fill with intermediates; they are saved too and handed to the backward
     implementation as ``kept``, which then reuses them instead of recomputing them.
     ``call_fused_op`` runs the forward implementation itself where no graph is recorded."""
@@ -472,7 +479,9 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     torch.library.register_autograd(f"fbnet_fast::{name}", backward, setup_context=setup_context)
     if forward_impl is None:
         return None
-    setup_context, backward = _fused_autograd(backward_impl, op_inputs=False)
+    setup_context, backward = _fused_autograd(
+        backward_impl, op_inputs=False,
+        mask_grad="mask_grad" in inspect.signature(backward_impl).parameters)
 
     def forward(ctx, *inputs):  # ctx-style: a separate setup_context costs a signature bind
         if keeps:
@@ -489,7 +498,7 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
         "impl": staticmethod(forward_impl)})
 
 
-def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
+def _fused_autograd(backward_fn: Callable, op_inputs: bool, mask_grad: bool = False) -> tuple:
     """(setup_context, backward) calling ``backward_fn``; a custom op takes a list of Nones as
     the gradient of its list input (the running statistics), an autograd.Function one None."""
 
@@ -509,6 +518,8 @@ def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
         else:  # the implementation skips the weights' gradients when none needs one
             need = ctx.needs_input_grad
             more = {"kept": kept} if kept else {}
+            if mask_grad:
+                more["mask_grad"] = need[1]
             grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain,
                                 weight_grads=any(need[2:14]), **more)
             grads = [g if n else None for g, n in zip(grads, need)]
