@@ -187,7 +187,7 @@ def test_backward_coefficients_equal_autograd(training, relu):
 @pytest.mark.parametrize("momentum", [BN_MOMENTUM, 0.3, None])
 def test_running_update_equals_batch_norm(path, momentum):
     """Three BNs of different widths and row counts from one packed statistics tensor, two
-    steps, against nn.BatchNorm2d in float64 (momentum None: the average over the batches,
+    steps, against nn.BatchNorm1d in float64 (momentum None: the average over the batches,
     counted in num_batches_tracked); the C++ op and the foreach path other devices take."""
     from fbnet_fast.backends import jit, plan
     if path == "cpu_op" and not jit.load():

@@ -19,8 +19,8 @@ mask-weighted combine and BN3's backward are C++ passes over all candidates' sec
 outputs at once. No loop over the candidates runs in Python. The backward recomputes the
 intermediates from x, so only x, the mask, the weights and the BN batch statistics are
 saved, and in the eager path X's covariance where BN1's statistics came from it; at small
-maps the eager path also keeps D, Z and A where the forward writes it (``KEEP_BYTES``). Both ops are registered with fake kernels, so torch.compile and export
-trace them; eager calls run the same two implementations through an autograd.Function
+maps the eager path also keeps D, Z and A where the forward writes it (``KEEP_BYTES``).
+Both ops are registered with fake kernels, so torch.compile and export trace them; eager calls run the same two implementations through an autograd.Function
 (``plan.register_fused_autograd``), without the custom op's dispatch.
 The big intermediates live in per-thread scratch buffers reused across calls (``_Workspace``;
 they hold about the largest layer's peak, ``clear_workspace()`` frees them).
@@ -205,11 +205,10 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     g1, b1 = p.shuffle(g1), p.shuffle(b1)
     M1, M2 = geo.rows_in, geo.rows_out
     k = p.n_conv
-    fresh = keep_big
     cov = [] if kept is not None else None
 
     def buf(role, shape):  # what is saved for the backward cannot live in the workspace
-        return torch.ops.fbnet_fast.pooled_empty.default(x, shape) if fresh else _ws.get(
+        return torch.ops.fbnet_fast.pooled_empty.default(x, shape) if keep_big else _ws.get(
             role, shape, x)
 
     Dm, Z, A, S = reuse if reuse is not None else (None,) * 4
@@ -225,7 +224,8 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
     if stats_in is not None:
         m1, v1 = stats_in["bn1"]
     elif training:
-        m1, v1 = _pw_stats(X, W1, cov) if via_cov else torch.ops.fbnet_fast.channel_stats.default(A)
+        m1, v1 = (_pw_stats(X, W1, cov) if via_cov
+                  else torch.ops.fbnet_fast.channel_stats.default(A))
     else:
         m1, v1 = p.shuffle(running[0]), p.shuffle(running[1])
     r.bn1 = bn_coef_cpu(m1, v1, g1, b1)
@@ -259,12 +259,21 @@ def _forward(p: FusedPlan, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg
         st = stats_in["skip_bn"] if stats_in is not None else _stats(S, training, running[6], running[7])
         r.skip = (Xs, S, bn_coef_cpu(*st, sg, sb))
     if kept is not None:
-        kept.extend([*(cov or (None, None)), *((Dm, Z, A, S) if fresh else (None,) * 4)])
+        kept.extend([*(cov or (None, None)), *((Dm, Z, A, S) if keep_big else (None,) * 4)])
     if keep:  # the backward needs them; the forward lets them go as soon as it can
         r.A, r.D, r.W1 = A, Dm, W1
         r.g1 = g1
     r.shape, r.geo = (n, C, h, w, ho, wo), geo
     return r
+
+
+def _unpack_kept(kept) -> tuple:
+    """(X's covariance or None, (D, Z, A, S) or None) from what ``_forward`` appended to
+    ``kept`` (None or empty: nothing kept)."""
+    if not kept:
+        return None, None
+    return (tuple(kept[:2]) if kept[0] is not None else None,
+            kept[2:] if kept[2] is not None else None)
 
 
 def _depthwise_input(geo, X: Tensor, W1: Tensor, A: Optional[Tensor]) -> tuple:
@@ -378,11 +387,11 @@ def mixed_block_cpu_backward_impl(
     a pass over x or the skip conv's output, is skipped and the mask's comes back empty."""
     p = plan_for(layout)
     L = p.layout
+    cov, reuse = _unpack_kept(kept)
     with torch.no_grad():
         r = _forward(p, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
                      bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, None,
-                     training, stats_in=p.unpack_stats(stats), keep=True,
-                     reuse=kept[2:] if kept and kept[2] is not None else None)
+                     training, stats_in=p.unpack_stats(stats), keep=True, reuse=reuse)
         n, C, h, w, ho, wo = r.shape
         O, T, K = L.out_channels, L.total_mid, mask.shape[-1]
         M1, M2 = n * h * w, n * ho * wo
@@ -448,8 +457,7 @@ def mixed_block_cpu_backward_impl(
             a_weight=a_weight)
         c1 = _bn_grad(r.bn1, r.g1, *sums1, M1, training, centered=True)
         dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
-        dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training,
-                           cov=tuple(kept[:2]) if kept and kept[0] is not None else None)
+        dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training, cov=cov)
         dg1, db1 = c1.dgamma, c1.dbeta
         dpw1 = _packed_pw1(p, dW1) if weight_grads else x.new_empty(0)
         if res is not None:

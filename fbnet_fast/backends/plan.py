@@ -470,8 +470,8 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     layer's forward and backward, on each of the 22 layers of every step). Its backward
     passes ``weight_grads=False`` to the implementation when no weight needs a gradient (the
     θ steps of a search), and ``mask_grad=False`` to one that takes it when the mask needs
-    none (weight steps, discrete models). With ``keeps``, the forward implementation takes a list ``kept``
-    that it may fill with intermediates; they are saved too and handed to the backward
+    none (weight steps, discrete models). With ``keeps``, the forward implementation takes a
+    list ``kept`` that it may fill with intermediates; they are saved too and handed to the backward
     implementation as ``kept``, which then reuses them instead of recomputing them.
     ``call_fused_op`` runs the forward implementation itself where no graph is recorded."""
     backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
