@@ -20,6 +20,26 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
               " elements, expected ", like.numel(), " (one per channel)");
 }
 
+// Element c of a float or double tensor as a double, without a converted copy (the inputs
+// of the per-channel ops are mixed: sums in double, statistics in the model's dtype).
+class AsDouble {
+ public:
+  AsDouble(const at::Tensor& t, const char* what)
+      : t_(t.contiguous()), dbl_(t_.scalar_type() == at::kDouble) {
+    TORCH_CHECK(dbl_ || t_.scalar_type() == at::kFloat, what, " must be float32 or float64, got ",
+                t_.scalar_type());
+    p_ = t_.const_data_ptr();
+  }
+  double operator[](int64_t c) const {
+    return dbl_ ? static_cast<const double*>(p_)[c] : double(static_cast<const float*>(p_)[c]);
+  }
+
+ private:
+  at::Tensor t_;
+  bool dbl_;
+  const void* p_;
+};
+
 // (rstd, scale, shift) of a BN used as y = x * scale + shift: rstd = 1 / sqrt(var + eps),
 // scale = gamma * rstd, shift = beta - mean * scale; shaped like mean.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_coef_cpu(
@@ -57,29 +77,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_c
                          {&rstd, "rstd"}})
     check_like(*t, gamma, "bn_grad_coef", name);
   TORCH_CHECK(count > 0, "bn_grad_coef: count must be positive, got ", count);
-  auto as_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
-  auto sg = as_double(sum_g), sgz = as_double(sum_gz), m = as_double(mean), r = as_double(rstd),
-       g = as_double(gamma);
+  const AsDouble sg(sum_g, "bn_grad_coef: sum_g"), sgz(sum_gz, "bn_grad_coef: sum_gz"),
+      m(mean, "bn_grad_coef: mean"), r(rstd, "bn_grad_coef: rstd"), g(gamma, "bn_grad_coef: gamma");
   auto opts = gamma.options().memory_format(at::MemoryFormat::Contiguous);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 5; ++i) out.push_back(at::empty(gamma.sizes(), opts));
-  const double *sgp = sg.const_data_ptr<double>(), *sgzp = sgz.const_data_ptr<double>();
-  const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>();
-  const double* gp = g.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "bn_grad_coef", [&] {
     scalar_t* o[5];
     for (int i = 0; i < 5; ++i) o[i] = out[i].mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < gamma.numel(); ++c) {
-      const double gzc = centered ? sgzp[c] : sgzp[c] - mp[c] * sgp[c];
-      const double dgamma = gzc * rp[c];
-      const double alpha = gp[c] * rp[c];
-      const double beta = training ? -alpha * rp[c] * dgamma / double(count) : 0.0;
-      const double delta = training ? -beta * mp[c] - alpha * sgp[c] / double(count) : 0.0;
+      const double gzc = centered ? sgz[c] : sgz[c] - m[c] * sg[c];
+      const double dgamma = gzc * r[c];
+      const double alpha = g[c] * r[c];
+      const double beta = training ? -alpha * r[c] * dgamma / double(count) : 0.0;
+      const double delta = training ? -beta * m[c] - alpha * sg[c] / double(count) : 0.0;
       o[0][c] = scalar_t(alpha);
       o[1][c] = scalar_t(beta);
       o[2][c] = scalar_t(delta);
       o[3][c] = scalar_t(dgamma);
-      o[4][c] = scalar_t(sgp[c]);
+      o[4][c] = scalar_t(sg[c]);
     }
   });
   return {out[0], out[1], out[2], out[3], out[4]};
@@ -219,9 +235,8 @@ void bn_running_update_cpu(at::TensorList means, at::TensorList vars, at::Tensor
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == total,
               "bn_running_update: stats must be [2, ", total, "] (means, variances), got ",
               stats.sizes());
-  auto st = stats.to(at::kDouble).contiguous();
-  const double* mp = st.const_data_ptr<double>();
-  const double* vp = mp + total;
+  const AsDouble st(stats, "bn_running_update: stats");
+  int64_t off = 0;  // BN i's channels in the packed statistics
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &rm = means[i], &rv = vars[i];
     const int64_t c = rm.numel();
@@ -243,12 +258,11 @@ void bn_running_update_cpu(at::TensorList means, at::TensorList vars, at::Tensor
       scalar_t* a = rm.mutable_data_ptr<scalar_t>();
       scalar_t* v = rv.mutable_data_ptr<scalar_t>();
       for (int64_t j = 0; j < c; ++j) {
-        a[j] = scalar_t((1 - m) * double(a[j]) + m * mp[j]);
-        v[j] = scalar_t((1 - m) * double(v[j]) + m * vp[j] * unbias);
+        a[j] = scalar_t((1 - m) * double(a[j]) + m * st[off + j]);
+        v[j] = scalar_t((1 - m) * double(v[j]) + m * st[total + off + j] * unbias);
       }
     });
-    mp += c;
-    vp += c;
+    off += c;
   }
 }
 

@@ -411,7 +411,7 @@ def mixed_block_cpu_backward_impl(
         dpw2, sums2 = torch.ops.fbnet_fast.pointwise_bn_backward_out.default(
             dZ.view(M2, k * O), r.D, r.bn2.scale, r.bn2.shift, r.bn2.mean, pw2, p.pw2_segments,
             g2, weight_grads)
-        c2 = _bn_grad(r.bn2, bn2_weight, *sums2, M2, training, centered=True)
+        c2 = _bn_grad(r.bn2, bn2_weight, *sums2.unbind(), M2, training, centered=True)
         dX = None
         res = mr[:, conv_cols].sum(1) if L.residual else None
         dsw, dsg, dsb = (x.new_empty(0) for _ in range(3))
@@ -455,7 +455,7 @@ def mixed_block_cpu_backward_impl(
             r.bn1.scale, r.bn1.shift, r.bn1.mean, None, r.X, alpha1[:, None] * r.W1, gW,
             r.geo.image_out(r.D), torch.stack([c2.alpha, c2.beta, c2.delta]), weight_grads,
             a_weight=a_weight)
-        c1 = _bn_grad(r.bn1, r.g1, *sums1, M1, training, centered=True)
+        c1 = _bn_grad(r.bn1, r.g1, *sums1.unbind(), M1, training, centered=True)
         dW1 = gX.mul_(alpha1[:, None]) if weight_grads else None
         dX = _pw1_backward(dW1, gW, r.X, r.W1, r.A, c1, dX, training, cov=cov)
         dg1, db1 = c1.dgamma, c1.dbeta

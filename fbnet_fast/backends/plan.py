@@ -238,7 +238,7 @@ class FusedPlan:
         """Inverse of ``pack_stats``; also reads the running statistics packed the same way."""
         roles = [(r, s) for r, s in zip(BN_ROLES, self.stat_sizes) if s]
         parts = packed.split([s for _, s in roles], 1)     # one call, views
-        out = {r: tuple(part) for (r, _), part in zip(roles, parts)}
+        out = {r: part.unbind() for (r, _), part in zip(roles, parts)}  # not tuple(): slower
         out["bn1"] = tuple(self.shuffle(t) for t in out["bn1"])
         return out
 

@@ -6,7 +6,7 @@ import torch
 
 from ..backends import registry
 from . import data as data_mod
-from .config import cosine_lr
+from .config import cosine_lr, sgd
 
 __all__ = ["finetune", "arch_accuracy"]
 
@@ -29,7 +29,7 @@ def finetune(model, data, steps: int, lr: float, batch_size: int, seed: int, dev
     if steps and len(indices) < batch_size:
         raise ValueError(f"fine-tuning needs at least one batch of {batch_size} {what}, "
                          f"the split holds {len(indices)}: {hint}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    opt = sgd(model.parameters(), lr, 0.9, weight_decay)
     model.train()
     step, epoch = 0, 0
     while step < steps:

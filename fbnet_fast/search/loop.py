@@ -27,7 +27,7 @@ from ..latency.table import LatencyTable
 from ..nn.space import SearchSpace
 from ..nn.supernet import SuperNet
 from . import data as data_mod
-from .config import (SearchConfig, build_space, cosine_lr, temperature_at,
+from .config import (SearchConfig, build_space, cosine_lr, sgd, temperature_at,
                      uses_channels_last)
 from .distributed import Dist, job, seed_all
 from .faults import Preempted, RunStopped, StepGuard
@@ -161,8 +161,7 @@ class _Search:
         self.crit = FBNetLoss(table, cfg.latency_loss, cfg.alpha, cfg.beta, cfg.lam,
                               space=space, num_classes=data.num_classes)
         self.w_params = net.weight_parameters()
-        self.w_opt = torch.optim.SGD(self.w_params, lr=cfg.w_lr, momentum=cfg.w_momentum,
-                                     weight_decay=cfg.w_wd, nesterov=False)
+        self.w_opt = sgd(self.w_params, cfg.w_lr, cfg.w_momentum, cfg.w_wd)
         self.t_opt = torch.optim.Adam(net.arch_parameters(), lr=cfg.theta_lr,
                                       weight_decay=cfg.theta_wd)
         self.model = net

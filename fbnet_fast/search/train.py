@@ -22,7 +22,7 @@ from ..backends import registry
 from ..nn.architecture import resolve_arch
 from ..nn.models import create_model
 from . import data as data_mod
-from .config import FaultSettings, config_field, cosine_lr, flag_name
+from .config import FaultSettings, config_field, cosine_lr, flag_name, sgd
 from .distributed import Dist, job, seed_all
 from .faults import StepGuard
 from .rundir import RunDir, atomic_write_text
@@ -111,8 +111,7 @@ def _train(cfg: TrainConfig, d: Dist, resume, quiet: bool) -> dict:
     cl = d.device.type == "cpu"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.wd, nesterov=True)
+    opt = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.wd, nesterov=True)
     ddp = DDP(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.active else model
     seed_all(cfg.seed + 1 + d.rank)
