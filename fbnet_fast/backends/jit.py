@@ -73,8 +73,10 @@ def _needs_compile(build: Path, name: str, sources: list) -> bool:
     return any(Path(s).stat().st_mtime > newest for s in [*sources, *headers])
 
 
-def compile_library(name: str, what: str, sources: list, key: str = "", **load_kw) -> None:
-    """Build (printing one line when it actually compiles) and load a library of ops."""
+def compile_library(name: str, what: str, sources: list, key: str = "",
+                    python_module: bool = False, **load_kw):
+    """Build (printing one line when it actually compiles) and load a library of ops; with
+    ``python_module`` it is also a Python extension module, which is returned."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import warns about CUDA, irrelevant to a CPU build
@@ -86,15 +88,16 @@ def compile_library(name: str, what: str, sources: list, key: str = "", **load_k
     if _needs_compile(build, name, sources):
         print(f"fbnet_fast: compiling the {what} (first use, about a minute)...",
               file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=sources, build_directory=str(build),
-                       is_python_module=False, verbose=False, **load_kw)
+    return cpp_extension.load(name=name, sources=sources, build_directory=str(build),
+                              is_python_module=python_module, verbose=False, **load_kw)
 
 
 class JitLibrary:
     """A library of ops built on first use and loaded once per process (thread-safe)."""
 
-    def __init__(self, what: str, build: Callable[[], None]):
+    def __init__(self, what: str, build: Callable[[], object]):
         self.what, self._build = what, build
+        self.module = None  # what the build returned: the extension module, if it is one
         self._lock = threading.Lock()
         self._ok: bool | None = None
         self._why: str | None = None
@@ -103,7 +106,7 @@ class JitLibrary:
         with self._lock:
             if self._ok is None:
                 try:
-                    self._build()
+                    self.module = self._build()
                     self._ok = True
                 except Exception as e:  # no compiler, no headers, a failed build
                     msg = str(e).strip()
@@ -119,14 +122,14 @@ class JitLibrary:
         return self._why
 
 
-def _build_cpu() -> None:
+def _build_cpu():
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources (csrc/) are not shipped with this installation")
     sources = [str(src / "ops.cpp")] + sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
     cflags = ["-O3", "-fopenmp"] + (["-march=native"] if _native() else [])
-    compile_library(NAME, "C++ CPU kernels", sources, key=f"-{_cpu_key()}",
-                    extra_cflags=cflags, extra_ldflags=["-fopenmp"])
+    return compile_library(NAME, "C++ CPU kernels", sources, key=f"-{_cpu_key()}",
+                           python_module=True, extra_cflags=cflags, extra_ldflags=["-fopenmp"])
 
 
 CPU_LIBRARY = JitLibrary("C++ CPU kernels", _build_cpu)
@@ -140,3 +143,9 @@ def load() -> bool:
 def why_unavailable() -> str | None:
     """None when the kernels are loaded, else why not (builds them on first call)."""
     return CPU_LIBRARY.why_unavailable()
+
+
+def cpu_module():
+    """The CPU library as a Python module (its functions beyond the ops); None where it
+    did not load."""
+    return CPU_LIBRARY.module if load() else None
