@@ -85,30 +85,27 @@ Shape bn_relu_rows(const Shape& S, const T* a, const T* sc, const T* sh, int64_t
 // S re-pointed at buf. x is the block input (channels contiguous, strides xs), wt its weight
 // transposed to [C_in, ld] and zero-padded (`transposed_padded`): a is made per tile and
 // never written whole.
+// With sc and sh (ld values each, zero-padded), relu(a * sc + sh) instead: BN1 + ReLU as the
+// tile GEMM's epilogue, not a second pass over the tile (the forward runs 1.1x faster at the
+// quick preset's 8->8 32x32 layers).
 template <typename T>
 Shape pw_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
-              int64_t ld, int64_t n, int64_t lo, int64_t hi, T* buf, int64_t pad = 0) {
+              int64_t ld, int64_t n, int64_t lo, int64_t hi, T* buf, int64_t pad = 0,
+              const T* sc = nullptr, const T* sh = nullptr) {
   const Shape t = tile_view(S, lo, ld, pad);
   for (int64_t ih = lo; ih < hi; ++ih)
     gemm_tile<T>(S.W, ld, Ci, x + n * xs[0] + ih * xs[2], xs[3], 1, wt, ld,
-                 buf + (ih - lo) * t.xh, ld, false);
+                 buf + (ih - lo) * t.xh, ld, false, sc, sh);
   zero_pad_columns(buf, hi - lo, S.W, ld, pad);
   return t;
 }
 
-// pw_rows, then relu(a * scale + shift) in place.
+// v's C values zero-padded to ld (what pw_rows' epilogue reads).
 template <typename T>
-Shape pw_bn_relu_rows(const Shape& S, const T* x, const int64_t* xs, int64_t Ci, const T* wt,
-                      int64_t ld, const T* sc, const T* sh, int64_t n, int64_t lo, int64_t hi,
-                      T* buf, int64_t pad = 0) {
-  const Shape t = pw_rows<T>(S, x, xs, Ci, wt, ld, n, lo, hi, buf, pad);
-  for (int64_t r = 0; r < hi - lo; ++r)
-    for (int64_t iw = 0; iw < S.W; ++iw) {
-      T* d = buf + r * t.xh + iw * ld;
-#pragma omp simd
-      for (int64_t c = 0; c < S.C; ++c) d[c] = std::max(d[c] * sc[c] + sh[c], T(0));
-    }
-  return t;
+std::vector<T> padded(const T* v, int64_t C, int64_t ld) {
+  std::vector<T> out(ld, T(0));
+  std::copy_n(v, C, out.data());
+  return out;
 }
 
 // a_weight (Tensor[C, C_in]) of the first 1x1 whose input is a (Tensor[N, C_in, H, W]).
@@ -212,6 +209,8 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
     // tile GEMM writes whole vectors), and a_weight transposed to [C_in, ld] for it
     const int64_t ld = fused ? round_up(C, kLanes<T, 32>) : C;
     const auto awt = fused ? transposed_padded<T>(aw, ld) : std::vector<T>();
+    const auto sc_ld = fused ? padded<T>(scp, C, ld) : std::vector<T>();
+    const auto sh_ld = fused ? padded<T>(shp, C, ld) : std::vector<T>();
     const int64_t xs[4] = {a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
     // the tile's rows carry P zero columns on each side: every output column goes through
     // the conv's interior path (at 32x32 the forward runs 1.06x faster, at 8x8 1.18x)
@@ -231,7 +230,8 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const auto [lo, hi] = input_rows(S, P, oh0, oh1);
           const Shape St =
-              fused ? pw_bn_relu_rows<T>(S, ap, xs, Ci, awt.data(), ld, scp, shp, n, lo, hi, ba, P)
+              fused ? pw_rows<T>(S, ap, xs, Ci, awt.data(), ld, n, lo, hi, ba, P, sc_ld.data(),
+                                 sh_ld.data())
                     : bn_relu_rows<T>(S, ap, scp, shp, n, lo, hi, ba, P);
           for (const auto& g : gs)
             for (int64_t oh = oh0; oh < oh1; ++oh) fwd_row<T>(St, g, ba, op, n, oh);
