@@ -215,6 +215,7 @@ struct Geo {
 // with the statistics the forward used; `reuse`: D, Z, A, S the forward kept.
 struct Fwd {
   at::Tensor X, W1, g1, A, D, Z, S, Xs;
+  std::vector<at::Tensor> dw;  // the depthwise weights, one view per run
   BN bn1, bn2, skip_bn;
   at::Tensor m3, v3;
   Kept cov;  // X's channel_cov where BN1's statistics came from it
@@ -229,7 +230,13 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   r.X = nhwc(x);
   r.W1 = p.dense_pw1(w.pw1);
   r.g1 = p.shuffle(w.g1);
+  r.dw = p.dw_weights(w.dw);
   const at::Tensor b1 = p.shuffle(w.b1);
+  // (mean, var) of the `len` channels from `off` in the packed statistics stats_in
+  auto packed = [&](int64_t off, int64_t len) {
+    return std::pair{stats_in->select(0, 0).narrow(0, off, len),
+                     stats_in->select(0, 1).narrow(0, off, len)};
+  };
   auto buf = [&](const char* role, at::IntArrayRef shape) {
     return keep_big ? k.pooled_empty.call(x, shape) : scratch(role, shape, x);
   };
@@ -246,8 +253,8 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   }
   at::Tensor m1, v1;
   if (stats_in) {
-    m1 = p.shuffle(stats_in->select(0, 0).narrow(0, 0, T));
-    v1 = p.shuffle(stats_in->select(0, 1).narrow(0, 0, T));
+    std::tie(m1, v1) = packed(0, T);
+    m1 = p.shuffle(m1), v1 = p.shuffle(v1);
   } else if (training && via_cov) {
     auto [mx, cx] = k.channel_cov.call(r.X);
     std::tie(m1, v1) = k.pw1_bn_stats.call(r.W1, mx, cx, g.M1);
@@ -260,18 +267,16 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   }
   r.bn1 = bn_of(m1, v1, r.g1, b1, p.eps);
   at::Tensor m2, v2;
-  const auto dww = p.dw_weights(w.dw);
   if (!reuse) {  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue
     r.D = buf("D", {g.M2, T});
     const bool tiled = !r.A.defined();
-    auto st = k.dw_conv_bn_out.call(g.image_in(tiled ? r.X : r.A), dww, p.stride, r.bn1.scale,
+    auto st = k.dw_conv_bn_out.call(g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
                                     r.bn1.shift, g.image_out(r.D),
                                     tiled ? Opt(r.W1) : Opt());
     m2 = st[0], v2 = st[1];
   }
   if (stats_in) {
-    m2 = stats_in->select(0, 0).narrow(0, T, T);
-    v2 = stats_in->select(0, 1).narrow(0, T, T);
+    std::tie(m2, v2) = packed(T, T);
   } else if (!training) {
     m2 = running[2], v2 = running[3];
   }
@@ -282,8 +287,7 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
     r.m3 = st[0], r.v3 = st[1];
   }
   if (stats_in) {
-    r.m3 = stats_in->select(0, 0).narrow(0, 2 * T, p.k * O);
-    r.v3 = stats_in->select(0, 1).narrow(0, 2 * T, p.k * O);
+    std::tie(r.m3, r.v3) = packed(2 * T, p.k * O);
   } else if (!training) {
     r.m3 = running[4], r.v3 = running[5];
   }
@@ -292,10 +296,8 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
                                           .slice(3, 0, at::indexing::None, p.stride));
     if (!r.S.defined()) r.S = at::mm(r.Xs, w.sw->view({O, C}).t());
     at::Tensor ms, vs;
-    const int64_t off = 2 * T + p.k * O;
     if (stats_in) {
-      ms = stats_in->select(0, 0).narrow(0, off, O);
-      vs = stats_in->select(0, 1).narrow(0, off, O);
+      std::tie(ms, vs) = packed(2 * T + p.k * O, O);
     } else if (training) {
       std::tie(ms, vs) = k.channel_stats.call(r.S);
     } else {
@@ -475,7 +477,7 @@ std::vector<at::Tensor> backward(
   auto gW = x.new_empty({g.M1, C});
   const bool tiled = !r.A.defined();
   auto [dws, sums1, gX] = k.dw_conv_bn_backward_out.call(
-      g.image_out(gd), g.image_in(tiled ? r.X : r.A), p.dw_weights(dw), p.stride, r.bn1.scale,
+      g.image_out(gd), g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
       r.bn1.shift, r.bn1.mean, Opt(), Opt(r.X), Opt(alpha1.unsqueeze(1) * r.W1), Opt(gW),
       Opt(g.image_out(r.D)), Opt(at::stack({c2.alpha, c2.beta, c2.delta})), weight_grads,
       tiled ? Opt(r.W1) : Opt());

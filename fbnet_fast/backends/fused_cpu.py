@@ -101,6 +101,8 @@ def _cpu_plan(layout: str):
 
 
 def _via_covariance(x: Tensor) -> bool:
+    """``plan.bn1_stats_via_covariance`` for x, handed to the C++ sequence so that the rule
+    stays in one place."""
     n, c, h, w = x.shape
     return bn1_stats_via_covariance(n * h * w, c)
 

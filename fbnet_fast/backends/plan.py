@@ -215,13 +215,6 @@ class FusedPlan:
         return [v for b in self._pw1_blocks for v in b[:4]]
 
     @cached_property
-    def conv_cols(self):
-        """The conv candidates' mask columns as an index: a slice when they are the first
-        ``n_conv`` (FBNet's space puts the skip last), which indexes without a copy."""
-        cols = self.mask_cols[:self.n_conv]
-        return slice(0, len(cols)) if cols == tuple(range(len(cols))) else list(cols)
-
-    @cached_property
     def pw2_segments(self) -> list:
         """``pw2_groups`` as the flat list of ints the C++ ``pointwise_bn`` ops take."""
         return [v for seg in self.pw2_groups for v in seg]
