@@ -25,6 +25,8 @@ namespace {
 // the halo rows that two tiles both transform stay a fraction of the work.
 constexpr int64_t kTileBytes = 3 << 19;
 constexpr int64_t kMinTileRows = 8;
+// Pixels of g the depthwise backward's first-1x1 products take at a time, at least.
+constexpr int64_t kProductPixels = 128;
 
 // Output rows per tile when each takes `per_row` buffer elements of type T and a tile `halo`
 // more.
@@ -393,6 +395,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     // transformed (one per output row, plus the halo)
     const int64_t row_a = S.W * C + S.W * ld, row_d = zp ? S.Wo * C : 0;
     const int64_t tile = tile_rows<T>(S.s * row_a + row_d, 2 * P * (row_a + row_d));
+    // The first 1x1's products run over chunks of g's rows of about kProductPixels pixels:
+    // row by row, the 4- and 8-pixel rows of the small maps made them thin GEMMs (discrete
+    // k3_e6 blocks at 8x8 and 4x4, batch 64, ran 1.05x and 1.08x slower; 32x32 unchanged).
+    // x and grad_x are their operands in place where x's rows need no padding.
+    const int64_t own = std::min(S.H, tile * S.s);  // input rows a tile owns, at most
+    const int64_t chunk = std::min(own, (kProductPixels + S.W - 1) / S.W);
+    const bool x_direct = Ci == Cp && ldx == Ci;
     const int64_t a_rows = std::min(S.H, (tile - 1) * S.s + 2 * P + 1);
     const int64_t d_rows = std::min(S.Ho, tile + 2 * P);
     const T* wp = wt.const_data_ptr<T>();
@@ -401,8 +410,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       T* ba = thread_buffer<T>(1, a_rows * S.W * C);  // kept across calls: no allocation
       T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) : nullptr;
       T* braw = a_tiled ? thread_buffer<T>(4, a_rows * S.W * ld) : nullptr;
-      T* grow_buf = gap ? nullptr : thread_buffer<T>(3, S.W * C);
-      std::vector<T> xrow(gxt_on ? S.W * Cp : 0, T(0)), dxrow(pw1 ? S.W * Cp : 0);
+      T* gchunk = gap ? nullptr : thread_buffer<T>(3, (pw1 ? chunk : 1) * S.W * C);
+      T* xchunk = gxt_on && !x_direct ? thread_buffer<T>(5, chunk * S.W * Cp) : nullptr;
+      T* dxchunk = pw1 && !x_direct ? thread_buffer<T>(6, chunk * S.W * Cp) : nullptr;
+      if (xchunk) std::fill(xchunk, xchunk + chunk * S.W * Cp, T(0));
       std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
       T* p1 = part.data();
       T* p2 = p1 + C;
@@ -413,6 +424,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
         T* gxt = gxt_on ? gxw.mutable_data_ptr<T>() + t * C * Cp : nullptr;
         if (gxt_on) std::fill(gxt, gxt + C * Cp, T(0));
         const auto gs = make_groups<T>(r, wp, weight_grads ? gwp + t * wt.numel() : nullptr);
+        // the first 1x1's products over g's input rows [lo, hi) of image n: grad_x = g W,
+        // (g^T x) += ...
+        auto products = [&](int64_t n, int64_t lo, int64_t hi) {
+          const int64_t m = (hi - lo) * S.W, p0 = (n * S.H + lo) * S.W;  // pixels, the first
+          const T* g0 = gap ? gap + p0 * C : gchunk;
+          if (x_direct) {
+            gemm_tile<T>(m, Cp, C, g0, C, 1, wpad.data(), Cp, gxp + p0 * Ci, Ci, false);
+          } else {
+            gemm_tile<T>(m, Cp, C, g0, C, 1, wpad.data(), Cp, dxchunk, Cp, false);
+            for (int64_t i = 0; i < m; ++i) std::copy_n(dxchunk + i * Cp, Ci, gxp + (p0 + i) * Ci);
+          }
+          if (!gxt_on) return;
+          const T* xt = xp + p0 * ldx;
+          if (!x_direct) {
+            for (int64_t i = 0; i < m; ++i) std::copy_n(xp + (p0 + i) * ldx, Ci, xchunk + i * Cp);
+            xt = xchunk;
+          }
+          gemm_tile<T>(C, Cp, m, g0, 1, C, xt, x_direct ? ldx : Cp, gxt, Cp, true);
+        };
         for_tiles(S, r0, r1, tile, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const int64_t i0 = oh0 * S.s, i1 = std::min(S.H, oh1 * S.s);  // the rows it owns
           const auto [a_lo, a_hi] = input_rows(S, P, oh0, oh1);
@@ -432,11 +462,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
           if (weight_grads)
             for (const auto& g : gs)
               for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gt, ba, n, oh);
-          for (int64_t ih = i0; ih < i1; ++ih) {
+          for (int64_t ih = i0, c0 = i0; ih < i1; ++ih) {  // c0: the chunk's first row
             const int64_t row = n * S.H + ih;
-            T* grow = gap ? gap + row * S.W * C : grow_buf;
-            Sg.o0 = gap ? 0 : row;
-            for (const auto& g : gi) grad_input_row<T>(Sg, g, gt, gap ? gap : grow, n, ih);
+            // g's row: written whole, or in the chunk's rows (one row when nothing reads it
+            // after the epilogue)
+            const int64_t local = pw1 ? ih - c0 : 0;
+            T* grow = gap ? gap + row * S.W * C : gchunk + local * S.W * C;
+            Sg.o0 = gap ? 0 : row - local;
+            for (const auto& g : gi) grad_input_row<T>(Sg, g, gt, gap ? gap : gchunk, n, ih);
             std::fill(p1, p1 + 2 * C, T(0));
             for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
               T* o = grow + iw * C;
@@ -450,15 +483,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
               }
             }
             add_partials(p1, p2, 0, C, s1, s2);
-            if (!pw1) continue;
-            // the first 1x1's products over the same row: grad_x = g W, (g^T x) += ...
-            gemm_tile<T>(S.W, Cp, C, grow, C, 1, wpad.data(), Cp, dxrow.data(), Cp, false);
-            for (int64_t iw = 0; iw < S.W; ++iw)
-              std::copy_n(dxrow.data() + iw * Cp, Ci, gxp + (row * S.W + iw) * Ci);
-            if (!gxt_on) continue;
-            for (int64_t iw = 0; iw < S.W; ++iw)
-              std::copy_n(xp + (row * S.W + iw) * ldx, Ci, xrow.data() + iw * Cp);
-            gemm_tile<T>(C, Cp, S.W, grow, 1, C, xrow.data(), Cp, gxt, Cp, true);
+            if (pw1 && (ih + 1 == i1 || ih + 1 - c0 == chunk)) {
+              products(n, c0, ih + 1);
+              c0 = ih + 1;
+            }
           }
         });
       }

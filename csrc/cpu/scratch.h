@@ -13,7 +13,7 @@ namespace {
 // leaves the op that asked for it.
 template <typename T>
 T* thread_buffer(int slot, int64_t n) {
-  static thread_local std::vector<T> bufs[5];
+  static thread_local std::vector<T> bufs[7];
   auto& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
