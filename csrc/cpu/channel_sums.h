@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
+
 namespace fbnet_fast {
 namespace {
 
@@ -72,6 +74,44 @@ inline void add_partials(const T* p1, const T* p2, int64_t c0, int64_t c1, doubl
     s1[c] += p1[c];
     s2[c] += p2[c];
   }
+}
+
+// p1[c] += sum_i u, p2[c] += sum_i w over rows i in [0, R) with (u, w) = f(i, c, B), the
+// vectors of channels c.. of row i in B-byte lanes (f may also store a result there). A block
+// of channels at a time, its sums in registers across the rows: the per-row loop over all
+// channels read and wrote both sums from memory for every row, which in the epilogues of the
+// depthwise and pointwise kernels cost more than the rest of the arithmetic. The rows are
+// added in order, so the sums are the same.
+template <typename T, int NV, int B, typename F>
+inline void col_block(int64_t R, int64_t c, T* p1, T* p2, F& f) {
+  using V = vec_t<T, B>;
+  constexpr int L = kLanes<T, B>;
+  V s[NV], q[NV];
+  for (int v = 0; v < NV; ++v) {
+    s[v] = vload<B>(p1 + c + v * L);
+    q[v] = vload<B>(p2 + c + v * L);
+  }
+  for (int64_t i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const auto [u, w] = f(i, c + v * L, std::integral_constant<int, B>{});
+      s[v] += u;
+      q[v] += w;
+    }
+  for (int v = 0; v < NV; ++v) {
+    vstore(p1 + c + v * L, s[v]);
+    vstore(p2 + c + v * L, q[v]);
+  }
+}
+
+template <typename T, typename F>
+inline void col_sums(int64_t R, int64_t C, T* p1, T* p2, F&& f) {
+  constexpr int64_t L = kLanes<T, 64>, H = kLanes<T, 32>;
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) col_block<T, 4, 64>(R, c, p1, p2, f);
+  for (; c + L <= C; c += L) col_block<T, 1, 64>(R, c, p1, p2, f);
+  for (; c + H <= C; c += H) col_block<T, 1, 32>(R, c, p1, p2, f);
+  for (; c < C; ++c) col_block<T, 1, sizeof(T)>(R, c, p1, p2, f);
 }
 
 // The sums as Tensor[2, C] float64.

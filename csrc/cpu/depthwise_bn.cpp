@@ -241,14 +241,11 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
           // output row, vectorized, then into double)
           for (int64_t oh = oh0; oh < oh1; ++oh) {
             std::fill(p1, p1 + 2 * C, T(0));
-            for (int64_t ow = 0; ow < S.Wo; ++ow) {
-              const T* o = op + ((n * S.Ho + oh) * S.Wo + ow) * C;
-              _Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) {
-                p1[c] += o[c];
-                p2[c] += o[c] * o[c];
-              }
-            }
+            const T* orow = op + (n * S.Ho + oh) * S.Wo * C;
+            col_sums<T>(S.Wo, C, p1, p2, [&](int64_t ow, int64_t c, auto Bc) {
+              const auto v = vload<decltype(Bc)::value>(orow + ow * C + c);
+              return std::pair{v, v * v};
+            });
             add_partials(p1, p2, 0, C, s1, s2);
           }
         });
@@ -471,17 +468,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
             Sg.o0 = gap ? 0 : row - local;
             for (const auto& g : gi) grad_input_row<T>(Sg, g, gt, gap ? gap : gchunk, n, ih);
             std::fill(p1, p1 + 2 * C, T(0));
-            for (int64_t iw = 0; iw < S.W; ++iw) {  // the epilogue, over the cached row
-              T* o = grow + iw * C;
-              const T* zr = araw + n * Sa.xn + (ih - Sa.h0) * Sa.xh + iw * Sa.xw;
-              _Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) {
-                const T gv = zr[c] * scp[c] + shp[c] > T(0) ? o[c] : T(0);
-                o[c] = gv;
-                p1[c] += gv;
-                p2[c] += gv * (zr[c] - mp[c]);
-              }
-            }
+            const T* zrow = araw + n * Sa.xn + (ih - Sa.h0) * Sa.xh;
+            // the epilogue, over the cached row
+            col_sums<T>(S.W, C, p1, p2, [&](int64_t iw, int64_t c, auto Bc) {
+              constexpr int B = decltype(Bc)::value;
+              using V = vec_t<T, B>;
+              T* o = grow + iw * C + c;
+              const V z = vload<B>(zrow + iw * Sa.xw + c);
+              const V pre = z * vload<B>(scp + c) + vload<B>(shp + c);
+              const V gv = pre > V{} ? vload<B>(o) : V{};
+              vstore(o, gv);
+              return std::pair{gv, gv * (z - vload<B>(mp + c))};
+            });
             add_partials(p1, p2, 0, C, s1, s2);
             if (pw1 && (ih + 1 == i1 || ih + 1 - c0 == chunk)) {
               products(n, c0, ih + 1);

@@ -155,16 +155,12 @@ void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t l
   std::fill(part, part + 2 * Zc, T(0));
   T* p1 = part;
   T* p2 = part + Zc;
-  for (int64_t i = 0; i < R; ++i) {
-    const T* src = zt + i * ldt;
-    T* dst = z + i * ldz;
-    if (dst != src) std::copy_n(src, Zc, dst);
-#pragma omp simd
-    for (int64_t c = 0; c < Zc; ++c) {
-      p1[c] += src[c];
-      p2[c] += src[c] * src[c];
-    }
-  }
+  const bool copy = z != zt;
+  col_sums<T>(R, Zc, p1, p2, [&](int64_t i, int64_t c, auto Bc) {
+    const auto v = vload<decltype(Bc)::value>(zt + i * ldt + c);
+    if (copy) vstore(z + i * ldz + c, v);
+    return std::pair{v, v * v};
+  });
   add_partials(p1, p2, 0, Zc, s1, s2);
 }
 
@@ -177,19 +173,13 @@ void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, 
   std::fill(part, part + 2 * C, T(0));
   T* p1 = part;
   T* p2 = part + C;
-  for (int64_t i = 0; i < R; ++i) {
-    const T* hr = h + i * ldh;
-    const T* gr = dh + i * lddh;
-    const T* dr = d + i * ldd;
-    T* o = out + i * ldo;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const T gv = hr[c] > T(0) ? gr[c] : T(0);
-      o[c] = gv;
-      p1[c] += gv;
-      p2[c] += gv * (dr[c] - mean[c]);
-    }
-  }
+  col_sums<T>(R, C, p1, p2, [&](int64_t i, int64_t c, auto Bc) {
+    constexpr int B = decltype(Bc)::value;
+    using V = vec_t<T, B>;
+    const V gv = vload<B>(h + i * ldh + c) > V{} ? vload<B>(dh + i * lddh + c) : V{};
+    vstore(out + i * ldo + c, gv);
+    return std::pair{gv, gv * (vload<B>(d + i * ldd + c) - vload<B>(mean + c))};
+  });
   add_partials(p1, p2, 0, C, s1, s2);
 }
 
