@@ -19,7 +19,8 @@ namespace {
 // Rows summed in the input precision before adding into the double accumulators.
 constexpr int64_t kRowBlock = 64;
 
-// Per-channel mean and biased variance over the rows (shifted by row 0 against cancellation).
+// Per-channel mean and biased variance over the rows (shifted by row 0 against cancellation;
+// summed in the input precision over blocks of kRowBlock rows, then in double).
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
   auto x = rows_of(x_in, "channel_stats", "x");
   const int64_t M = x.size(0), C = x.size(1), ld = x.stride(0);
@@ -30,19 +31,25 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
   std::vector<double> acc(parts * 2 * C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_stats", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    using T = scalar_t;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> part(2 * C);  // sums over a block of rows in T, then into double
+      T* p1 = part.data();
+      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
         auto [r0, r1] = share(M, parts, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = xp + r * ld;
-_Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = double(row[c]) - double(xp[c]);
-            s1[c] += d;
-            s2[c] += d * d;
-          }
+        for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+          std::fill(p1, p1 + 2 * C, T(0));
+          const T* x0 = xp + rb * ld;
+          col_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, p1, p2,
+                      [&](int64_t i, int64_t c, auto Bc) {
+            constexpr int B = decltype(Bc)::value;
+            const auto d = vload<B>(x0 + i * ld + c) - vload<B>(xp + c);
+            return std::pair{d, d * d};
+          });
+          add_partials(p1, p2, 0, C, s1, s2);
         }
       }
     });
@@ -227,16 +234,17 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
             std::fill(b2.begin(), b2.end(), T(0));
             T* p1 = b1.data();
             T* p2 = b2.data();
-            for (int64_t r = rb; r < std::min(r1, rb + kRowBlock); ++r) {
-              const T* gr = gp + r * lg;
-              const T* zr = zp + r * lz;
-              _Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) {
-                const T gv = (!R || zr[c] * a[c] + b[c] > T(0)) ? gr[c] : T(0);
-                p1[c] += gv;
-                p2[c] += gv * (zr[c] - m[c]);
-              }
-            }
+            const T* g0 = gp + rb * lg;
+            const T* z0 = zp + rb * lz;
+            col_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, p1, p2,
+                        [&](int64_t i, int64_t c, auto Bc) {
+              constexpr int B = decltype(Bc)::value;
+              using V = vec_t<T, B>;
+              const V z = vload<B>(z0 + i * lz + c), g = vload<B>(g0 + i * lg + c);
+              V gv = g;
+              if constexpr (R) gv = z * vload<B>(a + c) + vload<B>(b + c) > V{} ? g : V{};
+              return std::pair{gv, gv * (z - vload<B>(m + c))};
+            });
             add_partials(p1, p2, 0, C, s1, s2);
           }
         }
@@ -260,17 +268,17 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
     T* out = dz.mutable_data_ptr<T>();
     auto pass2 = [&](auto relu_c) {
       constexpr bool R = decltype(relu_c)::value;
-      at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* gr = gp + r * lg;
-          const T* zr = zp + r * lz;
-          T* o = out + r * ldz;
-          _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) {
-            const T gv = (!R || zr[c] * a[c] + b[c] > T(0)) ? gr[c] : T(0);
-            o[c] = a[c] * gv + pz[c] * zr[c] + p0[c];
-          }
-        }
+      at::parallel_for(0, M, kRowBlock, [&](int64_t r0, int64_t r1) {
+        col_map<T>(r1 - r0, C, [&](int64_t i, int64_t c, auto Bc) {
+          constexpr int B = decltype(Bc)::value;
+          using V = vec_t<T, B>;
+          const int64_t r = r0 + i;
+          const V z = vload<B>(zp + r * lz + c), g = vload<B>(gp + r * lg + c);
+          V gv = g;
+          if constexpr (R) gv = z * vload<B>(a + c) + vload<B>(b + c) > V{} ? g : V{};
+          vstore(out + r * ldz + c,
+                 vload<B>(a + c) * gv + vload<B>(pz + c) * z + vload<B>(p0 + c));
+        });
       });
     };
     if (relu) pass2(std::true_type{}); else pass2(std::false_type{});
