@@ -580,7 +580,7 @@ def test_combine_bn_ops(per_example, training):
     (batch statistics in training, running ones in eval) and the mask-weighted sum."""
     from fbnet_fast.nn.layout import BN_EPS
     g = torch.Generator().manual_seed(7 + per_example + 2 * training)
-    n, p, k, o = 3, 13, 5, 19
+    n, p, k, o = 3, 70, 5, 19  # 70 pixels: blocks of 64 rows split inside an example
     z = torch.randn(n, p, k, o, dtype=DT, generator=g) * 2 + 0.5
     dy = torch.randn(n, p, o, dtype=DT, generator=g)
     mask = torch.rand(n if per_example else 1, k, dtype=DT, generator=g)
