@@ -24,6 +24,27 @@ inline void check_vec(const at::Tensor& v, int64_t C, const at::Tensor& like, co
               v.scalar_type(), ", expected ", like.scalar_type());
 }
 
+// Element c of a float or double tensor as a double, without a converted copy (the inputs
+// of the per-channel ops are mixed: sums in double, statistics in the model's dtype; a
+// conversion per call is an op of its own, some microseconds each).
+class AsDouble {
+ public:
+  AsDouble(const at::Tensor& t, const char* what)
+      : t_(t.contiguous()), dbl_(t_.scalar_type() == at::kDouble) {
+    TORCH_CHECK(dbl_ || t_.scalar_type() == at::kFloat, what, " must be float32 or float64, got ",
+                t_.scalar_type());
+    p_ = t_.const_data_ptr();
+  }
+  double operator[](int64_t c) const {
+    return dbl_ ? static_cast<const double*>(p_)[c] : double(static_cast<const float*>(p_)[c]);
+  }
+
+ private:
+  at::Tensor t_;
+  bool dbl_;
+  const void* p_;
+};
+
 // x as a [M, C] matrix with contiguous channels; rows may have any stride (a column slice of
 // a wider matrix is read in place), anything else is copied.
 inline at::Tensor rows_of(const at::Tensor& x, const char* op, const char* name) {

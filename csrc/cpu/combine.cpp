@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -118,16 +119,19 @@ Bn3 bn3_coefs(const ZShape& Z, const at::Tensor& mean, const at::Tensor& var,
                          {&beta, "beta"}})
     TORCH_CHECK(t->numel() == KO, op, ": ", name, " must have k * O = ", KO,
                 " elements (one per candidate and channel), got shape ", t->sizes());
-  auto d = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
-  auto m = d(mean), v = d(var), g = d(gamma), b = d(beta);
-  Bn3 c{std::vector<double>(m.const_data_ptr<double>(), m.const_data_ptr<double>() + KO),
-        std::vector<double>(KO), std::vector<double>(KO), std::vector<double>(KO),
-        std::vector<double>(g.const_data_ptr<double>(), g.const_data_ptr<double>() + KO)};
-  const double *vp = v.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
+  auto as_double = [op](const at::Tensor& t, const char* name) {
+    return AsDouble(t, (std::string(op) + ": " + name).c_str());
+  };
+  const AsDouble m = as_double(mean, "mean"), v = as_double(var, "var"),
+                 g = as_double(gamma, "gamma"), b = as_double(beta, "beta");
+  Bn3 c{std::vector<double>(KO), std::vector<double>(KO), std::vector<double>(KO),
+        std::vector<double>(KO), std::vector<double>(KO)};
   for (int64_t j = 0; j < KO; ++j) {
-    c.rstd[j] = 1.0 / std::sqrt(vp[j] + eps);
+    c.mean[j] = m[j];
+    c.gamma[j] = g[j];
+    c.rstd[j] = 1.0 / std::sqrt(v[j] + eps);
     c.scale[j] = c.gamma[j] * c.rstd[j];
-    c.shift[j] = bp[j] - c.mean[j] * c.scale[j];
+    c.shift[j] = b[j] - c.mean[j] * c.scale[j];
   }
   return c;
 }
@@ -138,8 +142,10 @@ std::vector<double> mask_values(const at::Tensor& mask, const ZShape& Z, int64_t
   TORCH_CHECK(mask.dim() == 2 && mask.size(1) == Z.K, op, ": mask must be Tensor[1 or N, k = ",
               Z.K, "] (the conv candidates' columns), got shape ", mask.sizes());
   *rows = coef_rows(mask, Z, op, "mask");
-  auto m = mask.to(at::kDouble).contiguous();
-  return std::vector<double>(m.const_data_ptr<double>(), m.const_data_ptr<double>() + m.numel());
+  const AsDouble m(mask, (std::string(op) + ": mask").c_str());
+  std::vector<double> out(mask.numel());
+  for (int64_t j = 0; j < mask.numel(); ++j) out[j] = m[j];
+  return out;
 }
 
 // What both ops check and derive from z, the mask and BN3's parameters.

@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "channel_sums.h"
+
 namespace fbnet_fast {
 namespace {
 
@@ -19,26 +21,6 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
   TORCH_CHECK(t.numel() == like.numel(), op, ": ", name, " has ", t.numel(),
               " elements, expected ", like.numel(), " (one per channel)");
 }
-
-// Element c of a float or double tensor as a double, without a converted copy (the inputs
-// of the per-channel ops are mixed: sums in double, statistics in the model's dtype).
-class AsDouble {
- public:
-  AsDouble(const at::Tensor& t, const char* what)
-      : t_(t.contiguous()), dbl_(t_.scalar_type() == at::kDouble) {
-    TORCH_CHECK(dbl_ || t_.scalar_type() == at::kFloat, what, " must be float32 or float64, got ",
-                t_.scalar_type());
-    p_ = t_.const_data_ptr();
-  }
-  double operator[](int64_t c) const {
-    return dbl_ ? static_cast<const double*>(p_)[c] : double(static_cast<const float*>(p_)[c]);
-  }
-
- private:
-  at::Tensor t_;
-  bool dbl_;
-  const void* p_;
-};
 
 // (rstd, scale, shift) of a BN used as y = x * scale + shift: rstd = 1 / sqrt(var + eps),
 // scale = gamma * rstd, shift = beta - mean * scale; shaped like mean.
