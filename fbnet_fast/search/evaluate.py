@@ -29,7 +29,7 @@ def finetune(model, data, steps: int, lr: float, batch_size: int, seed: int, dev
     if steps and len(indices) < batch_size:
         raise ValueError(f"fine-tuning needs at least one batch of {batch_size} {what}, "
                          f"the split holds {len(indices)}: {hint}")
-    opt = sgd(model.parameters(), lr, 0.9, weight_decay)
+    opt = sgd(model.parameters(), lr, 0.9, weight_decay, every_step=True)
     model.train()
     step, epoch = 0, 0
     while step < steps:

@@ -111,7 +111,8 @@ def _train(cfg: TrainConfig, d: Dist, resume, quiet: bool) -> dict:
     cl = d.device.type == "cpu"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    opt = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.wd, nesterov=True)
+    opt = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.wd, nesterov=True,
+              every_step=True)
     ddp = DDP(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.active else model
     seed_all(cfg.seed + 1 + d.rank)
