@@ -125,19 +125,30 @@ inline void col_block(int64_t R, int64_t c, T* p1, T* p2, F& f) {
   }
 }
 
-template <typename T, typename F>
-inline void col_sums(int64_t R, int64_t C, T* p1, T* p2, F&& f) {
+// Calls g(c, NV, B) (integral constants) for blocks of NV B-byte vectors covering channels
+// [0, C): four 64-byte vectors at a time, then one, then a 32-byte one, then single lanes.
+template <typename T, typename G>
+inline void channel_blocks(int64_t C, G&& g) {
+  using std::integral_constant;
   constexpr int64_t L = kLanes<T, 64>, H = kLanes<T, 32>;
   int64_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) col_block<T, 4, 64>(R, c, p1, p2, f);
-  for (; c + L <= C; c += L) col_block<T, 1, 64>(R, c, p1, p2, f);
-  for (; c + H <= C; c += H) col_block<T, 1, 32>(R, c, p1, p2, f);
-  for (; c < C; ++c) col_block<T, 1, sizeof(T)>(R, c, p1, p2, f);
+  for (; c + 4 * L <= C; c += 4 * L)
+    g(c, integral_constant<int, 4>{}, integral_constant<int, 64>{});
+  for (; c + L <= C; c += L) g(c, integral_constant<int, 1>{}, integral_constant<int, 64>{});
+  for (; c + H <= C; c += H) g(c, integral_constant<int, 1>{}, integral_constant<int, 32>{});
+  for (; c < C; ++c) g(c, integral_constant<int, 1>{}, integral_constant<int, sizeof(T)>{});
+}
+
+template <typename T, typename F>
+inline void col_sums(int64_t R, int64_t C, T* p1, T* p2, F&& f) {
+  channel_blocks<T>(C, [&](int64_t c, auto nv, auto b) {
+    col_block<T, decltype(nv)::value, decltype(b)::value>(R, c, p1, p2, f);
+  });
 }
 
 // f(i, c, B) for rows i in [0, R) and the B-byte vectors of channels c.., a block of
-// channels at a time: an elementwise pass over [R, C] without a loop over the channels per row,
-// whose overhead decided the time at the 8 to 24 channels of the small models' layers.
+// channels at a time: an elementwise pass over [R, C] without a loop over the channels per
+// row, whose overhead decided the time at the 8 to 24 channels of the small models' layers.
 template <typename T, int NV, int B, typename F>
 inline void map_block(int64_t R, int64_t c, F& f) {
   constexpr int L = kLanes<T, B>;
@@ -148,12 +159,9 @@ inline void map_block(int64_t R, int64_t c, F& f) {
 
 template <typename T, typename F>
 inline void col_map(int64_t R, int64_t C, F&& f) {
-  constexpr int64_t L = kLanes<T, 64>, H = kLanes<T, 32>;
-  int64_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) map_block<T, 4, 64>(R, c, f);
-  for (; c + L <= C; c += L) map_block<T, 1, 64>(R, c, f);
-  for (; c + H <= C; c += H) map_block<T, 1, 32>(R, c, f);
-  for (; c < C; ++c) map_block<T, 1, sizeof(T)>(R, c, f);
+  channel_blocks<T>(C, [&](int64_t c, auto nv, auto b) {
+    map_block<T, decltype(nv)::value, decltype(b)::value>(R, c, f);
+  });
 }
 
 // The sums as Tensor[2, C] float64.
