@@ -573,14 +573,16 @@ def test_pointwise_bn_bad_input_and_opcheck():
 
 # --- BN3 and the mask-weighted combine over Z = [N, P, k, O], and their backward ---------
 
+@pytest.mark.parametrize("o", [19, 16], ids=["odd-channels", "whole-vectors"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "example"])
-def test_combine_bn_ops(per_example, training):
+def test_combine_bn_ops(per_example, training, o):
     """combine_bn_out and its backward against autograd through F.batch_norm per candidate
-    (batch statistics in training, running ones in eval) and the mask-weighted sum."""
+    (batch statistics in training, running ones in eval) and the mask-weighted sum; O = 16
+    takes the backward's vector path for z * dy (whole vectors per candidate), 19 the other."""
     from fbnet_fast.nn.layout import BN_EPS
-    g = torch.Generator().manual_seed(7 + per_example + 2 * training)
-    n, p, k, o = 3, 70, 5, 19  # 70 pixels: blocks of 64 rows split inside an example
+    g = torch.Generator().manual_seed(7 + per_example + 2 * training + o)
+    n, p, k = 3, 70, 5  # 70 pixels: blocks of 64 rows split inside an example
     z = torch.randn(n, p, k, o, dtype=DT, generator=g) * 2 + 0.5
     dy = torch.randn(n, p, o, dtype=DT, generator=g)
     mask = torch.rand(n if per_example else 1, k, dtype=DT, generator=g)
@@ -606,7 +608,7 @@ def test_combine_bn_ops(per_example, training):
     with pytest.raises(RuntimeError, match="must have 1 or N = 3 rows"):
         torch.ops.fbnet_fast.combine_bn_out(z, torch.ones(2, k, dtype=DT), mean, var, gamma,
                                             beta, BN_EPS, out)
-    with pytest.raises(RuntimeError, match="gamma must have k \\* O = 95 elements"):
+    with pytest.raises(RuntimeError, match=rf"gamma must have k \* O = {k * o} elements"):
         torch.ops.fbnet_fast.combine_bn_out(z, mask, mean, var, gamma[:, 1:], beta, BN_EPS, out)
     torch.library.opcheck(torch.ops.fbnet_fast.combine_bn_out.default,
                           (z, mask, mean, var, gamma, beta, BN_EPS, out))
