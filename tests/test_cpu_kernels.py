@@ -355,7 +355,7 @@ def test_dw_conv_bn(size, k, stride):
     c = (a - mean.view(1, -1, 1, 1))
     torch.testing.assert_close(bsums, torch.stack([pre.grad.sum((0, 2, 3)),
                                                    (pre.grad * c).sum((0, 2, 3))]))
-    # with the first 1x1's rows x: its two products of g, taken tile by tile (weights up to
+    # with the first 1x1's rows x: its two products of g, over chunks of rows (weights up to
     # 512 KB) or as whole GEMMs (the 700-channel case with 100 inputs: 560 KB)
     n, ch, h, w = a.shape
     ci = 100 if ch == 700 else 5

@@ -34,22 +34,18 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
     using T = scalar_t;
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
       std::vector<T> part(2 * C);  // sums over a block of rows in T, then into double
-      T* p1 = part.data();
-      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
         auto [r0, r1] = share(M, parts, t);
         double* s1 = acc.data() + t * 2 * C;
         double* s2 = s1 + C;
         for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-          std::fill(p1, p1 + 2 * C, T(0));
           const T* x0 = xp + rb * ld;
-          col_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, p1, p2,
-                      [&](int64_t i, int64_t c, auto Bc) {
+          add_row_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, part.data(), s1, s2,
+                          [&](int64_t i, int64_t c, auto Bc) {
             constexpr int B = decltype(Bc)::value;
             const auto d = vload<B>(x0 + i * ld + c) - vload<B>(xp + c);
             return std::pair{d, d * d};
           });
-          add_partials(p1, p2, 0, C, s1, s2);
         }
       }
     });
@@ -224,20 +220,16 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
     auto pass1 = [&](auto relu_c) {
       constexpr bool R = decltype(relu_c)::value;
       at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> b1(C), b2(C);
+        std::vector<T> part(2 * C);
         for (int64_t t = t0; t < t1; ++t) {
           auto [r0, r1] = share(M, parts, t);
           double* s1 = acc.data() + t * 2 * C;
           double* s2 = s1 + C;
           for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-            std::fill(b1.begin(), b1.end(), T(0));
-            std::fill(b2.begin(), b2.end(), T(0));
-            T* p1 = b1.data();
-            T* p2 = b2.data();
             const T* g0 = gp + rb * lg;
             const T* z0 = zp + rb * lz;
-            col_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, p1, p2,
-                        [&](int64_t i, int64_t c, auto Bc) {
+            add_row_sums<T>(std::min(r1, rb + kRowBlock) - rb, C, part.data(), s1, s2,
+                            [&](int64_t i, int64_t c, auto Bc) {
               constexpr int B = decltype(Bc)::value;
               using V = vec_t<T, B>;
               const V z = vload<B>(z0 + i * lz + c), g = vload<B>(g0 + i * lg + c);
@@ -245,7 +237,6 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
               if constexpr (R) gv = z * vload<B>(a + c) + vload<B>(b + c) > V{} ? g : V{};
               return std::pair{gv, gv * (z - vload<B>(m + c))};
             });
-            add_partials(p1, p2, 0, C, s1, s2);
           }
         }
       });

@@ -29,10 +29,10 @@ inline void check_vec(const at::Tensor& v, int64_t C, const at::Tensor& like, co
 // conversion per call is an op of its own, some microseconds each).
 class AsDouble {
  public:
-  AsDouble(const at::Tensor& t, const char* what)
+  AsDouble(const at::Tensor& t, const char* op, const char* name)
       : t_(t.contiguous()), dbl_(t_.scalar_type() == at::kDouble) {
-    TORCH_CHECK(dbl_ || t_.scalar_type() == at::kFloat, what, " must be float32 or float64, got ",
-                t_.scalar_type());
+    TORCH_CHECK(dbl_ || t_.scalar_type() == at::kFloat, op, ": ", name,
+                " must be float32 or float64, got ", t_.scalar_type());
     p_ = t_.const_data_ptr();
   }
   double operator[](int64_t c) const {
@@ -86,18 +86,7 @@ inline std::pair<double, double> sum_parts(const std::vector<double>& acc, int64
   return {s1, s2};
 }
 
-// Partial sums p1, p2 of channels [c0, c1) (over a block of rows, in the input precision)
-// added into the double accumulators s1, s2.
-template <typename T>
-inline void add_partials(const T* p1, const T* p2, int64_t c0, int64_t c1, double* s1,
-                         double* s2) {
-  for (int64_t c = c0; c < c1; ++c) {
-    s1[c] += p1[c];
-    s2[c] += p2[c];
-  }
-}
-
-// p1[c] += sum_i u, p2[c] += sum_i w over rows i in [0, R) with (u, w) = f(i, c, B), the
+// p1[c] = sum_i u, p2[c] = sum_i w over rows i in [0, R) with (u, w) = f(i, c, B), the
 // vectors of channels c.. of row i in B-byte lanes (f may also store a result there). A block
 // of channels at a time, its sums in registers across the rows: the per-row loop over all
 // channels read and wrote both sums from memory for every row, which in the epilogues of the
@@ -107,11 +96,7 @@ template <typename T, int NV, int B, typename F>
 inline void col_block(int64_t R, int64_t c, T* p1, T* p2, F& f) {
   using V = vec_t<T, B>;
   constexpr int L = kLanes<T, B>;
-  V s[NV], q[NV];
-  for (int v = 0; v < NV; ++v) {
-    s[v] = vload<B>(p1 + c + v * L);
-    q[v] = vload<B>(p2 + c + v * L);
-  }
+  V s[NV] = {}, q[NV] = {};
   for (int64_t i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -144,6 +129,18 @@ inline void col_sums(int64_t R, int64_t C, T* p1, T* p2, F&& f) {
   channel_blocks<T>(C, [&](int64_t c, auto nv, auto b) {
     col_block<T, decltype(nv)::value, decltype(b)::value>(R, c, p1, p2, f);
   });
+}
+
+// col_sums over a block of R rows into `part` (2 C values in the input precision, which the
+// sums overwrite), added into the double accumulators s1, s2 (C each): the kernels' BN sums,
+// in the input precision over a block of rows, in double across blocks.
+template <typename T, typename F>
+inline void add_row_sums(int64_t R, int64_t C, T* part, double* s1, double* s2, F&& f) {
+  col_sums<T>(R, C, part, part + C, f);
+  for (int64_t c = 0; c < C; ++c) {
+    s1[c] += part[c];
+    s2[c] += part[C + c];
+  }
 }
 
 // f(i, c, B) for rows i in [0, R) and the B-byte vectors of channels c.., a block of

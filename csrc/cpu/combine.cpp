@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -119,11 +118,8 @@ Bn3 bn3_coefs(const ZShape& Z, const at::Tensor& mean, const at::Tensor& var,
                          {&beta, "beta"}})
     TORCH_CHECK(t->numel() == KO, op, ": ", name, " must have k * O = ", KO,
                 " elements (one per candidate and channel), got shape ", t->sizes());
-  auto as_double = [op](const at::Tensor& t, const char* name) {
-    return AsDouble(t, (std::string(op) + ": " + name).c_str());
-  };
-  const AsDouble m = as_double(mean, "mean"), v = as_double(var, "var"),
-                 g = as_double(gamma, "gamma"), b = as_double(beta, "beta");
+  const AsDouble m(mean, op, "mean"), v(var, op, "var"), g(gamma, op, "gamma"),
+      b(beta, op, "beta");
   Bn3 c{std::vector<double>(KO), std::vector<double>(KO), std::vector<double>(KO),
         std::vector<double>(KO), std::vector<double>(KO)};
   for (int64_t j = 0; j < KO; ++j) {
@@ -142,7 +138,7 @@ std::vector<double> mask_values(const at::Tensor& mask, const ZShape& Z, int64_t
   TORCH_CHECK(mask.dim() == 2 && mask.size(1) == Z.K, op, ": mask must be Tensor[1 or N, k = ",
               Z.K, "] (the conv candidates' columns), got shape ", mask.sizes());
   *rows = coef_rows(mask, Z, op, "mask");
-  const AsDouble m(mask, (std::string(op) + ": mask").c_str());
+  const AsDouble m(mask, op, "mask");
   std::vector<double> out(mask.numel());
   for (int64_t j = 0; j < mask.numel(); ++j) out[j] = m[j];
   return out;
@@ -236,7 +232,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_bn_backward_out_cpu(
           re = block_end(Z, rb, r1);
           const int64_t n = rb / Z.P;
           zdy_sums<T>(zp + rb * KO, gp + rb * O, re - rb, K, O, pz.data());
-          std::fill(pg.begin(), pg.end(), T(0));
           col_sums<T>(re - rb, O, pg.data(), unused.data(), [&](int64_t j, int64_t c, auto Bc) {
             const auto g = vload<decltype(Bc)::value>(gp + (rb + j) * O + c);
             return std::pair{g, decltype(g){}};

@@ -25,7 +25,7 @@ namespace {
 // the halo rows that two tiles both transform stay a fraction of the work.
 constexpr int64_t kTileBytes = 3 << 19;
 constexpr int64_t kMinTileRows = 8;
-// Pixels of g the depthwise backward's first-1x1 products take at a time, at least.
+// Pixels of g the depthwise backward's first-1x1 products take at a time, about.
 constexpr int64_t kProductPixels = 128;
 
 // Output rows per tile when each takes `per_row` buffer elements of type T and a tile `halo`
@@ -223,8 +223,6 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
       // kept across calls: no allocation per call; ba points at column 0
       T* ba = thread_buffer<T>(1, a_rows * row_a) + P * ld;
       std::vector<T> part(2 * C);
-      T* p1 = part.data();
-      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows, parts, t);
         double* s1 = acc.data() + t * 2 * C;
@@ -240,13 +238,11 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
           // the epilogue, over the tile's output while it is in cache: BN2's sums (in T per
           // output row, vectorized, then into double)
           for (int64_t oh = oh0; oh < oh1; ++oh) {
-            std::fill(p1, p1 + 2 * C, T(0));
             const T* orow = op + (n * S.Ho + oh) * S.Wo * C;
-            col_sums<T>(S.Wo, C, p1, p2, [&](int64_t ow, int64_t c, auto Bc) {
+            add_row_sums<T>(S.Wo, C, part.data(), s1, s2, [&](int64_t ow, int64_t c, auto Bc) {
               const auto v = vload<decltype(Bc)::value>(orow + ow * C + c);
               return std::pair{v, v * v};
             });
-            add_partials(p1, p2, 0, C, s1, s2);
           }
         });
       }
@@ -412,8 +408,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
       T* dxchunk = pw1 && !x_direct ? thread_buffer<T>(6, chunk * S.W * Cp) : nullptr;
       if (xchunk) std::fill(xchunk, xchunk + chunk * S.W * Cp, T(0));
       std::vector<T> part(2 * C);  // one row's sums in T (vectorized), then into double
-      T* p1 = part.data();
-      T* p2 = p1 + C;
       for (int64_t t = b; t < e; ++t) {
         const auto [r0, r1] = share(rows, parts, t);
         double* s1 = acc.data() + t * 2 * C;
@@ -467,10 +461,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
             T* grow = gap ? gap + row * S.W * C : gchunk + local * S.W * C;
             Sg.o0 = gap ? 0 : row - local;
             for (const auto& g : gi) grad_input_row<T>(Sg, g, gt, gap ? gap : gchunk, n, ih);
-            std::fill(p1, p1 + 2 * C, T(0));
             const T* zrow = araw + n * Sa.xn + (ih - Sa.h0) * Sa.xh;
             // the epilogue, over the cached row
-            col_sums<T>(S.W, C, p1, p2, [&](int64_t iw, int64_t c, auto Bc) {
+            add_row_sums<T>(S.W, C, part.data(), s1, s2, [&](int64_t iw, int64_t c, auto Bc) {
               constexpr int B = decltype(Bc)::value;
               using V = vec_t<T, B>;
               T* o = grow + iw * C + c;
@@ -480,7 +473,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
               vstore(o, gv);
               return std::pair{gv, gv * (z - vload<B>(mp + c))};
             });
-            add_partials(p1, p2, 0, C, s1, s2);
             if (pw1 && (ih + 1 == i1 || ih + 1 - c0 == chunk)) {
               products(n, c0, ih + 1);
               c0 = ih + 1;

@@ -60,8 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_c
                          {&rstd, "rstd"}})
     check_like(*t, gamma, "bn_grad_coef", name);
   TORCH_CHECK(count > 0, "bn_grad_coef: count must be positive, got ", count);
-  const AsDouble sg(sum_g, "bn_grad_coef: sum_g"), sgz(sum_gz, "bn_grad_coef: sum_gz"),
-      m(mean, "bn_grad_coef: mean"), r(rstd, "bn_grad_coef: rstd"), g(gamma, "bn_grad_coef: gamma");
+  const char* op = "bn_grad_coef";
+  const AsDouble sg(sum_g, op, "sum_g"), sgz(sum_gz, op, "sum_gz"), m(mean, op, "mean"),
+      r(rstd, op, "rstd"), g(gamma, op, "gamma");
   auto opts = gamma.options().memory_format(at::MemoryFormat::Contiguous);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 5; ++i) out.push_back(at::empty(gamma.sizes(), opts));
@@ -224,7 +225,7 @@ void bn_running_update_cpu(at::TensorList means, at::TensorList vars, at::Tensor
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == total,
               "bn_running_update: stats must be [2, ", total, "] (means, variances), got ",
               stats.sizes());
-  const AsDouble st(stats, "bn_running_update: stats");
+  const AsDouble st(stats, "bn_running_update", "stats");
   int64_t off = 0;  // BN i's channels in the packed statistics
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &rm = means[i], &rv = vars[i];

@@ -152,16 +152,12 @@ at::Tensor bn_relu_all(const T* d, int64_t ldd, int64_t M, int64_t C, const T* s
 template <typename T>
 void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t ldz, T* part,
                 double* s1, double* s2) {
-  std::fill(part, part + 2 * Zc, T(0));
-  T* p1 = part;
-  T* p2 = part + Zc;
   const bool copy = z != zt;
-  col_sums<T>(R, Zc, p1, p2, [&](int64_t i, int64_t c, auto Bc) {
+  add_row_sums<T>(R, Zc, part, s1, s2, [&](int64_t i, int64_t c, auto Bc) {
     const auto v = vload<decltype(Bc)::value>(zt + i * ldt + c);
     if (copy) vstore(z + i * ldz + c, v);
     return std::pair{v, v * v};
   });
-  add_partials(p1, p2, 0, Zc, s1, s2);
 }
 
 // Rows [0, R) of g = dh where h > 0, else 0, into out (which may be dh), and the sums of g
@@ -170,17 +166,13 @@ template <typename T>
 void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, int64_t ldd,
                 const T* mean, int64_t R, int64_t C, T* out, int64_t ldo, T* part, double* s1,
                 double* s2) {
-  std::fill(part, part + 2 * C, T(0));
-  T* p1 = part;
-  T* p2 = part + C;
-  col_sums<T>(R, C, p1, p2, [&](int64_t i, int64_t c, auto Bc) {
+  add_row_sums<T>(R, C, part, s1, s2, [&](int64_t i, int64_t c, auto Bc) {
     constexpr int B = decltype(Bc)::value;
     using V = vec_t<T, B>;
     const V gv = vload<B>(h + i * ldh + c) > V{} ? vload<B>(dh + i * lddh + c) : V{};
     vstore(out + i * ldo + c, gv);
     return std::pair{gv, gv * (vload<B>(d + i * ldd + c) - vload<B>(mean + c))};
   });
-  add_partials(p1, p2, 0, C, s1, s2);
 }
 
 // The [out_len, in_len] weight block of a segment.
