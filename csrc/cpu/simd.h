@@ -18,7 +18,16 @@ template <int B = 64, typename T> inline vec_t<T, B> vload(const T* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-template <typename T, typename V> inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+// Stores go through a vector type of T's alignment, not memcpy: a memcpy store may alias
+// anything, so the compiler reloaded every value a kernel's lambda captured by reference
+// after each one (the pointwise backward's epilogue spent most of its time on such reloads);
+// a store of T vectors may only alias T.
+template <typename T, int B> struct VecU {
+  typedef T t __attribute__((vector_size(B), aligned(alignof(T))));
+};
+template <typename T, typename V> inline void vstore(T* p, V v) {
+  *reinterpret_cast<typename VecU<T, sizeof(V)>::t*>(p) = v;
+}
 
 }  // namespace
 }  // namespace fbnet_fast
