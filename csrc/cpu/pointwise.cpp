@@ -27,6 +27,11 @@ namespace {
 // Bytes of h per tile: the tile's rows of h, and the weights the GEMMs stream, stay in L2.
 constexpr int64_t kTileBytes = 256 << 10;
 
+// Above this many bytes the backward's g goes to memory past the caches (vstream): the
+// next pass finds little of it in cache anyway, and each line is not read in first. At the
+// quick preset's 32x32 layers (23 MB) the step ran 1.02-1.03x faster.
+constexpr int64_t kStreamBytes = 8 << 20;
+
 // Rows per tile for rows of `width` elements: a multiple of 8 (the micro-kernels' row block).
 template <typename T>
 int64_t tile_rows(int64_t width) {
@@ -160,9 +165,9 @@ void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t l
   });
 }
 
-// Rows [0, R) of g = dh where h > 0, else 0, into out (which may be dh), and the sums of g
-// and g * (d - mean) added to s1, s2.
-template <typename T>
+// Rows [0, R) of g = dh where h > 0, else 0, into out (which may be dh; with Stream, past
+// the caches), and the sums of g and g * (d - mean) added to s1, s2.
+template <typename T, bool Stream = false>
 void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, int64_t ldd,
                 const T* mean, int64_t R, int64_t C, T* out, int64_t ldo, T* part, double* s1,
                 double* s2) {
@@ -170,7 +175,8 @@ void g_epilogue(const T* h, int64_t ldh, const T* dh, int64_t lddh, const T* d, 
     constexpr int B = decltype(Bc)::value;
     using V = vec_t<T, B>;
     const V gv = vload<B>(h + i * ldh + c) > V{} ? vload<B>(dh + i * lddh + c) : V{};
-    vstore(out + i * ldo + c, gv);
+    if constexpr (Stream) vstream(out + i * ldo + c, gv);
+    else vstore(out + i * ldo + c, gv);
     return std::pair{gv, gv * (vload<B>(d + i * ldd + c) - vload<B>(mean + c))};
   });
 }
@@ -317,6 +323,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
     // each part zeroes its own
     std::unique_ptr<T[]> gw_parts(new T[weight_grad ? parts * total : 0]);
     const int64_t ldh = C + q;  // the padding columns: gemm_tile reads up to pad_in of them
+    // g past the caches where it is too large to stay there for the depthwise backward
+    const bool stream = M * C * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
     const int64_t tile = tile_rows<T>(ldh);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
       T* h = thread_buffer<T>(1, tile * ldh);  // kept across calls: no allocation per call
@@ -340,11 +348,16 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
               gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
                            gwt + off[s], g.pad_in, true);
           }
-          g_epilogue<T>(h, ldh, dh, ldh, dp + t0 * ldd, ldd, mp, R, C,
-                        gp + t0 * ldg, ldg, part.data(), acc.data() + t * 2 * C,
-                        acc.data() + t * 2 * C + C);
+          auto epilogue = [&](auto stream) {
+            g_epilogue<T, decltype(stream)::value>(
+                h, ldh, dh, ldh, dp + t0 * ldd, ldd, mp, R, C, gp + t0 * ldg, ldg, part.data(),
+                acc.data() + t * 2 * C, acc.data() + t * 2 * C + C);
+          };
+          if (stream) epilogue(std::true_type{});
+          else epilogue(std::false_type{});
         }
       }
+      stream_fence();
     });
     if (!weight_grad) return;
     // the parts' gradients added up, in parallel over the segments

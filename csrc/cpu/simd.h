@@ -1,6 +1,11 @@
 // Vectors of a fixed byte width through GCC vector extensions, shared by the CPU kernels.
 #pragma once
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace fbnet_fast {
 namespace {
@@ -27,6 +32,38 @@ template <typename T, int B> struct VecU {
 };
 template <typename T, typename V> inline void vstore(T* p, V v) {
   *reinterpret_cast<typename VecU<T, sizeof(V)>::t*>(p) = v;
+}
+
+// A store that bypasses the caches where p is aligned to the vector (else vstore): for wide
+// outputs written once and read by a later pass, it saves reading every line in before it is
+// written (the pointwise backward's [N*H*W, 22*C] gradient took 1.3x longer to write than
+// its arithmetic). Call stream_fence() after the last one, before other threads read.
+template <typename T, typename V> inline void vstream(T* p, V v) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    if (a % 64 == 0) {
+      if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, (__m512)v);
+      else return _mm512_stream_pd(p, (__m512d)v);
+    }
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) {
+    if (a % 32 == 0) {
+      if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, (__m256)v);
+      else return _mm256_stream_pd(p, (__m256d)v);
+    }
+  }
+#endif
+  (void)a;
+  vstore(p, v);
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace
