@@ -289,10 +289,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_bn_backward_out_cpu(
         constexpr int B = decltype(Bc)::value;
         const int64_t r = r0 + j;
         const auto g = vload<B>(gp + r * O + c);
-        const T* zr = zp + r * KO + c;
-        T* o = op_ + r * KO + c;
-        for (int64_t w = c; w < KO; w += O, zr += O, o += O)
-          vstore(o, vload<B>(zr) * vload<B>(bp + w) + vload<B>(dp + w) + g * vload<B>(ar + w));
+        const T* zr = zp + r * KO;
+        T* o = op_ + r * KO;
+        for (int64_t w = c; w < KO; w += O)  // candidate w / O, channels c..
+          vstore(o + w,
+                 vload<B>(zr + w) * vload<B>(bp + w) + vload<B>(dp + w) + g * vload<B>(ar + w));
       });
     });
   });

@@ -348,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
               gemm_tile<T>(g.out_len, g.pad_in, R, dzs, 1, ldz, h + g.in0, ldh,
                            gwt + off[s], g.pad_in, true);
           }
-          auto epilogue = [&](auto stream) {
-            g_epilogue<T, decltype(stream)::value>(
+          auto epilogue = [&](auto past_caches) {
+            g_epilogue<T, decltype(past_caches)::value>(
                 h, ldh, dh, ldh, dp + t0 * ldd, ldd, mp, R, C, gp + t0 * ldg, ldg, part.data(),
                 acc.data() + t * 2 * C, acc.data() + t * 2 * C + C);
           };

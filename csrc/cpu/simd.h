@@ -36,8 +36,9 @@ template <typename T, typename V> inline void vstore(T* p, V v) {
 
 // A store that bypasses the caches where p is aligned to the vector (else vstore): for wide
 // outputs written once and read by a later pass, it saves reading every line in before it is
-// written (the pointwise backward's [N*H*W, 22*C] gradient took 1.3x longer to write than
-// its arithmetic). Call stream_fence() after the last one, before other threads read.
+// written (out of cache, the pointwise backward at the quick preset's 32x32 layers took about
+// twice its in-cache time, most of it writing its [N*H*W, 22*C] gradient). Call
+// stream_fence() after the last one, before other threads read.
 template <typename T, typename V> inline void vstream(T* p, V v) {
   const auto a = reinterpret_cast<std::uintptr_t>(p);
 #if defined(__AVX512F__)
