@@ -216,6 +216,7 @@ def supernet_case(n: int, res: int, backend: str, channels_last: bool = True,
     torch.manual_seed(0)
     net = fbnet_fast.SuperNet(space or SearchSpace(resolution=res), num_classes=classes,
                               backend=backend, mask=mask)
+    registry.fast_layers(net, "cpu", backend)  # the stem and head as the search runs them
     x = torch.randn(n, 3, res, res)
     if channels_last:
         net = net.to(memory_format=CL)

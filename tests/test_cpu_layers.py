@@ -185,3 +185,37 @@ def test_fast_layers_follows_the_backend_choice():
     assert isinstance(model.stem[2], nn.Identity) and isinstance(model.stem, ConvBNReLU)
     with pytest.raises(ValueError, match="unknown backend 'fused'"):
         registry.fast_layers(model, "cpu", "fused")
+
+
+def test_supernet_stem_and_head_train_like_the_plain_ones():
+    """A SuperNet after ``fast_layers`` (what the search runs): its stem's and head's BN +
+    ReLU on the C++ layers, the MixedBlocks untouched; one training step with the same masks
+    gives the plain net's loss, every gradient (θ's included) and BN buffers, and the same
+    state-dict keys."""
+    from fbnet_fast import SuperNet
+    torch.manual_seed(0)
+    space = SearchSpace.small(width=0.25, head_channels=256)
+    plain = SuperNet(space, num_classes=10, backend="cpu").to(DT).to(memory_format=CL).train()
+    with torch.no_grad():
+        for bn in (plain.stem[1], plain.head[1]):
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.normal_()
+    fast = copy.deepcopy(plain)
+    assert registry.fast_layers(fast, "cpu", "cpu") is fast
+    assert [type(m[1]) for m in (fast.stem, fast.head)] == [cpu_layers.BatchNorm2d] * 2
+    assert fast.stem[1].relu and fast.head[1].relu
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=DT).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+    loss = [nn.functional.cross_entropy(
+        m(x, masks=m.sample_masks(4, torch.Generator().manual_seed(1))), y) for m in (fast, plain)]
+    torch.testing.assert_close(loss[0], loss[1])
+    probe = copy.deepcopy(fast.head[1])(torch.randn(2, 256, 3, 3, dtype=DT).contiguous(
+        memory_format=CL))
+    assert "TrainBN" in type(probe.grad_fn).__name__                     # the C++ path runs
+    for l in loss:
+        l.backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(fast.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

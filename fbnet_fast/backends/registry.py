@@ -134,9 +134,10 @@ def pick_name(name: str, device: torch.device) -> str:
 
 
 def fast_layers(model, device: torch.device | str, name: str = "auto"):
-    """``model`` (a discrete FBNet) with its BN and depthwise layers on the fused CPU family's
-    kernels (``cpu_layers.accelerate``, in place) where a MixedBlock with backend ``name``
-    would use that family on ``device``; else unchanged. Returns ``model``."""
+    """``model`` (a discrete FBNet, or a SuperNet: its stem and head) with its BN and
+    depthwise layers on the fused CPU family's kernels (``cpu_layers.accelerate``, in place)
+    where a MixedBlock with backend ``name`` would use that family on ``device``; else
+    unchanged. Returns ``model``."""
     device = torch.device(device)
     if device.type == "cpu" and pick_name(check_name(name), device) == "cpu":
         # loaded like a family's module, on first use: importing it builds the C++ kernels

@@ -158,6 +158,9 @@ class _Search:
         # the fused kernels' build (a minute on first use) and self-check happen here, not
         # inside the first epoch's time and images/s
         registry.resolve(cfg.backend, d.device)
+        # the stem's and head's BN + ReLU on the same family's C++ layers (PyTorch's
+        # channels-last BN is slow at their narrow widths); in place, state dict unchanged
+        registry.fast_layers(net, d.device, cfg.backend)
         self.crit = FBNetLoss(table, cfg.latency_loss, cfg.alpha, cfg.beta, cfg.lam,
                               space=space, num_classes=data.num_classes)
         self.w_params = net.weight_parameters()
