@@ -145,6 +145,13 @@ def _train_step(model, x, y):
     return loss
 
 
+def _assert_same_grads_and_buffers(fast, plain):
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(fast.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_accelerated_fbnet_trains_like_the_plain_one():
     """A whole model at the quick preset's shapes, one training step, then eval: the same
     loss, gradients, BN buffers and eval output; the same state-dict keys and parameters."""
@@ -168,10 +175,7 @@ def test_accelerated_fbnet_trains_like_the_plain_one():
     x = torch.randn(4, 3, 32, 32, dtype=DT).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (4,))
     torch.testing.assert_close(_train_step(fast, x, y), _train_step(plain, x, y))
-    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    for (name, a), b in zip(fast.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(a, b, msg=name)
+    _assert_same_grads_and_buffers(fast, plain)
     fast.eval(), plain.eval()
     torch.testing.assert_close(fast(x), plain(x))
 
@@ -215,7 +219,4 @@ def test_supernet_stem_and_head_train_like_the_plain_ones():
     assert "TrainBN" in type(probe.grad_fn).__name__                     # the C++ path runs
     for l in loss:
         l.backward()
-    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    for (name, a), b in zip(fast.named_buffers(), plain.buffers(), strict=True):
-        torch.testing.assert_close(a, b, msg=name)
+    _assert_same_grads_and_buffers(fast, plain)

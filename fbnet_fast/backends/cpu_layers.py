@@ -2,7 +2,8 @@
 CPU: fine-tuning a searched architecture, ``fbnet-fast train`` and ``fbnet-fast baseline``.
 A candidate block trains as the fused MixedBlock op of its one candidate; the BNs (with the
 ReLU after them) and depthwise convs of the rest, and of blocks the op does not cover, run
-on these layers.
+on these layers. The search also puts its SuperNet's stem and head BN + ReLU on them
+(``registry.fast_layers``; the MixedBlocks have their own ops).
 
 PyTorch's channels-last BN is slow on the CPU at the narrow widths of these models: at
 [32, 8, 32, 32] its forward and backward with the ReLU take 4.4 ms, these kernels 1.2 ms
