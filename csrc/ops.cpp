@@ -37,8 +37,10 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // weights' grads and Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
   // With a_weight (Tensor[C, C_in]), a is the first 1x1's input (Tensor[N, C_in, H, W]) and
   // the depthwise input is relu((a a_weight^T) * scale + shift), made one tile at a time.
+  // stats=False (the backward's recomputation, whose statistics are known) skips the
+  // statistics: an empty tensor comes back.
   m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
-        " Tensor(a!) out, Tensor? a_weight=None) -> Tensor");
+        " Tensor(a!) out, Tensor? a_weight=None, bool stats=True) -> Tensor");
   // With x (Tensor[N*H*W, C_in], the rows the first 1x1 read to make a) and x_weight
   // (Tensor[C, C_in]) the backward also writes grad_x = g x_weight and returns g^T x
   // (Tensor[C, C_in]; empty without x), while each row of g is in cache (above 512 KB of
@@ -73,9 +75,10 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // Tensor[2, C_z] in d's dtype, z's per-column mean and biased variance; the backward writes
   // g = dL/d(d * scale + shift) (zero where the ReLU was off) into grad_d and returns the
   // weight's gradient (empty with weight_grad=False) and Tensor[2, C] float64, the per-channel
-  // sums of g and g * (d - mean).
+  // sums of g and g * (d - mean). stats=False skips the forward's statistics, as in
+  // dw_conv_bn_out.
   m.def("pointwise_bn_out(Tensor d, Tensor scale, Tensor shift, Tensor weight, int[] segments,"
-        " Tensor(a!) z) -> Tensor");
+        " Tensor(a!) z, bool stats=True) -> Tensor");
   m.def("pointwise_bn_backward_out(Tensor dz, Tensor d, Tensor scale, Tensor shift, Tensor mean,"
         " Tensor weight, int[] segments, Tensor(a!) grad_d, bool weight_grad=True)"
         " -> (Tensor, Tensor)");

@@ -345,6 +345,11 @@ def test_dw_conv_bn(size, k, stride):
     torch.testing.assert_close(out, y)
     var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
     torch.testing.assert_close(stats, torch.stack([mean, var]))
+    # without the statistics (the backward's recomputation): the same output, nothing else
+    again = torch.full_like(out, float("nan"))
+    none = torch.ops.fbnet_fast.dw_conv_bn_out(a, ws, stride, scale, shift, again, None, False)
+    assert none.numel() == 0
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
     dy = torch.randn(y.shape, dtype=DT, generator=g)
     y.backward(dy)
     mean = a.mean((0, 2, 3))
@@ -435,8 +440,9 @@ def test_dw_conv_bn_a_weight_errors_and_opcheck():
                                            r"a_weight\) has 12"):
         ops.dw_conv_bn(x, ws, 1, sc, sh, a_weight=torch.randn(12, 6, dtype=DT))
     out = torch.empty(2, 16, 5, 4, dtype=DT).contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
-                          (x, ws, 1, sc, sh, out, torch.randn(16, 6, dtype=DT)))
+    for stats in (True, False):
+        torch.library.opcheck(torch.ops.fbnet_fast.dw_conv_bn_out.default,
+                              (x, ws, 1, sc, sh, out, torch.randn(16, 6, dtype=DT), stats))
 
 
 def test_dw_conv_bn_strided_input_and_opcheck():
@@ -521,6 +527,9 @@ def test_pointwise_bn(case, dtype):
     torch.testing.assert_close(z, z_ref.detach(), **tol)
     var, mean = torch.var_mean(z_ref.detach(), 0, correction=0)
     torch.testing.assert_close(stats, torch.stack([mean, var]), **tol)
+    z2 = torch.full_like(z, float("nan"))    # without the statistics: the same z, nothing else
+    assert torch.ops.fbnet_fast.pointwise_bn_out(d, scale, shift, w, flat, z2, False).numel() == 0
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)
     dz = torch.randn(z.shape, dtype=dtype, generator=g)
     z_ref.backward(dz)
     mu = d.mean(0)
@@ -564,8 +573,9 @@ def test_pointwise_bn_bad_input_and_opcheck():
                                                           gd)[0] for f, gd in
            ((flat, torch.empty_like(d)), (shuffled, torch.empty_like(d)))]
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=1e-12)
-    torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_out.default,
-                          (d, scale, shift, w, flat, z))
+    for stats in (True, False):
+        torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_out.default,
+                              (d, scale, shift, w, flat, z, stats))
     dz = torch.randn(z.shape, dtype=DT, generator=g)
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.fbnet_fast.pointwise_bn_backward_out.default,

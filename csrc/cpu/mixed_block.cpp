@@ -48,9 +48,8 @@ struct Kernels {
       find_op<at::Tensor(CT, CT, CT, bool)>("fbnet_fast::scale_shift");
   c10::TypedOperatorHandle<T3(CT, CT, CT, CT, CT, CT, bool, bool)> bn_backward =
       find_op<T3(CT, CT, CT, CT, CT, CT, bool, bool)>("fbnet_fast::bn_backward");
-  c10::TypedOperatorHandle<at::Tensor(CT, at::TensorList, int64_t, CT, CT, CT, const Opt&)>
-      dw_conv_bn_out = find_op<at::Tensor(CT, at::TensorList, int64_t, CT, CT, CT, const Opt&)>(
-          "fbnet_fast::dw_conv_bn_out");
+  using DwFwd = at::Tensor(CT, at::TensorList, int64_t, CT, CT, CT, const Opt&, bool);
+  c10::TypedOperatorHandle<DwFwd> dw_conv_bn_out = find_op<DwFwd>("fbnet_fast::dw_conv_bn_out");
   using DwBwd = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
       CT, CT, at::TensorList, int64_t, CT, CT, CT, const Opt&, const Opt&, const Opt&,
       const Opt&, const Opt&, const Opt&, bool, const Opt&);
@@ -61,8 +60,9 @@ struct Kernels {
   c10::TypedOperatorHandle<T3(CT, CT, CT, CT, CT, CT, CT, double, bool, CT)>
       combine_bn_backward_out = find_op<T3(CT, CT, CT, CT, CT, CT, CT, double, bool, CT)>(
           "fbnet_fast::combine_bn_backward_out");
-  c10::TypedOperatorHandle<at::Tensor(CT, CT, CT, CT, at::IntArrayRef, CT)> pointwise_bn_out =
-      find_op<at::Tensor(CT, CT, CT, CT, at::IntArrayRef, CT)>("fbnet_fast::pointwise_bn_out");
+  c10::TypedOperatorHandle<at::Tensor(CT, CT, CT, CT, at::IntArrayRef, CT, bool)>
+      pointwise_bn_out = find_op<at::Tensor(CT, CT, CT, CT, at::IntArrayRef, CT, bool)>(
+          "fbnet_fast::pointwise_bn_out");
   c10::TypedOperatorHandle<T2(CT, CT, CT, CT, CT, CT, at::IntArrayRef, CT, bool)>
       pointwise_bn_backward_out = find_op<T2(CT, CT, CT, CT, CT, CT, at::IntArrayRef, CT, bool)>(
           "fbnet_fast::pointwise_bn_backward_out");
@@ -267,13 +267,16 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   }
   r.bn1 = bn_of(m1, v1, r.g1, b1, p.eps);
   at::Tensor m2, v2;
-  if (!reuse) {  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue
+  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue (not in the
+  // backward's recomputation, which has them: the epilogues cost about 5 % of the second
+  // 1x1s' call at the quick preset's 32x32 layers, and of the depthwise's at 56x56)
+  if (!reuse) {
     r.D = buf("D", {g.M2, T});
     const bool tiled = !r.A.defined();
     auto st = k.dw_conv_bn_out.call(g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
                                     r.bn1.shift, g.image_out(r.D),
-                                    tiled ? Opt(r.W1) : Opt());
-    m2 = st[0], v2 = st[1];
+                                    tiled ? Opt(r.W1) : Opt(), !stats_in);
+    if (!stats_in) m2 = st[0], v2 = st[1];
   }
   if (stats_in) {
     std::tie(m2, v2) = packed(T, T);
@@ -283,8 +286,9 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   r.bn2 = bn_of(m2, v2, w.g2, w.b2, p.eps);
   if (!reuse) {  // BN2 + ReLU the second 1x1s' prologue, BN3's statistics their epilogue
     r.Z = buf("Z", {g.M2, p.k * O});
-    auto st = k.pointwise_bn_out.call(r.D, r.bn2.scale, r.bn2.shift, w.pw2, p.segments, r.Z);
-    r.m3 = st[0], r.v3 = st[1];
+    auto st = k.pointwise_bn_out.call(r.D, r.bn2.scale, r.bn2.shift, w.pw2, p.segments, r.Z,
+                                      !stats_in);
+    if (!stats_in) r.m3 = st[0], r.v3 = st[1];
   }
   if (stats_in) {
     std::tie(r.m3, r.v3) = packed(2 * T, p.k * O);

@@ -153,11 +153,19 @@ at::Tensor bn_relu_all(const T* d, int64_t ldd, int64_t M, int64_t C, const T* s
 }
 
 // Rows [0, R) of z from a tile zt (row stride ldt; zt may be z itself), and their sums and
-// sums of squares added to s1, s2 (in T over the tile, then into double).
+// sums of squares added to s1, s2 (in T over the tile, then into double); without s1 the
+// copy alone.
 template <typename T>
 void z_epilogue(const T* zt, int64_t ldt, int64_t R, int64_t Zc, T* z, int64_t ldz, T* part,
                 double* s1, double* s2) {
   const bool copy = z != zt;
+  if (!s1) {
+    if (copy)
+      col_map<T>(R, Zc, [&](int64_t i, int64_t c, auto Bc) {
+        vstore(z + i * ldz + c, vload<decltype(Bc)::value>(zt + i * ldt + c));
+      });
+    return;
+  }
   add_row_sums<T>(R, Zc, part, s1, s2, [&](int64_t i, int64_t c, auto Bc) {
     const auto v = vload<decltype(Bc)::value>(zt + i * ldt + c);
     if (copy) vstore(z + i * ldz + c, v);
@@ -187,10 +195,11 @@ at::Tensor block(const at::Tensor& w, const Seg& g) {
 }
 
 // z = relu(d * scale + shift) W^T per segment; returns Tensor[2, z columns] in d's dtype:
-// each column's mean and biased variance (BN3's batch statistics).
+// each column's mean and biased variance (BN3's batch statistics); without `stats` (the
+// backward's recomputation) an empty tensor, the sums skipped.
 at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
                                 const at::Tensor& shift, const at::Tensor& weight_in,
-                                at::IntArrayRef segments, const at::Tensor& z) {
+                                at::IntArrayRef segments, const at::Tensor& z, bool stats) {
   const char* op = "pointwise_bn_out";
   auto d = rows_of(d_in, op, "d");
   const int64_t M = d.size(0), C = d.size(1), ldd = d.stride(0);
@@ -203,7 +212,10 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
   check_rows_out(z, M, Zc, d, op, "z");
   auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const int64_t parts = num_parts(M);
-  std::vector<double> acc(parts * 2 * Zc, 0.0);
+  std::vector<double> acc(stats ? parts * 2 * Zc : 0, 0.0);
+  // part t's sums and sums of squares (null without stats: z_epilogue then only copies)
+  auto s1 = [&](int64_t t) { return stats ? acc.data() + t * 2 * Zc : nullptr; };
+  auto s2 = [&](int64_t t) { return stats ? acc.data() + t * 2 * Zc + Zc : nullptr; };
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
     using T = scalar_t;
     constexpr int64_t q = kLanes<T, 32>;
@@ -219,12 +231,13 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
         auto zs = z.narrow(1, g.out0, g.out_len);
         at::mm_out(zs, h.narrow(1, g.in0, g.in_len), block(w, g).t());
       }
+      if (!stats) return;
       at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
         std::vector<T> part(2 * Zc);
         for (int64_t t = b; t < e; ++t) {
           const auto [r0, r1] = share(M, parts, t);
           z_epilogue<T>(zp + r0 * ldz, ldz, r1 - r0, Zc, zp + r0 * ldz, ldz, part.data(),
-                        acc.data() + t * 2 * Zc, acc.data() + t * 2 * Zc + Zc);
+                        s1(t), s2(t));
         }
       });
       return;
@@ -246,12 +259,13 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
             gemm_tile<T>(R, g.pad_out, g.in_len, h + g.in0, C, 1, wt.data.data() + wt.off[s],
                          g.pad_out, zt + g.out0, ldt, false);
           }
-          z_epilogue<T>(zt, ldt, R, Zc, zp + t0 * ldz, ldz, part.data(),
-                        acc.data() + t * 2 * Zc, acc.data() + t * 2 * Zc + Zc);
+          z_epilogue<T>(zt, ldt, R, Zc, zp + t0 * ldz, ldz, part.data(), s1(t),
+                        s2(t));
         }
       }
     });
   });
+  if (!stats) return at::empty({0}, d.options());
   return stats_tensor(acc, parts, Zc, M, d.scalar_type());
 }
 

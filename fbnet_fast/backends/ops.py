@@ -119,8 +119,9 @@ if AVAILABLE:
         return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_out")
-    def _(a, weights, stride, scale, shift, out, a_weight=None):
-        return a.new_empty((2, a.shape[1] if a_weight is None else a_weight.shape[0]))
+    def _(a, weights, stride, scale, shift, out, a_weight=None, stats=True):
+        c = a.shape[1] if a_weight is None else a_weight.shape[0]
+        return a.new_empty((2, c) if stats else (0,))
 
     @torch.library.register_fake("fbnet_fast::dw_conv_bn_backward_out")
     def _(grad, a, weights, stride, scale, shift, mean, grad_a=None, x=None, x_weight=None,
@@ -144,9 +145,9 @@ if AVAILABLE:
         return z.new_empty(z.shape[0], z.shape[2]), like, torch.empty_like(like)
 
     @torch.library.register_fake("fbnet_fast::pointwise_bn_out")
-    def _(d, scale, shift, weight, segments, z):
+    def _(d, scale, shift, weight, segments, z, stats=True):
         torch._check(d.dim() == 2 and z.dim() == 2, lambda: "pointwise_bn_out: [M, C] matrices")
-        return d.new_empty((2, z.shape[1]))
+        return d.new_empty((2, z.shape[1]) if stats else (0,))
 
     @torch.library.register_fake("fbnet_fast::pointwise_bn_backward_out")
     def _(dz, d, scale, shift, mean, weight, segments, grad_d, weight_grad=True):
