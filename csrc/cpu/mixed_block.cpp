@@ -266,17 +266,18 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
     v1 = p.shuffle(running[1]);
   }
   r.bn1 = bn_of(m1, v1, r.g1, b1, p.eps);
-  at::Tensor m2, v2;
-  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue (not in the
-  // backward's recomputation, which has them: the epilogues cost about 5 % of the second
+  // BN2's and BN3's batch statistics are taken only where they are not known: not in eval
+  // or in the backward's recomputation (there the epilogues cost about 5 % of the second
   // 1x1s' call at the quick preset's 32x32 layers, and of the depthwise's at 56x56)
-  if (!reuse) {
+  const bool batch_stats = training && !stats_in;
+  at::Tensor m2, v2;
+  if (!reuse) {  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue
     r.D = buf("D", {g.M2, T});
     const bool tiled = !r.A.defined();
     auto st = k.dw_conv_bn_out.call(g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
                                     r.bn1.shift, g.image_out(r.D),
-                                    tiled ? Opt(r.W1) : Opt(), !stats_in);
-    if (!stats_in) m2 = st[0], v2 = st[1];
+                                    tiled ? Opt(r.W1) : Opt(), batch_stats);
+    if (batch_stats) m2 = st[0], v2 = st[1];
   }
   if (stats_in) {
     std::tie(m2, v2) = packed(T, T);
@@ -287,8 +288,8 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   if (!reuse) {  // BN2 + ReLU the second 1x1s' prologue, BN3's statistics their epilogue
     r.Z = buf("Z", {g.M2, p.k * O});
     auto st = k.pointwise_bn_out.call(r.D, r.bn2.scale, r.bn2.shift, w.pw2, p.segments, r.Z,
-                                      !stats_in);
-    if (!stats_in) r.m3 = st[0], r.v3 = st[1];
+                                      batch_stats);
+    if (batch_stats) r.m3 = st[0], r.v3 = st[1];
   }
   if (stats_in) {
     std::tie(r.m3, r.v3) = packed(2 * T, p.k * O);
