@@ -37,8 +37,8 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // weights' grads and Tensor[2, C] float64, the per-channel sums of g and of g * (a - mean).
   // With a_weight (Tensor[C, C_in]), a is the first 1x1's input (Tensor[N, C_in, H, W]) and
   // the depthwise input is relu((a a_weight^T) * scale + shift), made one tile at a time.
-  // stats=False (the backward's recomputation, whose statistics are known) skips the
-  // statistics: an empty tensor comes back.
+  // stats=False (where the statistics are known: eval, the backward's recomputation) skips
+  // them: an empty tensor comes back.
   m.def("dw_conv_bn_out(Tensor a, Tensor[] weights, int stride, Tensor scale, Tensor shift,"
         " Tensor(a!) out, Tensor? a_weight=None, bool stats=True) -> Tensor");
   // With x (Tensor[N*H*W, C_in], the rows the first 1x1 read to make a) and x_weight

@@ -181,8 +181,8 @@ void check_bn(const at::Tensor& a, const Shape& S, const char* op,
 // mean and biased variance of out (BN2's batch statistics). With a_weight (Tensor[C, C_in]),
 // `a` is the first 1x1's input x (Tensor[N, C_in, H, W]) and a = x a_weight^T is made per
 // tile in the prologue, never written (above kTiledWeightBytes of a_weight, where every tile
-// would stream the weight again, one whole GEMM makes a first). Without `stats` (the
-// backward's recomputation, which has them) the epilogue is skipped and an empty tensor
+// would stream the weight again, one whole GEMM makes a first). Without `stats` (eval and
+// the backward's recomputation, which have them) the epilogue is skipped and an empty tensor
 // comes back.
 at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, int64_t stride,
                               const at::Tensor& scale, const at::Tensor& shift,

@@ -195,8 +195,8 @@ at::Tensor block(const at::Tensor& w, const Seg& g) {
 }
 
 // z = relu(d * scale + shift) W^T per segment; returns Tensor[2, z columns] in d's dtype:
-// each column's mean and biased variance (BN3's batch statistics); without `stats` (the
-// backward's recomputation) an empty tensor, the sums skipped.
+// each column's mean and biased variance (BN3's batch statistics); without `stats` (eval and
+// the backward's recomputation) an empty tensor, the sums skipped.
 at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
                                 const at::Tensor& shift, const at::Tensor& weight_in,
                                 at::IntArrayRef segments, const at::Tensor& z, bool stats) {
