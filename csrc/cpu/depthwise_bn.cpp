@@ -259,19 +259,21 @@ at::Tensor dw_conv_bn_out_cpu(const at::Tensor& a_in, at::TensorList weights, in
 
 // Output-gradient rows [lo, hi) of image n as the next BN's backward makes them:
 // grad * alpha + z * beta + delta (coef = [alpha; beta; delta]), into buf (laid out
-// [rows][Wo][C]).
+// [rows][pad + Wo + pad][C], pad zero columns on each side; buf points at column 0).
 template <typename T>
 void bn_grad_rows(const Shape& S, const T* grad, const T* z, const T* coef, int64_t n,
-                  int64_t lo, int64_t hi, T* buf) {
+                  int64_t lo, int64_t hi, T* buf, int64_t pad) {
   const T *al = coef, *be = coef + S.C, *de = coef + 2 * S.C;
-  const int64_t base = (n * S.Ho + lo) * S.Wo * S.C;
-  for (int64_t p = 0; p < (hi - lo) * S.Wo; ++p) {
-    const T* gp = grad + base + p * S.C;
-    const T* zp = z + base + p * S.C;
-    T* d = buf + p * S.C;
-    _Pragma("omp simd")
-    for (int64_t c = 0; c < S.C; ++c) d[c] = gp[c] * al[c] + zp[c] * be[c] + de[c];
-  }
+  const int64_t base = (n * S.Ho + lo) * S.Wo * S.C, ld = (S.Wo + 2 * pad) * S.C;
+  for (int64_t r = 0; r < hi - lo; ++r)
+    for (int64_t ow = 0; ow < S.Wo; ++ow) {
+      const T* gp = grad + base + (r * S.Wo + ow) * S.C;
+      const T* zp = z + base + (r * S.Wo + ow) * S.C;
+      T* d = buf + r * ld + ow * S.C;
+      _Pragma("omp simd")
+      for (int64_t c = 0; c < S.C; ++c) d[c] = gp[c] * al[c] + zp[c] * be[c] + de[c];
+    }
+  zero_pad_columns(buf, hi - lo, S.Wo, S.C, pad);
 }
 
 // Backward of dw_conv_bn_out's conv given grad (dL/dout), or with out (the conv's output)
@@ -392,7 +394,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     // output rows per tile: a's rows (s per output row, plus the halo; twice where they are
     // made from x: raw, then through BN1 + ReLU), the gradient's rows when they are
     // transformed (one per output row, plus the halo)
-    const int64_t row_a = S.W * C + S.W * ld, row_d = zp ? S.Wo * C : 0;
+    // BN1 + ReLU's rows carry P zero columns on each side, and so do the gradient's rows
+    // where grad-input is a forward conv of them (stride 1): the kernels then take every
+    // column through their interior paths (with blocks of 4 and 2 outputs, the op ran
+    // 1.10-1.20x faster at 4x4 and 8x8 maps, 1.04x at 7x7, 1.07x at 32x32, 0.99x at 3x3)
+    const int64_t Pg = S.s == 1 ? P : 0;
+    const int64_t row_a = (S.W + 2 * P) * C + S.W * ld, row_d = zp ? (S.Wo + 2 * Pg) * C : 0;
     const int64_t tile = tile_rows<T>(S.s * row_a + row_d, 2 * P * (row_a + row_d));
     // The first 1x1's products run over chunks of g's rows of about kProductPixels pixels:
     // row by row, the 4- and 8-pixel rows of the small maps made them thin GEMMs (discrete
@@ -406,8 +413,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     const T* wp = wt.const_data_ptr<T>();
     T* gwp = gw_parts.mutable_data_ptr<T>();
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      T* ba = thread_buffer<T>(1, a_rows * S.W * C);  // kept across calls: no allocation
-      T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) : nullptr;
+      // kept across calls: no allocation; ba and bd point at column 0
+      T* ba = thread_buffer<T>(1, a_rows * (S.W + 2 * P) * C) + P * C;
+      T* bd = zp ? thread_buffer<T>(2, d_rows * row_d) + Pg * C : nullptr;
       T* braw = a_tiled ? thread_buffer<T>(4, a_rows * S.W * ld) : nullptr;
       T* gchunk = gap ? nullptr : thread_buffer<T>(3, (pw1 ? chunk : 1) * S.W * C);
       T* xchunk = gxt_on && !x_direct ? thread_buffer<T>(5, chunk * S.W * Cp) : nullptr;
@@ -448,14 +456,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
           const int64_t d_hi = std::max(oh1, std::min(S.Ho, (i1 - 1 + P) / S.s + 1));
           Shape Sg = S;  // the gradient as the tile reads it
           Sg.g0 = zp ? n * S.Ho + d_lo : 0;
+          Sg.gpad = zp ? Pg : 0;
           const T* gt = zp ? bd : gp;
-          if (zp) bn_grad_rows<T>(S, gp, zp, cp, n, d_lo, d_hi, bd);
+          if (zp) bn_grad_rows<T>(S, gp, zp, cp, n, d_lo, d_hi, bd, Pg);
           // a's rows before BN1 (the epilogue reads them): a itself, or made from x
           const Shape Sa = a_tiled ? pw_rows<T>(S, ap, xs, Ca, awt.data(), ld, n, a_lo, a_hi, braw)
                                    : S;
           const T* araw = a_tiled ? braw : ap;
-          Shape St = bn_relu_rows<T>(Sa, araw, scp, shp, n, a_lo, a_hi, ba);
+          Shape St = bn_relu_rows<T>(Sa, araw, scp, shp, n, a_lo, a_hi, ba, P);
           St.g0 = Sg.g0;
+          St.gpad = Sg.gpad;
           if (weight_grads)
             for (const auto& g : gs)
               for (int64_t oh = oh0; oh < oh1; ++oh) bwd_weight_row<T>(St, g, gt, ba, n, oh);

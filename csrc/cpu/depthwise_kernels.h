@@ -37,7 +37,15 @@ struct Shape {
   int64_t o0 = 0;      // the first output row (n * rows + row) out holds (0: all of them)
   int64_t g0 = 0;      // the first grad row (n * Ho + oh) gy holds (a tile in a buffer)
   int64_t padw = 0;    // zero columns x's rows carry on each side (a tile in a buffer)
+  int64_t gpad = 0;    // zero columns the grad's rows carry on each side (a tile in a buffer)
 };
+
+// Column ow of grad row n * Ho + oh in gy (rows from S.g0 on, S.gpad zero columns on each
+// side; gy points at column 0).
+template <typename T>
+inline T* grad_pixel(const Shape& S, T* gy, int64_t n, int64_t oh, int64_t ow) {
+  return gy + ((n * S.Ho + oh - S.g0) * (S.Wo + 2 * S.gpad) + ow) * S.C;
+}
 
 template <typename T>
 struct Group {
@@ -95,7 +103,6 @@ inline void bwd_input_px(const Shape& S, const Group<T>& g, const T* gy, T* gx, 
                          int64_t ih, int64_t iw, int64_t cb, int len_rt) {
   const int len = L > 0 ? L : len_rt;
   const int64_t p = g.k / 2;
-  const T* gb = gy + (n * S.Ho - S.g0) * S.Wo * S.C + g.c0 + cb;
   T acc[kBlock<T>] = {};
   for (int64_t kh = 0; kh < g.k; ++kh) {
     const int64_t a = ih + p - kh;  // = oh * s
@@ -107,7 +114,7 @@ inline void bwd_input_px(const Shape& S, const Group<T>& g, const T* gy, T* gx, 
       if (b < 0 || b % S.s) continue;
       const int64_t ow = b / S.s;
       if (ow >= S.Wo) continue;
-      const T* gp = gb + (oh * S.Wo + ow) * S.C;
+      const T* gp = grad_pixel(S, gy, n, oh, ow) + g.c0 + cb;
       const T* wp = g.w + (kh * g.k + kw) * g.C + cb;
 #pragma omp simd
       for (int c = 0; c < len; ++c) acc[c] += gp[c] * wp[c];
@@ -126,7 +133,7 @@ inline void bwd_weight_px(const Shape& S, const Group<T>& g, const T* gy, const 
   const int64_t p = g.k / 2;
   const int64_t ih0 = oh * S.s - p, iw0 = ow * S.s - p;
   const Taps th = taps_inside(ih0, g.k, S.H), tw = taps_inside(iw0, g.k, S.W);
-  const T* gp = gy + ((n * S.Ho + oh - S.g0) * S.Wo + ow) * S.C + g.c0 + cb;
+  const T* gp = grad_pixel(S, gy, n, oh, ow) + g.c0 + cb;
   T gv[kBlock<T>];
 #pragma omp simd
   for (int c = 0; c < len; ++c) gv[c] = gp[c];
@@ -203,7 +210,7 @@ inline void window_row(const T* xb, const Shape& S, Taps th, int64_t ih0, int64_
   }
 }
 
-// One output row of one group with K known at compile time: blocks of 8, then 4, then 1
+// One output row of one group with K known at compile time: blocks of 8, then 4, 2 and 1
 // interior outputs through window_row; edges and the channel tail go per pixel.
 template <typename T, int K>
 void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t n, int64_t oh) {
@@ -243,6 +250,7 @@ void fwd_row_fast(const Shape& S, const Group<T>& g, const T* x, T* out, int64_t
       };
       while (ow + 8 <= hi) block(std::integral_constant<int, 8>{});
       if (ow + 4 <= hi) block(std::integral_constant<int, 4>{});
+      if (ow + 2 <= hi) block(std::integral_constant<int, 2>{});
       while (ow < hi) block(std::integral_constant<int, 1>{});
       for (; ow < S.Wo; ++ow) one(ow);
     }
@@ -280,7 +288,8 @@ inline void weight_row(const T* g, int64_t gs, const T* x, int64_t xs, vec_t<T, 
 }
 
 // Grad-weight of one output row with K known: per kernel row, K accumulators stay in
-// registers over the whole output row, filled 8 interior outputs at a time by weight_row.
+// registers over the whole output row, filled 8 interior outputs at a time by weight_row
+// (then 4, 2, 1: a 7-pixel row is 4 + 2 + 1).
 template <typename T, int K>
 void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T* x, int64_t n,
                          int64_t oh) {
@@ -292,7 +301,7 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
     constexpr int B = decltype(Bc)::value, VL = kLanes<T, B>;
     using vt = vec_t<T, B>;
     for (int64_t cb = c0; cb < c1; cb += VL) {
-      const T* gb = gy + (n * S.Ho + oh - S.g0) * S.Wo * S.C + g.c0 + cb;
+      const T* gb = grad_pixel(S, gy, n, oh, 0) + g.c0 + cb;
       for (int64_t kh = th.lo; kh < th.hi; ++kh) {
         const T* xr = x + n * S.xn + (ih0 + kh - S.h0) * S.xh + g.c0 + cb;
         vt acc[K] = {};
@@ -314,6 +323,8 @@ void bwd_weight_row_fast(const Shape& S, const Group<T>& g, const T* gy, const T
         int64_t ow = 0;
         for (; ow < lo; ++ow) edge(ow);
         for (; ow + 8 <= hi; ow += 8) block(ow, std::integral_constant<int, 8>{});
+        if (ow + 4 <= hi) block(ow, std::integral_constant<int, 4>{}), ow += 4;
+        if (ow + 2 <= hi) block(ow, std::integral_constant<int, 2>{}), ow += 2;
         for (; ow < hi; ++ow) block(ow, std::integral_constant<int, 1>{});
         for (; ow < S.Wo; ++ow) edge(ow);
         T* wp = g.gw + kh * K * g.C + cb;
@@ -350,7 +361,7 @@ void bwd_input_row_s2(const Shape& S, const Group<T>& g, const T* gy, T* gx, int
         vt acc = {};
         const int kw0 = (iw + P) % 2;
         for (int t = 0; t < nk; ++t) {
-          const T* gr = gy + (n * S.Ho + ohs[t] - S.g0) * S.Wo * S.C + g.c0 + cb;
+          const T* gr = grad_pixel(S, gy, n, ohs[t], 0) + g.c0 + cb;
           const T* wr = g.w + khs[t] * K * g.C + cb;
 #pragma GCC unroll 8
           for (int kw = kw0; kw < K; kw += 2) {
@@ -538,7 +549,8 @@ void grad_input_row(const Shape& S, const Group<T>& g, const T* gy, T* gx, int64
                     int64_t ih) {
   if (S.s == 1) {
     Shape Sg = S;  // grad as the conv's input
-    Sg.xn = S.Ho * S.Wo * S.C; Sg.xh = S.Wo * S.C; Sg.xw = S.C; Sg.h0 = S.g0;
+    Sg.xh = (S.Wo + 2 * S.gpad) * S.C; Sg.xn = S.Ho * Sg.xh; Sg.xw = S.C; Sg.h0 = S.g0;
+    Sg.padw = S.gpad;
     return fwd_row<T>(Sg, g, gy, gx, n, ih);
   }
   bwd_input_row_s2_any<T>(S, g, gy, gx, n, ih);
