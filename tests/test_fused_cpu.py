@@ -239,3 +239,40 @@ def test_mask_without_grad_skips_its_gradient(shape, monkeypatch):
     assert asked == [True, False] and none is None and dmask.abs().sum() > 0
     for a, b in zip(without, with_mask, strict=True):
         torch.testing.assert_close(a, b)
+
+
+_TWO_THREADS = r"""
+import torch
+from fbnet_fast.testing import compare, make_pair
+torch.set_num_threads(2)
+# 112 channels: the second 1x1s' weights pass 512 KB, so their GEMMs run split over the
+# two threads (pointwise.cpp's for_segments_split)
+fused, ref = make_pair("cpu", 112, 112, 1)
+packed = []
+def pack(t):
+    packed.append(t.shape)
+    return t
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    compare(fused, ref, size=3)
+assert packed, "the hooks saw nothing"
+fused.eval(), ref.eval()
+g = torch.Generator().manual_seed(1)
+x = torch.randn(2, 112, 3, 3, generator=g, dtype=torch.float64)
+mask = torch.rand(9, generator=g, dtype=torch.float64)
+with torch.inference_mode():
+    torch.testing.assert_close(fused(x, mask), ref(x, mask))
+print("ok")
+"""
+
+
+def test_threads_under_saved_tensor_hooks_and_inference_mode():
+    """With two threads, under Python saved-tensor hooks (which a copy of the caller's
+    whole thread-local state would take the GIL for, from a worker, while the caller holds
+    it: a deadlock) and in inference mode, the wide layers' split GEMMs give the
+    reference's outputs and gradients. A subprocess: the tests here run on one thread, and
+    a deadlock fails after the timeout instead of hanging the run."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _TWO_THREADS], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -11,11 +11,13 @@
 // cache. A segment's weights are read in pw2_weight's own order (no dense copy).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "channel_sums.h"
@@ -210,9 +212,15 @@ void for_segments_split(const std::vector<Seg>& segs, F&& f) {
     if (2 * sum + m > total) break;
     sum += m;
   }
-  const at::ThreadLocalState state;  // the caller's grad mode and dispatch state
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-    at::ThreadLocalStateGuard guard(state);
+    // A worker thread has its own thread-local state: the caller's inference mode, and no
+    // autograd (the caller, inside an op, records none). Not the caller's whole state
+    // (at::ThreadLocalState): that holds Python objects (saved-tensor hooks), whose copy
+    // takes the GIL, which the caller holds while it waits here: a deadlock.
+    std::optional<c10::InferenceMode> mode;
+    if (inference) mode.emplace();
+    c10::AutoGradMode no_grad(false);
     for (int64_t run = b; run < e; ++run)
       for (size_t s = run == 0 ? 0 : cut; s < (run == 0 ? cut : segs.size()); ++s) f(s);
   });
