@@ -397,7 +397,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
     // BN1 + ReLU's rows carry P zero columns on each side, and so do the gradient's rows
     // where grad-input is a forward conv of them (stride 1): the kernels then take every
     // column through their interior paths (with blocks of 4 and 2 outputs, the op ran
-    // 1.10-1.20x faster at 4x4 and 8x8 maps, 1.04x at 7x7, 1.07x at 32x32, 0.99x at 3x3)
+    // 1.10-1.20x faster at 4x4 and 8x8 maps, 1.04x at 7x7, 1.07x at 32x32, 0.98-1.00x at 3x3)
     const int64_t Pg = S.s == 1 ? P : 0;
     const int64_t row_a = (S.W + 2 * P) * C + S.W * ld, row_d = zp ? (S.Wo + 2 * Pg) * C : 0;
     const int64_t tile = tile_rows<T>(S.s * row_a + row_d, 2 * P * (row_a + row_d));

@@ -200,8 +200,8 @@ at::Tensor block(const at::Tensor& w, const Seg& g) {
 // Calls f(s) for every segment s, above kTiledWeightBytes of weight (where each segment is
 // one library GEMM): the segments in two runs of about equal multiply-adds, one per thread,
 // so that each GEMM runs on one core. At the widest layers' few rows a GEMM split over both
-// cores runs at 65-90 % of twice the one-core rate (MixedBlock 1.02-1.05x faster at the
-// 112- and 184-channel layers, batch 8, half-size maps).
+// cores runs at 65-90 % of twice the one-core rate (MixedBlock 1.01-1.05x faster at the
+// 64- to 184-channel layers' 7x7 and 3x3 maps, batch 8).
 template <typename F>
 void for_segments_split(const std::vector<Seg>& segs, F&& f) {
   int64_t total = 0;
