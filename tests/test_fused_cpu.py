@@ -2,6 +2,9 @@
 backward, and its scratch buffers are reused safely. Its outputs and gradients against the
 reference, on every layer shape, are in test_backends.py; ``opcheck`` and ``torch.compile``
 of its op (as of every backend's) are in test_compile.py."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -271,8 +274,6 @@ def test_threads_under_saved_tensor_hooks_and_inference_mode():
     it: a deadlock) and in inference mode, the wide layers' split GEMMs give the
     reference's outputs and gradients. A subprocess: the tests here run on one thread, and
     a deadlock fails after the timeout instead of hanging the run."""
-    import subprocess
-    import sys
     proc = subprocess.run([sys.executable, "-c", _TWO_THREADS], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -206,9 +206,11 @@ template <typename F>
 void for_segments_split(const std::vector<Seg>& segs, F&& f) {
   int64_t total = 0;
   for (const auto& g : segs) total += g.out_len * g.in_len;
-  size_t cut = 0;  // the first run ends before the segment whose middle passes half the total
-  for (int64_t sum = 0; cut < segs.size(); ++cut) {
-    const int64_t m = segs[cut].out_len * segs[cut].in_len;
+  // runs [bounds[0], bounds[1]) and [bounds[1], bounds[2]): the first ends before the
+  // segment whose middle passes half the total
+  size_t bounds[3] = {0, 0, segs.size()};
+  for (int64_t sum = 0; bounds[1] < segs.size(); ++bounds[1]) {
+    const int64_t m = segs[bounds[1]].out_len * segs[bounds[1]].in_len;
     if (2 * sum + m > total) break;
     sum += m;
   }
@@ -222,7 +224,7 @@ void for_segments_split(const std::vector<Seg>& segs, F&& f) {
     if (inference) mode.emplace();
     c10::AutoGradMode no_grad(false);
     for (int64_t run = b; run < e; ++run)
-      for (size_t s = run == 0 ? 0 : cut; s < (run == 0 ? cut : segs.size()); ++s) f(s);
+      for (size_t s = bounds[run]; s < bounds[run + 1]; ++s) f(s);
   });
 }
 
