@@ -30,6 +30,9 @@ TORCH_LIBRARY(fbnet_fast, m) {
   m.def("scale_shift_out(Tensor x, Tensor scale, Tensor shift, bool relu, Tensor(a!) out) -> ()");
   m.def("bn_backward_out(Tensor grad, Tensor z, Tensor mean, Tensor rstd, Tensor weight,"
         " Tensor bias, bool relu, bool training, Tensor(a!) grad_z) -> (Tensor, Tensor)");
+  // A BN's backward once its sums are known: out = coef[0] * grad + coef[1] * z + coef[2]
+  // per channel (coef: Tensor[3, C], bn_grad_coef's alpha, beta, delta); out may be grad.
+  m.def("bn_grad_apply_out(Tensor grad, Tensor z, Tensor coef, Tensor(a!) out) -> ()");
   // The depthwise conv with the batch norms around it folded in (csrc/cpu/depthwise_bn.cpp):
   // out = dw_conv(relu(a * scale + shift)), returning Tensor[2, C] in a's dtype, the
   // per-channel mean and biased variance of out; the backward writes g = dL/d(a * scale +

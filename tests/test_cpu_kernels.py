@@ -268,6 +268,36 @@ def test_bn_out_variants_in_place(relu):
                           (grad, z, mean, rstd, scale, shift, relu, True, torch.empty_like(z)))
 
 
+def test_bn_grad_apply_out_is_the_bn_backward_once_its_sums_are_known():
+    """alpha g + beta z + delta per channel equals bn_backward given bn_grad_coef's three
+    vectors from the same sums: in place over g (the fused block's use, dA over g) and into
+    a strided column slice; a wrong coef shape is a clear error."""
+    z = _matrix(seed=7)
+    m, c = z.shape
+    g = torch.Generator().manual_seed(8)
+    gamma, beta = torch.randn(c, dtype=DT, generator=g), torch.randn(c, dtype=DT, generator=g)
+    grad = torch.randn(z.shape, dtype=DT, generator=g)
+    mean, var = ops.channel_stats(z)
+    rstd = torch.rsqrt(var + 1e-5)
+    want, dgamma, dbeta = ops.bn_backward(grad, z, mean, rstd, gamma, beta, False, True)
+    sums = grad.sum(0), (grad * (z - mean)).sum(0)
+    alpha, b, delta, dg, db = torch.ops.fbnet_fast.bn_grad_coef(*sums, mean, rstd, gamma, m,
+                                                               True, True)
+    torch.testing.assert_close((dg, db), (dgamma, dbeta))
+    coef = torch.stack([alpha, b, delta])
+    inplace = grad.clone()
+    torch.ops.fbnet_fast.bn_grad_apply_out(inplace, z, coef, inplace)
+    torch.testing.assert_close(inplace, want)
+    wide = torch.zeros(m, c + 9, dtype=DT)
+    torch.ops.fbnet_fast.bn_grad_apply_out(grad, z, coef, wide[:, 4:4 + c])
+    torch.testing.assert_close(wide[:, 4:4 + c], want)
+    assert wide[:, :4].abs().sum() == 0 and wide[:, 4 + c:].abs().sum() == 0
+    with pytest.raises(RuntimeError, match=rf"coef must be Tensor\[3, {c}\]"):
+        torch.ops.fbnet_fast.bn_grad_apply_out(grad, z, coef[:2], grad)
+    torch.library.opcheck(torch.ops.fbnet_fast.bn_grad_apply_out.default,
+                          (grad, z, coef, torch.empty_like(z)))
+
+
 # --- the depthwise conv with BN1 + ReLU as its prologue, BN statistics as its epilogue ------
 
 # (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough for several tiles of

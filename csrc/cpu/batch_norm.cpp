@@ -179,6 +179,24 @@ at::Tensor scale_shift_cpu(const at::Tensor& x, const at::Tensor& scale, const a
   return out;
 }
 
+// Rows [r0, r1) of out = alpha * g' + beta * z + delta per channel, g' = g, or with Relu g
+// where z * scale + shift > 0 (else 0): a BN's backward once its sums are known.
+template <typename T, bool Relu>
+void bn_grad_apply_rows(int64_t r0, int64_t r1, int64_t C, const T* gp, int64_t lg,
+                        const T* zp, int64_t lz, const T* alpha, const T* beta,
+                        const T* delta, const T* scale, const T* shift, T* out, int64_t ldo) {
+  col_map<T>(r1 - r0, C, [&](int64_t i, int64_t c, auto Bc) {
+    constexpr int B = decltype(Bc)::value;
+    using V = vec_t<T, B>;
+    const int64_t r = r0 + i;
+    const V z = vload<B>(zp + r * lz + c), g = vload<B>(gp + r * lg + c);
+    V gv = g;
+    if constexpr (Relu) gv = z * vload<B>(scale + c) + vload<B>(shift + c) > V{} ? g : V{};
+    vstore(out + r * ldo + c,
+           vload<B>(alpha + c) * gv + vload<B>(beta + c) * z + vload<B>(delta + c));
+  });
+}
+
 // Backward of y = [relu](BN(z)) given dL/dy: (dL/dz, dL/dweight, dL/dbias).
 // Training: batch statistics (mean, rstd) were used; eval: fixed statistics.
 // dL/dz goes to dz, which may be grad itself (each element is read before it is written).
@@ -258,23 +276,44 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_out_cpu(
     const T* p0 = c0.data();
     T* out = dz.mutable_data_ptr<T>();
     auto pass2 = [&](auto relu_c) {
-      constexpr bool R = decltype(relu_c)::value;
       at::parallel_for(0, M, kRowBlock, [&](int64_t r0, int64_t r1) {
-        col_map<T>(r1 - r0, C, [&](int64_t i, int64_t c, auto Bc) {
-          constexpr int B = decltype(Bc)::value;
-          using V = vec_t<T, B>;
-          const int64_t r = r0 + i;
-          const V z = vload<B>(zp + r * lz + c), g = vload<B>(gp + r * lg + c);
-          V gv = g;
-          if constexpr (R) gv = z * vload<B>(a + c) + vload<B>(b + c) > V{} ? g : V{};
-          vstore(out + r * ldz + c,
-                 vload<B>(a + c) * gv + vload<B>(pz + c) * z + vload<B>(p0 + c));
-        });
+        bn_grad_apply_rows<T, decltype(relu_c)::value>(r0, r1, C, gp, lg, zp, lz, a, pz, p0,
+                                                       a, b, out, ldz);
       });
     };
     if (relu) pass2(std::true_type{}); else pass2(std::false_type{});
   });
   return {dw, db};
+}
+
+// out = coef[0] * grad + coef[1] * z + coef[2] per channel; out may be grad (in place).
+void bn_grad_apply_out_cpu(const at::Tensor& grad_in, const at::Tensor& z_in,
+                           const at::Tensor& coef, const at::Tensor& out) {
+  const char* op = "bn_grad_apply_out";
+  auto g = rows_of(grad_in, op, "grad");
+  auto z = rows_of(z_in, op, "z");
+  const int64_t M = z.size(0), C = z.size(1);
+  TORCH_CHECK(g.sizes() == z.sizes() && g.scalar_type() == z.scalar_type(), op,
+              ": grad and z must be [M, C] matrices of one shape and dtype, got ", g.sizes(),
+              " ", g.scalar_type(), " and ", z.sizes(), " ", z.scalar_type());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 3 && coef.size(1) == C &&
+                  coef.scalar_type() == z.scalar_type(),
+              op, ": coef must be Tensor[3, ", C, "] of dtype ", z.scalar_type(),
+              " (alpha, beta, delta), got shape ", coef.sizes(), " ", coef.scalar_type());
+  check_out(out, z, op, "out");
+  const auto cf = coef.contiguous();
+  const int64_t lg = g.stride(0), lz = z.stride(0), ldo = out.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_grad_apply", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const T* zp = z.const_data_ptr<T>();
+    const T* cp = cf.const_data_ptr<T>();
+    T* o = out.mutable_data_ptr<T>();
+    at::parallel_for(0, M, kRowBlock, [&](int64_t r0, int64_t r1) {
+      bn_grad_apply_rows<T, false>(r0, r1, C, gp, lg, zp, lz, cp, cp + C, cp + 2 * C,
+                                   nullptr, nullptr, o, ldo);
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
@@ -295,6 +334,7 @@ TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("bn_backward", &bn_backward_cpu);
   m.impl("scale_shift_out", &scale_shift_out_cpu);
   m.impl("bn_backward_out", &bn_backward_out_cpu);
+  m.impl("bn_grad_apply_out", &bn_grad_apply_out_cpu);
 }
 
 }  // namespace fbnet_fast

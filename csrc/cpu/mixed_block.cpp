@@ -16,6 +16,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "gemm_tile.h"  // weight_bound
+
 namespace fbnet_fast {
 namespace {
 
@@ -78,6 +80,8 @@ struct Kernels {
       find_op<T2(CT, CT, CT, int64_t)>("fbnet_fast::pw1_bn_stats");
   c10::TypedOperatorHandle<void(CT, const Opt&, CT, CT, CT, CT, CT, CT)> pw1_cov_backward =
       find_op<void(CT, const Opt&, CT, CT, CT, CT, CT, CT)>("fbnet_fast::pw1_cov_backward");
+  c10::TypedOperatorHandle<void(CT, CT, CT, CT)> bn_grad_apply_out =
+      find_op<void(CT, CT, CT, CT)>("fbnet_fast::bn_grad_apply_out");
   c10::TypedOperatorHandle<at::Tensor(CT, at::IntArrayRef)> pooled_empty =
       find_op<at::Tensor(CT, at::IntArrayRef)>("fbnet_fast::pooled_empty");
 };
@@ -475,21 +479,36 @@ std::vector<at::Tensor> backward(
       dXskip = full.view({g.M1, C});
     }
   }
-  // the depthwise backward applies BN2's backward to each tile of g2 it reads, makes g =
-  // dL/d(BN1 output before the ReLU) a row at a time and takes BN1's sums and the first
-  // 1x1's two products of g from that row (pw1_backward takes the rest of dA apart)
-  const at::Tensor alpha1 = r.g1 * r.bn1.rstd;
-  auto gW = x.new_empty({g.M1, C});
+  // the depthwise backward applies BN2's backward to each tile of g2 it reads and makes g =
+  // dL/d(BN1 output before the ReLU) a row at a time, with BN1's sums. Below 512 KB of
+  // first-1x1 weight it takes the first 1x1's two products of g from that row while it is
+  // in cache (pw1_backward takes the rest of dA = alpha g + beta A + delta apart); above,
+  // where the products are two whole GEMMs after the pass anyway, it writes g whole, and dA
+  // is made from g and A in one pass before them: the beta A + delta terms then cost no
+  // GEMMs of their own (two of C_in^2 T through X's covariance, or two as large as the
+  // products themselves through A).
   const bool tiled = !r.A.defined();
+  const bool whole = !tiled && weight_bound(r.W1);
+  auto unless_whole = [&](const at::Tensor& t) { return whole ? Opt() : Opt(t); };
+  auto gW = x.new_empty({g.M1, C});
+  auto dA = whole ? scratch("dA", {g.M1, T}, x) : at::Tensor();
+  const at::Tensor alpha1 = r.g1 * r.bn1.rstd;
   auto [dws, sums1, gX] = k.dw_conv_bn_backward_out.call(
       g.image_out(gd), g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
-      r.bn1.shift, r.bn1.mean, Opt(), Opt(r.X), Opt(alpha1.unsqueeze(1) * r.W1), Opt(gW),
-      Opt(g.image_out(r.D)), Opt(at::stack({c2.alpha, c2.beta, c2.delta})), weight_grads,
-      tiled ? Opt(r.W1) : Opt());
+      r.bn1.shift, r.bn1.mean, whole ? Opt(g.image_in(dA)) : Opt(), unless_whole(r.X),
+      unless_whole(alpha1.unsqueeze(1) * r.W1), unless_whole(gW), Opt(g.image_out(r.D)),
+      Opt(at::stack({c2.alpha, c2.beta, c2.delta})), weight_grads, tiled ? Opt(r.W1) : Opt());
   const BNGrad c1 = bn_grad(r.bn1, r.g1, sums1, g.M1, training);
-  const Opt dW1 = weight_grads ? Opt(gX.mul_(alpha1.unsqueeze(1))) : Opt();
+  Opt dW1;
+  if (whole) {
+    k.bn_grad_apply_out.call(dA, r.A, at::stack({c1.alpha, c1.beta, c1.delta}), dA);
+    at::mm_out(gW, dA, r.W1);
+    if (weight_grads) dW1 = at::mm(dA.t(), r.X);
+  } else if (weight_grads) {
+    dW1 = gX.mul_(alpha1.unsqueeze(1));
+  }
   if (dXskip.defined()) gW.add_(dXskip);
-  pw1_backward(dW1, gW, r, c1, g, training, kept);
+  if (!whole) pw1_backward(dW1, gW, r, c1, g, training, kept);
   if (res.defined())
     gW.view({g.n, hw, C}).addcmul_(dY, res.view({nm, 1, 1}));
   at::Tensor dx = g.image_in(gW);

@@ -223,6 +223,11 @@ if AVAILABLE:
                      lambda: "bn_backward_out: [M, C] inputs")
         return z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
 
+    @torch.library.register_fake("fbnet_fast::bn_grad_apply_out")
+    def _(grad, z, coef, out):
+        torch._check(z.dim() == 2 and grad.shape == z.shape and out.shape == z.shape,
+                     lambda: "bn_grad_apply_out: [M, C] inputs")
+
     def _setup_context(ctx, inputs, output):
         x, weights, stride = inputs
         ctx.save_for_backward(x, *weights)
