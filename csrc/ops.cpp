@@ -97,6 +97,9 @@ TORCH_LIBRARY(fbnet_fast, m) {
   // The first 1x1's flat stored weight as the dense Tensor[rows, cols] of the fused GEMM and
   // back; blocks: flat (row0, rows, offset, groups) tuples (fbnet_fast/backends/plan.py).
   m.def("pw1_dense(Tensor w, int[] blocks, int rows, int cols) -> Tensor");
+  // The same into a preallocated [rows, cols] matrix (a reused workspace: at the 184-channel
+  // layers a fresh one is 3 MB of page faults a call).
+  m.def("pw1_dense_out(Tensor w, int[] blocks, Tensor(a!) dense) -> ()");
   m.def("pw1_packed(Tensor dense, int[] blocks) -> Tensor");
   // The first 1x1 (A = X W1^T) through X's channel_cov (mean, centred cross products) instead
   // of a pass over the wide A: BN1's batch (mean, biased variance) over `rows` rows, and the

@@ -764,7 +764,12 @@ def test_pw1_dense_and_packed_match_plan(c_in, c_out, stride):
     g = torch.randn(T, C, dtype=DT)        # any gradient, zeros off the blocks ignored
     packed = torch.ops.fbnet_fast.pw1_packed.default(g, p.pw1_block_ints)
     torch.testing.assert_close(packed, p.packed_pw1(g.flatten()), rtol=0, atol=0)
+    out = torch.randn(T, C, dtype=DT)      # a reused workspace: its old values overwritten
+    torch.ops.fbnet_fast.pw1_dense_out.default(w, p.pw1_block_ints, out)
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
     torch.library.opcheck(torch.ops.fbnet_fast.pw1_dense.default, (w, p.pw1_block_ints, T, C))
+    torch.library.opcheck(torch.ops.fbnet_fast.pw1_dense_out.default,
+                          (w, p.pw1_block_ints, torch.empty(T, C, dtype=DT)))
     torch.library.opcheck(torch.ops.fbnet_fast.pw1_packed.default, (g, p.pw1_block_ints))
     with pytest.raises(RuntimeError, match="pw1_dense: w must be a flat weight"):
         torch.ops.fbnet_fast.pw1_dense.default(w[:-1], p.pw1_block_ints, T, C)

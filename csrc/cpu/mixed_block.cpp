@@ -72,8 +72,8 @@ struct Kernels {
       find_op<T3(CT, CT, CT, CT, double)>("fbnet_fast::bn_coef");
   c10::TypedOperatorHandle<T5(CT, CT, CT, CT, CT, int64_t, bool, bool)> bn_grad_coef =
       find_op<T5(CT, CT, CT, CT, CT, int64_t, bool, bool)>("fbnet_fast::bn_grad_coef");
-  c10::TypedOperatorHandle<at::Tensor(CT, at::IntArrayRef, int64_t, int64_t)> pw1_dense =
-      find_op<at::Tensor(CT, at::IntArrayRef, int64_t, int64_t)>("fbnet_fast::pw1_dense");
+  c10::TypedOperatorHandle<void(CT, at::IntArrayRef, CT)> pw1_dense_out =
+      find_op<void(CT, at::IntArrayRef, CT)>("fbnet_fast::pw1_dense_out");
   c10::TypedOperatorHandle<at::Tensor(CT, at::IntArrayRef)> pw1_packed =
       find_op<at::Tensor(CT, at::IntArrayRef)>("fbnet_fast::pw1_packed");
   c10::TypedOperatorHandle<T2(CT, CT, CT, int64_t)> pw1_bn_stats =
@@ -131,8 +131,11 @@ struct Plan {
   at::Tensor conv_mask(const at::Tensor& mr) const {  // [Nm, K] -> the conv candidates' [Nm, k]
     return cols_prefix ? mr.narrow(1, 0, k) : mr.index_select(1, cols_index);
   }
-  at::Tensor dense_pw1(const at::Tensor& pw1) const {
-    return perm.defined() ? K().pw1_dense.call(pw1, blocks, T, C) : pw1.view({T, C});
+  // into `out` (a [T, C] workspace) where the candidates' weights need rearranging
+  at::Tensor dense_pw1(const at::Tensor& pw1, const at::Tensor& out) const {
+    if (!perm.defined()) return pw1.view({T, C});
+    K().pw1_dense_out.call(pw1, blocks, out);
+    return out;
   }
   at::Tensor packed_pw1(const at::Tensor& dense) const {
     return perm.defined() ? K().pw1_packed.call(dense, blocks) : dense.reshape({-1});
@@ -232,7 +235,7 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   Fwd r;
   const int64_t C = p.C, T = p.T, O = p.O;
   r.X = nhwc(x);
-  r.W1 = p.dense_pw1(w.pw1);
+  r.W1 = p.dense_pw1(w.pw1, scratch("W1", {p.T, p.C}, x));
   r.g1 = p.shuffle(w.g1);
   r.dw = p.dw_weights(w.dw);
   const at::Tensor b1 = p.shuffle(w.b1);
@@ -496,14 +499,17 @@ std::vector<at::Tensor> backward(
   auto [dws, sums1, gX] = k.dw_conv_bn_backward_out.call(
       g.image_out(gd), g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
       r.bn1.shift, r.bn1.mean, whole ? Opt(g.image_in(dA)) : Opt(), unless_whole(r.X),
-      unless_whole(alpha1.unsqueeze(1) * r.W1), unless_whole(gW), Opt(g.image_out(r.D)),
+      whole ? Opt() : Opt(alpha1.unsqueeze(1) * r.W1), unless_whole(gW), Opt(g.image_out(r.D)),
       Opt(at::stack({c2.alpha, c2.beta, c2.delta})), weight_grads, tiled ? Opt(r.W1) : Opt());
   const BNGrad c1 = bn_grad(r.bn1, r.g1, sums1, g.M1, training);
   Opt dW1;
   if (whole) {
     k.bn_grad_apply_out.call(dA, r.A, at::stack({c1.alpha, c1.beta, c1.delta}), dA);
     at::mm_out(gW, dA, r.W1);
-    if (weight_grads) dW1 = at::mm(dA.t(), r.X);
+    if (weight_grads) {  // a workspace where packed_pw1 copies it out, else returned
+      auto out = p.perm.defined() ? scratch("dW1", {T, C}, x) : at::empty({T, C}, x.options());
+      dW1 = at::mm_out(out, dA.t(), r.X);
+    }
   } else if (weight_grads) {
     dW1 = gX.mul_(alpha1.unsqueeze(1));
   }

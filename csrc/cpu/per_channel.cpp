@@ -116,15 +116,18 @@ void for_each_element(const std::vector<Pw1Block>& blocks, int64_t cols, F f) {
   }
 }
 
-at::Tensor pw1_dense_cpu(const at::Tensor& w, at::IntArrayRef blocks, int64_t rows,
-                         int64_t cols) {
+void pw1_dense_out_cpu(const at::Tensor& w, at::IntArrayRef blocks, const at::Tensor& dense) {
+  TORCH_CHECK(dense.dim() == 2 && dense.is_contiguous() && dense.scalar_type() == w.scalar_type(),
+              "pw1_dense_out: dense must be a contiguous [rows, cols] matrix of w's dtype, got "
+              "shape ", dense.sizes(), " ", dense.scalar_type());
+  const int64_t rows = dense.size(0), cols = dense.size(1);
   auto bs = pw1_blocks(blocks, cols, "pw1_dense");
   int64_t need = 0;
   for (const auto& b : bs) need = std::max(need, b.offset + b.rows * (cols / b.groups));
   TORCH_CHECK(w.dim() == 1 && w.numel() >= need, "pw1_dense: w must be a flat weight of at least ",
               need, " elements, got shape ", w.sizes());
   auto wc = w.contiguous();
-  auto dense = at::zeros({rows, cols}, w.options());
+  dense.zero_();
   const int64_t esize = w.element_size();
   const char* src = static_cast<const char*>(wc.const_data_ptr());
   char* dst = static_cast<char*>(dense.mutable_data_ptr());
@@ -132,6 +135,12 @@ at::Tensor pw1_dense_cpu(const at::Tensor& w, at::IntArrayRef blocks, int64_t ro
     TORCH_CHECK(d + n <= rows * cols, "pw1_dense: a block runs past the dense matrix");
     std::memcpy(dst + d * esize, src + s * esize, n * esize);
   });
+}
+
+at::Tensor pw1_dense_cpu(const at::Tensor& w, at::IntArrayRef blocks, int64_t rows,
+                         int64_t cols) {
+  auto dense = at::empty({rows, cols}, w.options());
+  pw1_dense_out_cpu(w, blocks, dense);
   return dense;
 }
 
@@ -262,6 +271,7 @@ TORCH_LIBRARY_IMPL(fbnet_fast, CPU, m) {
   m.impl("bn_coef", &bn_coef_cpu);
   m.impl("bn_grad_coef", &bn_grad_coef_cpu);
   m.impl("pw1_dense", &pw1_dense_cpu);
+  m.impl("pw1_dense_out", &pw1_dense_out_cpu);
   m.impl("pw1_packed", &pw1_packed_cpu);
   m.impl("pw1_bn_stats", &pw1_bn_stats_cpu);
   m.impl("pw1_cov_backward", &pw1_cov_backward_cpu);

@@ -170,6 +170,10 @@ if AVAILABLE:
     def _(w, blocks, rows, cols):
         return w.new_empty((rows, cols))
 
+    @torch.library.register_fake("fbnet_fast::pw1_dense_out")
+    def _(w, blocks, dense):
+        torch._check(dense.dim() == 2, lambda: "pw1_dense_out: dense must be [rows, cols]")
+
     @torch.library.register_fake("fbnet_fast::pw1_packed")
     def _(dense, blocks):
         cols = dense.shape[1]
