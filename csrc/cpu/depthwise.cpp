@@ -45,7 +45,7 @@ std::vector<at::Tensor> dw_conv_backward_out_cpu(const at::Tensor& grad_in, cons
   const auto &x = in.x, &gy = in.gy, &wt = in.wt, &wi = in.wi;
   const int64_t rows = S.N * S.Ho;
   const int64_t parts = num_parts(rows);
-  auto gw_parts = at::zeros({parts, wt.numel()}, wt.options());
+  auto gw_parts = pooled_empty(wt, {parts, wt.numel()}).zero_();
   if (gy.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_conv_backward", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();

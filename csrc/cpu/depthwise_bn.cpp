@@ -364,7 +364,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dw_conv_bn_backward_
   const bool gxt_on = pw1 && weight_grads;  // g^T x per tile
   const int64_t P = max_halo(r);
   std::vector<double> acc(parts * 2 * C, 0.0);
-  auto gw_parts = at::zeros({weight_grads ? parts : 0, wt.numel()}, wt.options());
+  auto gw_parts = pooled_empty(wt, {weight_grads ? parts : 0, wt.numel()}).zero_();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dw_conv_bn_backward", [&] {
     using T = scalar_t;
     const T* ap = a.const_data_ptr<T>();

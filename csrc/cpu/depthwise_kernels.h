@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 
 namespace fbnet_fast {
@@ -564,7 +565,7 @@ inline std::vector<at::Tensor> split_grad_weights(const at::Tensor& gw_parts,
   std::vector<at::Tensor> gws;
   int64_t off = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
-    auto gw = at::empty(weights[i].sizes(), gw_parts.options());
+    auto gw = pooled_empty(gw_parts, weights[i].sizes());
     const int64_t C = r.cs[i], kk = r.ks[i] * r.ks[i];
     AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "split_grad_weights", [&] {
       const scalar_t* src = gw_parts.const_data_ptr<scalar_t>() + off;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "gemm_tile.h"  // weight_bound
+#include "pool.h"
 
 namespace fbnet_fast {
 namespace {
@@ -82,8 +83,6 @@ struct Kernels {
       find_op<void(CT, const Opt&, CT, CT, CT, CT, CT, CT)>("fbnet_fast::pw1_cov_backward");
   c10::TypedOperatorHandle<void(CT, CT, CT, CT)> bn_grad_apply_out =
       find_op<void(CT, CT, CT, CT)>("fbnet_fast::bn_grad_apply_out");
-  c10::TypedOperatorHandle<at::Tensor(CT, at::IntArrayRef)> pooled_empty =
-      find_op<at::Tensor(CT, at::IntArrayRef)>("fbnet_fast::pooled_empty");
 };
 
 const Kernels& K() {
@@ -245,7 +244,7 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
                      stats_in->select(0, 1).narrow(0, off, len)};
   };
   auto buf = [&](const char* role, at::IntArrayRef shape) {
-    return keep_big ? k.pooled_empty.call(x, shape) : scratch(role, shape, x);
+    return keep_big ? pooled_empty(x, shape) : scratch(role, shape, x);
   };
   auto get = [&](size_t i) { return (reuse && (*reuse)[i]) ? *(*reuse)[i] : at::Tensor(); };
   r.D = get(2), r.Z = get(3), r.A = get(4), r.S = get(5);
@@ -524,7 +523,8 @@ std::vector<at::Tensor> backward(
   if (weight_grads) {
     std::vector<at::Tensor> flat;
     for (const auto& t : dws) flat.push_back(t.reshape({-1}));
-    ddw = at::cat(flat);
+    ddw = pooled_empty(x, {dw.numel()});
+    at::cat_out(ddw, flat);
     dpw1 = p.packed_pw1(*dW1);
   }
   return {dx,        dmask,     dpw1,      ddw,       dpw2,     p.unshuffle(c1.dgamma),

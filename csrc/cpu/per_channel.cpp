@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "channel_sums.h"
+#include "pool.h"
 #include "scratch.h"
 
 namespace fbnet_fast {
@@ -154,7 +155,7 @@ at::Tensor pw1_packed_cpu(const at::Tensor& dense, at::IntArrayRef blocks) {
     need = std::max(need, b.offset + b.rows * (cols / b.groups));
   }
   auto dc = dense.contiguous();
-  auto w = at::empty({need}, dense.options());
+  auto w = pooled_empty(dense, {need});  // the gradient returned every step
   const int64_t esize = dense.element_size();
   const char* src = static_cast<const char*>(dc.const_data_ptr());
   char* dst = static_cast<char*>(w.mutable_data_ptr());

@@ -22,6 +22,7 @@
 
 #include "channel_sums.h"
 #include "gemm_tile.h"
+#include "pool.h"
 #include "scratch.h"
 
 namespace fbnet_fast {
@@ -328,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_bn_backward_out_cpu(
   const int64_t ldg = gd.stride(0);
   auto w = weight_in.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   auto mu = mean.contiguous();
-  auto gw = weight_grad ? at::empty_like(w) : at::empty({0}, w.options());
+  auto gw = weight_grad ? pooled_empty(w, w.sizes()) : at::empty({0}, w.options());
   const int64_t parts = num_parts(M);
   std::vector<double> acc(parts * 2 * C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pointwise_bn", [&] {
