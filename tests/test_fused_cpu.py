@@ -107,9 +107,7 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     t, m1, m2 = L.total_mid, 2 * size * size, 2 * so * so
     writes_a = c_in == 112                  # 18 rows <= 112^2 / 16: BN1's statistics from A
     skip = c_out if L.skip_is_conv else 0
-    dense_w1 = t * c_in if p.perm is not None else 0   # the first 1x1's weight as its GEMM's
-    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t
-                                     + dense_w1)
+    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t)
     assert (calls_kept, calls_recomputed) == (1, 2)
     for a, b in zip(grads_kept, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

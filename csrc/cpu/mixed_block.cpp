@@ -23,7 +23,7 @@ namespace fbnet_fast {
 namespace {
 
 using Opt = std::optional<at::Tensor>;
-using Kept = std::vector<Opt>;  // X's mean and covariance, D, Z, A, S, W1 (None where absent)
+using Kept = std::vector<Opt>;  // X's mean and covariance, D, Z, A, S (None where absent)
 
 // Up to this many input channels the backward makes A = X W1^T one tile at a time (inside
 // the depthwise backward) instead of one whole GEMM whose result it writes and reads twice:
@@ -233,6 +233,11 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   const auto& k = K();
   Fwd r;
   const int64_t C = p.C, T = p.T, O = p.O;
+  r.X = nhwc(x);
+  r.W1 = p.dense_pw1(w.pw1, scratch("W1", {p.T, p.C}, x));
+  r.g1 = p.shuffle(w.g1);
+  r.dw = p.dw_weights(w.dw);
+  const at::Tensor b1 = p.shuffle(w.b1);
   // (mean, var) of the `len` channels from `off` in the packed statistics stats_in
   auto packed = [&](int64_t off, int64_t len) {
     return std::pair{stats_in->select(0, 0).narrow(0, off, len),
@@ -242,15 +247,7 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
     return keep_big ? pooled_empty(x, shape) : scratch(role, shape, x);
   };
   auto get = [&](size_t i) { return (reuse && (*reuse)[i]) ? *(*reuse)[i] : at::Tensor(); };
-  r.D = get(2), r.Z = get(3), r.A = get(4), r.S = get(5), r.W1 = get(6);
-  r.X = nhwc(x);
-  // the dense first 1x1 weight, kept with the intermediates: remade in the backward it cost
-  // a cold read of the weight and a write, 0.1-0.35 ms a step at the 112- and 184-channel
-  // layers
-  if (!r.W1.defined()) r.W1 = p.dense_pw1(w.pw1, buf("W1", {T, C}));
-  r.g1 = p.shuffle(w.g1);
-  r.dw = p.dw_weights(w.dw);
-  const at::Tensor b1 = p.shuffle(w.b1);
+  r.D = get(2), r.Z = get(3), r.A = get(4), r.S = get(5);
   // A = X W1^T is written only where it is read whole: by BN1's backward where the map is
   // too small for the covariance route, and for BN1's statistics where it is too small for
   // theirs; else the depthwise (forward and backward) makes it per tile from X
@@ -322,17 +319,15 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   return r;
 }
 
-// Whether a training call keeps D, Z, a conv skip's output, the dense first 1x1 weight
-// (where it is not the stored one) and maybe A (fused_cpu.KEEP_BYTES).
+// Whether a training call keeps D, Z, a conv skip's output and maybe A (fused_cpu.KEEP_BYTES).
 bool keeps(const Plan& p, const Geo& g, bool via_cov, const at::Tensor& x, int64_t keep_bytes) {
   const int64_t cols = p.T + p.k * p.O + (p.skip_conv ? p.O : 0);
-  const int64_t size = g.M2 * cols + (via_cov ? 0 : g.M1 * p.T) +
-                       (p.perm.defined() ? p.T * p.C : 0);
+  const int64_t size = g.M2 * cols + (via_cov ? 0 : g.M1 * p.T);
   return size * int64_t(x.element_size()) <= keep_bytes;
 }
 
 // (y, statistics [2, S], kept): kept (with keep_bytes >= 0 in training) holds X's mean and
-// covariance (or None) and D, Z, A, S, W1 where the call keeps them (else None).
+// covariance (or None) and D, Z, A, S where the call keeps them (else None).
 std::tuple<at::Tensor, at::Tensor, Kept> forward(
     const Plan& p, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& pw1,
     const at::Tensor& dw, const at::Tensor& pw2, const at::Tensor& g1, const at::Tensor& b1,
@@ -386,7 +381,6 @@ std::tuple<at::Tensor, at::Tensor, Kept> forward(
     kept = r.cov.empty() ? Kept{std::nullopt, std::nullopt} : r.cov;
     auto opt = [&](const at::Tensor& t) { return (keep_big && t.defined()) ? Opt(t) : Opt(); };
     for (const at::Tensor* t : {&r.D, &r.Z, &r.A, &r.S}) kept.push_back(opt(*t));
-    kept.push_back(p.perm.defined() ? opt(r.W1) : Opt());
   }
   return {y, stats, kept};
 }
@@ -425,7 +419,7 @@ std::vector<at::Tensor> backward(
   const auto& k = K();
   const Geo g(x, p.stride);
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
-  const Kept* kept = kept_in.size() == 7 ? &kept_in : nullptr;
+  const Kept* kept = kept_in.size() == 6 ? &kept_in : nullptr;
   const bool reuse = kept && (*kept)[2].has_value();
   Fwd r = forward_pass(p, g, x, w, {}, training, via_cov, &stats, true, false,
                        reuse ? kept : nullptr);

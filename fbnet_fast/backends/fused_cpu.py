@@ -79,9 +79,8 @@ def clear_workspace() -> None:
 KEEP_BYTES = 12 << 20
 """The most bytes a training call saves for its backward beyond x, the weights and the
 statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
-A where it writes A anyway (BN1's statistics from A: small maps) and the first 1x1's
-weight as the dense matrix of its GEMM, and the backward recomputes at most A instead of
-the whole forward. Per byte, D and Z cost the most to
+and A where it writes A anyway (BN1's statistics from A: small maps), and the backward
+recomputes at most A instead of the whole forward. Per byte, D and Z cost the most to
 recompute. With 12 MiB a whole step saves under an eighth of the reference's bytes at the
 quick preset's size and at 224x224 batch 8, whose peak RSS grew 1415 -> 1470 MiB (16 MiB:
 1520; 1360 since the backward makes A per tile); every 7x7 layer at batch 8 keeps. 0 always
@@ -121,9 +120,9 @@ def mixed_block_cpu_impl(
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
     the running ones in eval; ``running`` holds the running mean/var of bn1, bn2, bn3, skip_bn.
     ``kept`` (eager calls that record a backward; not part of the op): a list that gets, for
-    the backward, X's channel covariance where BN1's statistics came from it, and D, Z, A,
-    the skip conv's output and the dense first 1x1 weight where the call's intermediates fit
-    ``KEEP_BYTES`` (Nones for what is absent).
+    the backward, X's channel covariance where BN1's statistics came from it, and D, Z, A and
+    the skip conv's output where the call's intermediates fit ``KEEP_BYTES`` (Nones for what
+    is absent).
     """
     y, stats, more = jit.cpu_module().forward(
         _cpu_plan(layout), x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
