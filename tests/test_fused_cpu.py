@@ -146,6 +146,31 @@ def test_workspace_reuse_is_safe():
     compare(fused, ref, size=5, seed=2)                 # buffers made in inference mode
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["zero_grad", "accumulate"])
+def test_pooled_weight_gradients_across_steps(set_to_none):
+    """The weight gradients the ops return come from a block pool that takes a block back
+    when its tensor is freed: gradients kept from one step stay as they were through the
+    next, and .grad holds the reference's, whether zeroed between steps or accumulated."""
+    fused, ref = make_pair("cpu", 64, 64, 1, dtype=DT, seed=11)  # 64 channels: the whole-dA path
+    g = torch.Generator().manual_seed(12)
+    inputs = [(torch.randn(2, 64, 5, 5, dtype=DT, generator=g),
+               torch.softmax(torch.randn(9, dtype=DT, generator=g), -1),
+               torch.randn(2, 64, 5, 5, dtype=DT, generator=g)) for _ in range(3)]
+    held = []
+    for x, mask, dy in inputs:
+        for block in (fused, ref):
+            if set_to_none:
+                block.zero_grad(set_to_none=True)
+            block(x, mask).backward(dy)
+        held.append([(q.grad, q.grad.clone()) for q in fused.parameters()])
+        for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-9)
+    for step in held:
+        for grad, value in step:
+            if set_to_none:                     # (accumulated ones are one tensor, updated)
+                torch.testing.assert_close(grad, value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch_mask", "example_mask"])
 def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
     """Eager calls run the op's implementation through an autograd.Function: its output, every
