@@ -491,22 +491,27 @@ std::vector<at::Tensor> backward(
   // products themselves through A).
   const bool tiled = !r.A.defined();
   const bool whole = !tiled && weight_bound(r.W1);
-  auto unless_whole = [&](const at::Tensor& t) { return whole ? Opt() : Opt(t); };
   auto gW = x.new_empty({g.M1, C});
-  auto dA = whole ? scratch("dA", {g.M1, T}, x) : at::Tensor();
-  const at::Tensor alpha1 = r.g1 * r.bn1.rstd;
+  at::Tensor dA, alpha1;
+  Opt grad_a, x_in, x_weight, grad_x;  // g written whole, or the products taken per row
+  if (whole) {
+    dA = scratch("dA", {g.M1, T}, x);
+    grad_a = g.image_in(dA);
+  } else {
+    alpha1 = r.g1 * r.bn1.rstd;
+    x_in = r.X, x_weight = alpha1.unsqueeze(1) * r.W1, grad_x = gW;
+  }
   auto [dws, sums1, gX] = k.dw_conv_bn_backward_out.call(
       g.image_out(gd), g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
-      r.bn1.shift, r.bn1.mean, whole ? Opt(g.image_in(dA)) : Opt(), unless_whole(r.X),
-      whole ? Opt() : Opt(alpha1.unsqueeze(1) * r.W1), unless_whole(gW), Opt(g.image_out(r.D)),
+      r.bn1.shift, r.bn1.mean, grad_a, x_in, x_weight, grad_x, Opt(g.image_out(r.D)),
       Opt(at::stack({c2.alpha, c2.beta, c2.delta})), weight_grads, tiled ? Opt(r.W1) : Opt());
   const BNGrad c1 = bn_grad(r.bn1, r.g1, sums1, g.M1, training);
   Opt dW1;
   if (whole) {
     k.bn_grad_apply_out.call(dA, r.A, at::stack({c1.alpha, c1.beta, c1.delta}), dA);
     at::mm_out(gW, dA, r.W1);
-    if (weight_grads) {  // a workspace where packed_pw1 copies it out, else returned
-      auto out = p.perm.defined() ? scratch("dW1", {T, C}, x) : at::empty({T, C}, x.options());
+    if (weight_grads) {  // from the pool, like every weight gradient the op returns
+      auto out = pooled_empty(x, {T, C});
       dW1 = at::mm_out(out, dA.t(), r.X);
     }
   } else if (weight_grads) {
