@@ -13,7 +13,7 @@ from fbnet_fast import MixedBlock
 from fbnet_fast.backends import jit
 from fbnet_fast.backends import registry as backends
 from fbnet_fast.backends import fused_cpu
-from fbnet_fast.backends.plan import plan_for
+from fbnet_fast.backends.plan import bn1_stats_via_covariance, plan_for
 from fbnet_fast.testing import LAYER_SHAPES, compare, make_pair, shape_id, single_thread
 
 pytestmark = pytest.mark.skipif(not jit.load(), reason=f"C++ kernels unavailable: {jit.why_unavailable()}")
@@ -78,11 +78,11 @@ def _calls(fn, op: str) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == f"fbnet_fast::{op}")
 
 
-@pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3)],
-                         ids=["skip_conv_s2", "writes_a"])
+@pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3), (64, 64, 1, 12)],
+                         ids=["skip_conv_s2", "writes_a", "keeps_a_over_covariance"])
 def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, and A where
-    its forward writes A anyway (exactly their bytes more than recomputing), and its backward
+    its backward would make A whole (exactly their bytes more than recomputing), and its backward
     runs no depthwise forward; the gradients are those of the recomputing backward."""
     c_in, c_out, stride, size = shape
     torch.manual_seed(0)
@@ -105,9 +105,14 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     recomputed, calls_recomputed, grads = step()
     L, p = fused.layout, plan_for(fused.layout)
     t, m1, m2 = L.total_mid, 2 * size * size, 2 * so * so
-    writes_a = c_in == 112                  # 18 rows <= 112^2 / 16: BN1's statistics from A
+    # the backward would make A whole: kept instead (at 64 channels, 288 rows, BN1's
+    # statistics could come from X's covariance without A)
+    writes_a = c_in > 32
     skip = c_out if L.skip_is_conv else 0
-    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t)
+    # and where the kept A gave BN1's statistics, not X's covariance, the recomputing call
+    # saves X's mean and covariance instead
+    cov = writes_a * bn1_stats_via_covariance(m1, c_in) * (c_in * c_in + c_in)
+    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t - cov)
     assert (calls_kept, calls_recomputed) == (1, 2)
     for a, b in zip(grads_kept, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -343,8 +343,10 @@ def bn_grad(bn: BNCoef, gamma: Tensor, sum_g: Tensor, sum_gz: Tensor, count: int
 def bn1_stats_via_covariance(rows: int, in_channels: int) -> bool:
     """Whether the CPU backend takes BN1's statistics from the input's [C_in, C_in] covariance
     (T C_in^2 multiply-adds) rather than a pass over A ([M, T] read), and so its forward
-    never writes A: from M > C_in^2 / 16, about where the GEMM rate over the copy bandwidth
-    puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have fewer rows."""
+    need not write A: from M > C_in^2 / 16, about where the GEMM rate over the copy bandwidth
+    puts the break-even. The 7x7 and 3x3 maps with C_in >= 112 have fewer rows. (A training
+    call that keeps A for its backward writes it regardless: csrc/cpu/mixed_block.cpp,
+    keeps_a.)"""
     return 16 * rows > in_channels * in_channels
 
 
