@@ -11,17 +11,15 @@
 // cache. A segment's weights are read in pw2_weight's own order (no dense copy).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/core/GradMode.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include "channel_sums.h"
 #include "gemm_tile.h"
+#include "parallel_runs.h"
 #include "pool.h"
 #include "scratch.h"
 
@@ -215,17 +213,8 @@ void for_segments_split(const std::vector<Seg>& segs, F&& f) {
     if (2 * sum + m > total) break;
     sum += m;
   }
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-    // A worker thread has its own thread-local state: the caller's inference mode, and no
-    // autograd (the caller, inside an op, records none). Not the caller's whole state
-    // (at::ThreadLocalState): that holds Python objects (saved-tensor hooks), whose copy
-    // takes the GIL, which the caller holds while it waits here: a deadlock.
-    std::optional<c10::InferenceMode> mode;
-    if (inference) mode.emplace();
-    c10::AutoGradMode no_grad(false);
-    for (int64_t run = b; run < e; ++run)
-      for (size_t s = bounds[run]; s < bounds[run + 1]; ++s) f(s);
+  parallel_runs(2, [&](int64_t run) {
+    for (size_t s = bounds[run]; s < bounds[run + 1]; ++s) f(s);
   });
 }
 
