@@ -14,8 +14,9 @@ if jit.load():
 
 DT = torch.float64
 # (N, C, H, W): odd and even sizes, 1x1 and 7x7 maps, channel counts on and off the
-# 32-double register block.
-SIZES = [(2, 7, 9, 8), (3, 40, 7, 7), (2, 33, 1, 1), (1, 96, 6, 5), (2, 5, 2, 3)]
+# 32-double register block; 9 columns: 7 interior 3x3 outputs at stride 1, 3 at stride 2 (the
+# register kernels' 7- and 3-output blocks).
+SIZES = [(2, 7, 9, 8), (3, 40, 7, 7), (2, 33, 1, 1), (1, 96, 6, 5), (2, 5, 2, 3), (1, 20, 5, 9)]
 
 
 def reference(x, ws, stride):
@@ -302,9 +303,10 @@ def test_bn_grad_apply_out_is_the_bn_backward_once_its_sums_are_known():
 
 # (N, C, H, W): odd sizes, 1x1 and 4x4 maps, and rows wide enough for several tiles of
 # output rows per image (the kernels' 1.5 MB tiles hold at least 8 output rows; partial last
-# tiles); (1, 400, 30, 20): several tiles per image at both strides
+# tiles); (1, 400, 30, 20): several tiles per image at both strides; 7- and 3-pixel output
+# rows (FBNet's 7x7 and 3x3 maps, one register block each)
 BN_SIZES = [(2, 7, 9, 8), (2, 33, 1, 1), (3, 17, 4, 4), (1, 400, 12, 40), (1, 700, 5, 50),
-            (1, 400, 30, 20)]
+            (1, 400, 30, 20), (2, 20, 7, 7), (1, 24, 5, 3)]
 
 
 def _bn_inputs(size, k, seed):
