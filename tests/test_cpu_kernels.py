@@ -777,6 +777,19 @@ def test_pw1_dense_and_packed_match_plan(c_in, c_out, stride):
         torch.ops.fbnet_fast.pw1_dense.default(w[:-1], p.pw1_block_ints, T, C)
     with pytest.raises(RuntimeError, match="pw1_packed: a block runs past"):
         torch.ops.fbnet_fast.pw1_packed.default(g[:-1], p.pw1_block_ints)
+    # blocks that leave rows out (no plan does): those rows come out zero, whatever the
+    # workspace held
+    blocks = p.pw1_block_ints
+    first = blocks[:4]                     # (row0, rows, offset, groups) of one block
+    out = torch.randn(T, C, dtype=DT)
+    torch.ops.fbnet_fast.pw1_dense_out.default(w, first, out)
+    rows = slice(first[0], first[0] + first[1])
+    torch.testing.assert_close(out[rows], dense[rows], rtol=0, atol=0)
+    others = torch.ones(T, dtype=torch.bool)
+    others[rows] = False
+    assert others.any() and (out[others] == 0).all()
+    with pytest.raises(RuntimeError, match="pw1_dense: a block runs past"):
+        torch.ops.fbnet_fast.pw1_dense_out.default(w, [T - 1, 2, 0, 1], out)
 
 
 @pytest.mark.parametrize("m,c", [(1, 5), (7, 3), (65, 8), (300, 33), (130, 184)])
