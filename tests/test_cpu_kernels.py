@@ -539,9 +539,10 @@ def _pointwise_case(cin, cout, rows, dtype, seed):
 
 # (C_in, C_out, rows): the tiled micro-kernels (weights up to 512 KB; odd row counts leave
 # partial tiles and row blocks), the backward's g stored past the caches (float64 at 6001
-# rows is above kStreamBytes) and the ATen GEMM path for the widest layers
+# rows is above kStreamBytes) and the ATen GEMM path for the widest layers (300 rows: its
+# sums over more than one block of rows)
 POINTWISE_CASES = [(8, 8, 77), (16, 24, 300), (24, 24, 5), (8, 8, 6001), (112, 112, 9),
-                   (184, 352, 3)]
+                   (184, 352, 3), (112, 112, 300)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
