@@ -118,6 +118,24 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("c, size, keeps", [(112, 20, True), (32, 30, False)],
+                         ids=["112ch-keeps", "32ch-recomputes"])
+def test_wide_blocks_keep_more(c, size, keeps):
+    """Both calls' D and Z are over KEEP_BYTES (14-21 MB, 12-20 MiB): the 112-channel block
+    keeps them (its budget grows with its channels: 21 MiB; recomputing costs more per byte),
+    the 32-channel one recomputes its forward in the backward (a second depthwise forward)."""
+    torch.manual_seed(0)
+    fused, _ = make_pair("cpu", c, c, 1, dtype=DT)
+    L = fused.layout
+    assert bn1_stats_via_covariance(2 * size * size, c)     # A is not kept
+    kept = 2 * size * size * (L.total_mid + plan_for(L).n_conv * c) * 8
+    assert fused_cpu.KEEP_BYTES < kept < fused_cpu.KEEP_BYTES * 112 // 64
+    x = torch.randn(2, c, size, size, dtype=DT, requires_grad=True)
+    mask = torch.softmax(torch.randn(fused.num_candidates, dtype=DT), -1)
+    calls = _calls(lambda: fused(x, mask).sum().backward(), "dw_conv_bn_out")
+    assert calls == (1 if keeps else 2)
+
+
 def test_main_job_step_saves_an_eighth_of_the_reference():
     """At the main job's size (quick preset: 32x32, width 0.25, batch 32) most layers keep D
     and Z, and the whole supernet still saves under an eighth of the reference's bytes."""

@@ -77,16 +77,17 @@ def clear_workspace() -> None:
 
 
 KEEP_BYTES = 12 << 20
-"""The most bytes a training call saves for its backward beyond x, the weights and the
-statistics: under it the forward keeps D (the depthwise output) and Z (the second 1x1s'),
-and A where it writes A anyway (BN1's statistics from A: small maps) or where the backward
-would make A whole again (more than 32 input channels: the forward then writes A, and takes
-BN1's statistics from it, if A fits too), and the backward recomputes at most A instead of
-the whole forward. Per byte, D and Z cost the most to
-recompute. With 12 MiB a whole step saves under an eighth of the reference's bytes at the
-quick preset's size and at 224x224 batch 8, whose peak RSS grew 1415 -> 1470 MiB (16 MiB:
-1520; 1360 since the backward makes A per tile); every 7x7 layer at batch 8 keeps. 0 always
-recomputes (bench/RESULTS.md)."""
+"""The most bytes a training call of a block with up to 64 input channels saves for its
+backward beyond x, the weights and the statistics (wider blocks: that much more in
+proportion to their channels, whose recomputation costs more per byte; keep_budget in
+csrc/cpu/mixed_block.cpp): under it the forward keeps D (the depthwise output) and Z (the
+second 1x1s'), and A where it writes A anyway (BN1's statistics from A: small maps) or where
+the backward would make A whole again (more than 32 input channels: the forward then writes
+A, and takes BN1's statistics from it, if A fits too), and the backward recomputes at most A
+instead of the whole forward. Per byte, D and Z cost the most to recompute. With 12 MiB a
+whole step saves under an eighth of the reference's bytes at the quick preset's size and at
+224x224 batch 8 (228 of 2,803 MB there, peak RSS 1,390 MiB); every 7x7 layer at batch 8
+keeps. 0 always recomputes (bench/RESULTS.md)."""
 
 
 @functools.lru_cache(maxsize=256)
