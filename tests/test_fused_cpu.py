@@ -78,19 +78,10 @@ def _calls(fn, op: str) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == f"fbnet_fast::{op}")
 
 
-@pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3), (64, 64, 1, 12)],
-                         ids=["skip_conv_s2", "writes_a", "keeps_a_over_covariance"])
-def test_small_calls_keep_their_intermediates(shape, monkeypatch):
-    """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, and A where
-    its backward would make A whole (exactly their bytes more than recomputing), and its backward
-    runs no depthwise forward; the gradients are those of the recomputing backward."""
-    c_in, c_out, stride, size = shape
-    torch.manual_seed(0)
-    fused, _ = make_pair("cpu", c_in, c_out, stride, dtype=DT)
-    x = torch.randn(2, c_in, size, size, dtype=DT)
+def _keep_vs_recompute(fused, x, dy, monkeypatch) -> tuple:
+    """(bytes saved, depthwise forwards) of a training step under ``KEEP_BYTES`` and with
+    ``KEEP_BYTES = 0`` (every call recomputes), after checking their gradients are the same."""
     mask = torch.softmax(torch.randn(fused.num_candidates, dtype=DT), -1)
-    so = (size + stride - 1) // stride
-    dy = torch.randn(2, c_out, so, so, dtype=DT)
 
     def step():
         fused.zero_grad(set_to_none=True)
@@ -103,8 +94,30 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     kept, calls_kept, grads_kept = step()
     monkeypatch.setattr(fused_cpu, "KEEP_BYTES", 0)
     recomputed, calls_recomputed, grads = step()
+    for a, b in zip(grads_kept, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    return kept - recomputed, (calls_kept, calls_recomputed)
+
+
+def _block_inputs(c_in, c_out, stride, size, batch=2):
+    torch.manual_seed(0)
+    fused, _ = make_pair("cpu", c_in, c_out, stride, dtype=DT)
+    so = (size + stride - 1) // stride
+    x = torch.randn(batch, c_in, size, size, dtype=DT)
+    return fused, x, torch.randn(batch, c_out, so, so, dtype=DT), batch * size * size, batch * so * so
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3), (64, 64, 1, 12)],
+                         ids=["skip_conv_s2", "writes_a", "keeps_a_over_covariance"])
+def test_small_calls_keep_their_intermediates(shape, monkeypatch):
+    """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, and A where
+    its backward would make A whole (exactly their bytes more than recomputing), and its backward
+    runs no depthwise forward; the gradients are those of the recomputing backward."""
+    c_in, c_out, stride, size = shape
+    fused, x, dy, m1, m2 = _block_inputs(c_in, c_out, stride, size)
+    more, calls = _keep_vs_recompute(fused, x, dy, monkeypatch)
     L, p = fused.layout, plan_for(fused.layout)
-    t, m1, m2 = L.total_mid, 2 * size * size, 2 * so * so
+    t = L.total_mid
     # the backward would make A whole: kept instead (at 64 channels, 288 rows, BN1's
     # statistics could come from X's covariance without A)
     writes_a = c_in > 32
@@ -112,28 +125,41 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     # and where the kept A gave BN1's statistics, not X's covariance, the recomputing call
     # saves X's mean and covariance instead
     cov = writes_a * bn1_stats_via_covariance(m1, c_in) * (c_in * c_in + c_in)
-    assert kept - recomputed == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t - cov)
-    assert (calls_kept, calls_recomputed) == (1, 2)
-    for a, b in zip(grads_kept, grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert more == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t - cov)
+    assert calls == (1, 2)
 
 
-@pytest.mark.parametrize("c, size, keeps", [(112, 20, True), (32, 30, False)],
+@pytest.mark.parametrize("shape, keeps", [((112, 184, 2, 32), True), ((32, 32, 1, 30), False)],
                          ids=["112ch-keeps", "32ch-recomputes"])
-def test_wide_blocks_keep_more(c, size, keeps):
-    """Both calls' D and Z are over KEEP_BYTES (14-21 MB, 12-20 MiB): the 112-channel block
-    keeps them (its budget grows with its channels: 21 MiB; recomputing costs more per byte),
-    the 32-channel one recomputes its forward in the backward (a second depthwise forward)."""
-    torch.manual_seed(0)
-    fused, _ = make_pair("cpu", c, c, 1, dtype=DT)
-    L = fused.layout
-    assert bn1_stats_via_covariance(2 * size * size, c)     # A is not kept
-    kept = 2 * size * size * (L.total_mid + plan_for(L).n_conv * c) * 8
-    assert fused_cpu.KEEP_BYTES < kept < fused_cpu.KEEP_BYTES * 112 // 64
-    x = torch.randn(2, c, size, size, dtype=DT, requires_grad=True)
-    mask = torch.softmax(torch.randn(fused.num_candidates, dtype=DT), -1)
-    calls = _calls(lambda: fused(x, mask).sum().backward(), "dw_conv_bn_out")
-    assert calls == (1 if keeps else 2)
+def test_wide_blocks_keep_more(shape, keeps, monkeypatch):
+    """Both calls' D, Z (and skip conv output) are over KEEP_BYTES (14-17 MB, 13-16 MiB):
+    the 112-channel block keeps them (its budget grows with its channels, to 21 MiB:
+    recomputing costs more per byte there), the 32-channel one recomputes them."""
+    c_in, c_out, stride, size = shape
+    fused, x, dy, m1, m2 = _block_inputs(c_in, c_out, stride, size)
+    L, p = fused.layout, plan_for(fused.layout)
+    assert bn1_stats_via_covariance(m1, c_in)     # no A needed for BN1's statistics
+    skip = c_out if L.skip_is_conv else 0
+    big = 8 * m2 * (L.total_mid + p.n_conv * c_out + skip)
+    assert fused_cpu.KEEP_BYTES < big < fused_cpu.KEEP_BYTES * 112 // 64
+    more, calls = _keep_vs_recompute(fused, x, dy, monkeypatch)
+    assert (more, calls) == ((big, (1, 2)) if keeps else (0, (2, 2)))
+
+
+def test_keeps_a_for_d_where_all_three_do_not_fit(monkeypatch):
+    """64 channels, stride 1, 648 rows: D and Z (10 MB) fit KEEP_BYTES, with A (17 MB) they do
+    not. The call keeps A and Z instead of D (as large as A at stride 1): its backward remakes D
+    with a depthwise forward, not A with a GEMM; the gradients are the recomputing backward's."""
+    c = 64
+    fused, x, dy, m, _ = _block_inputs(c, c, 1, 18)
+    t, z = fused.layout.total_mid, plan_for(fused.layout).n_conv * c
+    assert m * (t + z) * 8 <= fused_cpu.KEEP_BYTES < m * (2 * t + z) * 8
+    assert bn1_stats_via_covariance(m, c)
+    more, calls = _keep_vs_recompute(fused, x, dy, monkeypatch)
+    # A and Z kept; the recomputing call keeps X's mean and covariance instead (BN1's
+    # statistics came from them; the keeping call's came from A)
+    assert more == 8 * (m * (t + z) - (c * c + c))
+    assert calls == (2, 2)
 
 
 def test_main_job_step_saves_an_eighth_of_the_reference():
