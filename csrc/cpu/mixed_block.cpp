@@ -24,8 +24,7 @@ namespace fbnet_fast {
 namespace {
 
 using Opt = std::optional<at::Tensor>;
-// X's mean and covariance, D, Z, A, S, the first 1x1's dense weight (None where absent)
-using Kept = std::vector<Opt>;
+using Kept = std::vector<Opt>;  // X's mean and covariance, D, Z, A, S (None where absent)
 
 // Up to this many input channels the backward makes A = X W1^T one tile at a time (inside
 // the depthwise backward) instead of one whole GEMM whose result it writes and reads twice:
@@ -247,17 +246,12 @@ struct Fwd {
 Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params& w,
                  const std::vector<at::Tensor>& running, bool training, bool via_cov,
                  const at::Tensor* stats_in, bool keep, bool keep_big, const Kept* reuse,
-                 bool keeping = false, const at::Tensor& w1_kept = {}, bool keep_d = true) {
+                 bool keep_d = true) {
   const auto& k = K();
   Fwd r;
   const int64_t C = p.C, T = p.T, O = p.O;
   r.X = nhwc(x);
-  // the dense weight the forward made, where it kept it (its own buffer, not the scratch
-  // every block shares): MixedBlock 1.01x faster at 112->112 and 64->112 (7x7, batch 8),
-  // 1.02x at 184->352 and 1.04x at 184->184 (3x3)
-  r.W1 = w1_kept.defined() ? w1_kept
-                           : p.dense_pw1(w.pw1, keeping ? pooled_empty(x, {p.T, p.C})
-                                                        : scratch("W1", {p.T, p.C}, x));
+  r.W1 = p.dense_pw1(w.pw1, scratch("W1", {p.T, p.C}, x));
   r.g1 = p.shuffle(w.g1);
   r.dw = p.dw_weights(w.dw);
   const at::Tensor b1 = p.shuffle(w.b1);
@@ -401,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor, Kept> forward(
   const bool keep_big = keeping && (a_for_d || keeps(p, g, via_cov, x, keep_bytes));
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
   Fwd r = forward_pass(p, g, x, w, running, training, via_cov, nullptr, false, keep_big, nullptr,
-                       keeping, {}, !a_for_d);
+                       !a_for_d);
   const int64_t O = p.O, C = p.C, hw = g.h * g.w, howo = g.ho * g.wo;
   const at::Tensor mr = mask.dim() == 1 ? mask.view({1, -1}) : mask;  // [Nm, K]
   const int64_t nm = mr.size(0);
@@ -443,7 +437,6 @@ std::tuple<at::Tensor, at::Tensor, Kept> forward(
     auto opt = [&](const at::Tensor& t) { return (keep_big && t.defined()) ? Opt(t) : Opt(); };
     kept.push_back(a_for_d ? Opt() : opt(r.D));
     for (const at::Tensor* t : {&r.Z, &r.A, &r.S}) kept.push_back(opt(*t));
-    kept.push_back(r.W1);
   }
   return {y, stats, kept};
 }
@@ -482,11 +475,10 @@ std::vector<at::Tensor> backward(
   const auto& k = K();
   const Geo g(x, p.stride);
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
-  const Kept* kept = kept_in.size() == 7 ? &kept_in : nullptr;
+  const Kept* kept = kept_in.size() == 6 ? &kept_in : nullptr;
   const bool reuse = kept && ((*kept)[2] || (*kept)[3] || (*kept)[4] || (*kept)[5]);
   Fwd r = forward_pass(p, g, x, w, {}, training, via_cov, &stats, true, false,
-                       reuse ? kept : nullptr,
-                       false, kept && (*kept)[6] ? *(*kept)[6] : at::Tensor());
+                       reuse ? kept : nullptr);
   const int64_t O = p.O, T = p.T, C = p.C, KK = mask.size(-1), hw = g.h * g.w,
                 howo = g.ho * g.wo;
   const at::Tensor dY = nhwc(grad).view({g.n, howo, O});

@@ -123,9 +123,9 @@ def mixed_block_cpu_impl(
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
     the running ones in eval; ``running`` holds the running mean/var of bn1, bn2, bn3, skip_bn.
     ``kept`` (eager calls that record a backward; not part of the op): a list that gets, for
-    the backward, X's channel covariance where BN1's statistics came from it, D, Z, A and
+    the backward, X's channel covariance where BN1's statistics came from it, and D, Z, A and
     the skip conv's output where the call's intermediates fit ``KEEP_BYTES`` (Nones for what
-    is absent), and the first 1x1's weight as the dense matrix the GEMMs take.
+    is absent).
     """
     y, stats, more = jit.cpu_module().forward(
         _cpu_plan(layout), x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
