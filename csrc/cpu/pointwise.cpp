@@ -255,8 +255,8 @@ at::Tensor pointwise_bn_out_cpu(const at::Tensor& d_in, const at::Tensor& scale,
     T* zp = z.mutable_data_ptr<T>();
     // Above kTiledWeightBytes, one library GEMM per segment; the thread that runs a segment
     // makes its columns of h just before (and in the backward takes the mask and BN2's sums
-    // right after), so h is never written whole: MixedBlock 1.04x faster at 112->112 and
-    // 1.08x at 64->112 (7x7, batch 8) than with one pass for all of h first.
+    // right after), so h is never written whole: MixedBlock 1.02-1.04x faster at 112->112,
+    // 1.01-1.08x at 64->112 (7x7, batch 8; two runs) than with one pass for all of h first.
     if (weight_bound(w)) {
       for_segments_split(segs, [&](size_t s) {
         const Seg& g = segs[s];
