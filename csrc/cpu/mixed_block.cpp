@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "channel_sums.h"  // num_parts, share
 #include "gemm_tile.h"  // weight_bound
 #include "parallel_runs.h"
 #include "pool.h"
@@ -184,10 +185,9 @@ at::Tensor nhwc(const at::Tensor& t) {
 // 1.05-1.08x faster at the 64-channel 7x7 layers, 1.01-1.05x at the 112- and 184-channel
 // ones, the quick preset's step 1.02x).
 void mm_split_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t M = a.size(0);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t M = a.size(0), parts = num_parts(M);
   parallel_runs(parts, [&](int64_t t) {
-    const int64_t r0 = M * t / parts, r1 = M * (t + 1) / parts;
+    const auto [r0, r1] = share(M, parts, t);
     at::Tensor rows = out.narrow(0, r0, r1 - r0);
     at::mm_out(rows, a.narrow(0, r0, r1 - r0), b);
   });
@@ -234,7 +234,8 @@ struct Geo {
 };
 
 // The forward's intermediates (fused_cpu.py's plan); `stats_in`: the backward's recompute,
-// with the statistics the forward used; `reuse`: D, Z, A, S the forward kept.
+// with the statistics the forward used; `reuse`: what the forward kept (D, Z, A, S where
+// present; the rest is made again).
 struct Fwd {
   at::Tensor X, W1, g1, A, D, Z, S, Xs;
   std::vector<at::Tensor> dw;  // the depthwise weights, one view per run
@@ -260,9 +261,8 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
     return std::pair{stats_in->select(0, 0).narrow(0, off, len),
                      stats_in->select(0, 1).narrow(0, off, len)};
   };
-  auto buf = [&](const char* role, at::IntArrayRef shape) {
-    const bool kept = keep_big && (keep_d || std::string(role) != "D");
-    return kept ? pooled_empty(x, shape) : scratch(role, shape, x);
+  auto buf = [&](const char* role, at::IntArrayRef shape, bool kept = true) {
+    return keep_big && kept ? pooled_empty(x, shape) : scratch(role, shape, x);
   };
   auto get = [&](size_t i) { return (reuse && (*reuse)[i]) ? *(*reuse)[i] : at::Tensor(); };
   r.D = get(2), r.Z = get(3), r.A = get(4), r.S = get(5);
@@ -296,7 +296,7 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   const bool batch_stats = training && !stats_in;
   at::Tensor m2, v2;
   if (!r.D.defined()) {  // BN1 + ReLU inside the depthwise, BN2's statistics from its epilogue
-    r.D = buf("D", {g.M2, T});
+    r.D = buf("D", {g.M2, T}, keep_d);
     const bool tiled = !r.A.defined();
     auto st = k.dw_conv_bn_out.call(g.image_in(tiled ? r.X : r.A), r.dw, p.stride, r.bn1.scale,
                                     r.bn1.shift, g.image_out(r.D),
@@ -476,9 +476,7 @@ std::vector<at::Tensor> backward(
   const Geo g(x, p.stride);
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
   const Kept* kept = kept_in.size() == 6 ? &kept_in : nullptr;
-  const bool reuse = kept && ((*kept)[2] || (*kept)[3] || (*kept)[4] || (*kept)[5]);
-  Fwd r = forward_pass(p, g, x, w, {}, training, via_cov, &stats, true, false,
-                       reuse ? kept : nullptr);
+  Fwd r = forward_pass(p, g, x, w, {}, training, via_cov, &stats, true, false, kept);
   const int64_t O = p.O, T = p.T, C = p.C, KK = mask.size(-1), hw = g.h * g.w,
                 howo = g.ho * g.wo;
   const at::Tensor dY = nhwc(grad).view({g.n, howo, O});

@@ -86,10 +86,10 @@ the backward would make A whole again (more than 32 input channels: the forward 
 A, and takes BN1's statistics from it, if A fits too), and the backward recomputes at most A
 instead of the whole forward; where A, D and Z do not fit together but D and Z do (stride
 1, more than 32 input channels) it keeps A and Z, and the backward remakes D. Per byte, D
-and Z cost the most to recompute. With 12 MiB a
-whole step saves under an eighth of the reference's bytes at the quick preset's size and at
-224x224 batch 8 (228 of 2,803 MB there, peak RSS 1,390 MiB); every 7x7 layer at batch 8
-keeps. 0 always recomputes (bench/RESULTS.md)."""
+and Z cost the most to recompute. With 12 MiB a whole step saves under an eighth of the
+reference's bytes at the quick preset's size and at 224x224 batch 8 (228 of 2,803 MB there,
+peak RSS 1,390 MiB); every 7x7 layer at batch 8 keeps. 0 always recomputes
+(bench/RESULTS.md)."""
 
 
 @functools.lru_cache(maxsize=256)
