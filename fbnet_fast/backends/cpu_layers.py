@@ -107,14 +107,16 @@ class FusedCandidateBlock(CandidateBlock):
         if min(geo.rows_in, geo.rows_out) <= 1:
             return super().forward(x)  # nn.BatchNorm2d's error for one value per channel
         running = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
-        y, stats = run_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, (
+        momenta = [bn.momentum for bn in bns]
+        tracked = [bn.num_batches_tracked for bn in bns]
+        y, stats, updated = run_fused_op(torch.ops.fbnet_fast.mixed_block_cpu, (
             x, x.new_ones(1), self.conv_pw.weight.view(-1), self.conv_dw.weight.view(-1),
             self.conv_pwl.weight.view(-1), self.bn1.weight, self.bn1.bias, self.bn2.weight,
             self.bn2.bias, self.bn3.weight, self.bn3.bias, None, None, None, running,
-            self._layout_key, True), mixed_block_eager)
-        update_running(running[0::2], running[1::2], stats,
-                       [geo.rows_in, geo.rows_out, geo.rows_out], [bn.momentum for bn in bns],
-                       [bn.num_batches_tracked for bn in bns])
+            self._layout_key, True), mixed_block_eager, (momenta, tracked))
+        if not updated:
+            update_running(running[0::2], running[1::2], stats,
+                           [geo.rows_in, geo.rows_out, geo.rows_out], momenta, tracked)
         return y
 
     @functools.cached_property

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from . import jit
 from ..nn.layout import BN_EPS
-from .plan import (BNCoef, bn1_stats_via_covariance, call_fused_op, op_impl, plan_for,
-                   register_fused_autograd)
+from .plan import (BNCoef, bn1_stats_via_covariance, call_fused_op, momentum_values, op_impl,
+                   plan_for, register_fused_autograd)
 
 __all__ = ["mixed_block_forward", "why_unavailable", "clear_workspace"]
 
@@ -119,7 +119,8 @@ def mixed_block_cpu_impl(
         bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor, bn3_weight: Tensor,
         bn3_bias: Tensor, skip_weight: Optional[Tensor], skip_bn_weight: Optional[Tensor],
         skip_bn_bias: Optional[Tensor], running: List[Tensor], layout: str,
-        training: bool, kept: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        training: bool, kept: Optional[list] = None,
+        running_update: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
     """Returns (y Tensor[N, C_out, H', W'] in x's memory format, statistics Tensor[2, S]).
 
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
@@ -127,12 +128,16 @@ def mixed_block_cpu_impl(
     ``kept`` (eager calls that record a backward; not part of the op): a list that gets, for
     the backward, X's channel covariance where BN1's statistics came from it, and D, Z, A and
     the skip conv's output where the call's intermediates fit ``KEEP_BYTES`` (Nones for what
-    is absent).
+    is absent). ``running_update`` (eager calls in training; not part of the op, which
+    mutates nothing): ``(momenta, tracked)`` as ``plan.update_running`` takes them, for the
+    call to update the running statistics itself.
     """
+    momenta, tracked = running_update or ((), ())
     y, stats, more = jit.cpu_module().forward(
         _cpu_plan(layout), x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
         bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, running, training,
-        _via_covariance(x), -1 if kept is None else KEEP_BYTES)
+        _via_covariance(x), -1 if kept is None else KEEP_BYTES,
+        momentum_values(momenta), list(tracked))
     if kept is not None:
         kept.extend(more)
     return y, stats

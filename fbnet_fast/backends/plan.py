@@ -365,10 +365,14 @@ def update_running(running_means: list, running_vars: list, stats: Tensor, count
     foreach calls for all BNs at once."""
     if stats.device.type == "cpu" and hasattr(torch.ops.fbnet_fast, "bn_running_update"):
         torch.ops.fbnet_fast.bn_running_update.default(
-            running_means, running_vars, list(tracked), stats, counts,
-            [-1.0 if m is None else float(m) for m in momenta])
+            running_means, running_vars, list(tracked), stats, counts, momentum_values(momenta))
     else:
         _update_running_foreach(running_means, running_vars, stats, counts, momenta, tracked)
+
+
+def momentum_values(momenta: list) -> list:
+    """``momenta`` as the C++ ops take them: floats, -1 for None (a plain average)."""
+    return [-1.0 if m is None else float(m) for m in momenta]
 
 
 def _update_running_foreach(running_means, running_vars, stats, counts, momenta, tracked=()):
@@ -412,27 +416,39 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
     args = fused_op_args(block, x, weights)
-    y, stats = run_fused_op(op, (*args, *extra), eager)
-    if block.training:
-        rms, rvs = args[14][0::2], args[14][1::2]
-        update_running(rms, rvs, stats, [geo.rows_in, *[geo.rows_out] * (len(rms) - 1)],
-                       [BN_MOMENTUM] * len(rms))
+    running = args[14]
+    momenta = [BN_MOMENTUM] * (len(running) // 2)
+    y, stats, updated = run_fused_op(op, (*args, *extra), eager,
+                                     (momenta, ()) if block.training else None)
+    if block.training and not updated:
+        update_running(running[0::2], running[1::2], stats,
+                       [geo.rows_in, *[geo.rows_out] * (len(momenta) - 1)], momenta)
     return y
 
 
-def run_fused_op(op, args: tuple, eager=None) -> tuple:
-    """(y, statistics) of a fused MixedBlock op on ``args``: the custom op under a trace,
-    else ``eager`` (``register_fused_autograd``'s Function, when the backend has one), or
-    with no graph to record its implementation itself."""
+def run_fused_op(op, args: tuple, eager=None, running_update: Optional[tuple] = None) -> tuple:
+    """(y, statistics, updated) of a fused MixedBlock op on ``args``: the custom op under a
+    trace, else ``eager`` (``register_fused_autograd``'s Function, when the backend has one),
+    or with no graph to record its implementation itself. ``running_update``: ``(momenta,
+    tracked)`` as ``update_running`` takes them, for an eager implementation that updates the
+    running statistics in its own call (``updated`` says whether it did; else the caller
+    does)."""
     if eager is None or torch.compiler.is_compiling():
-        return op(*args)
-    return (eager.apply if torch.is_grad_enabled() else eager.impl)(*args)
+        return (*op(*args), False)
+    update = running_update if eager.updates_running else None
+    if torch.is_grad_enabled():
+        y, stats = eager.apply(*args, update)
+    elif update is None:
+        y, stats = eager.impl(*args)
+    else:
+        y, stats = eager.impl(*args, running_update=update)
+    return y, stats, update is not None
 
 
-_EAGER_ONLY = ("kept", "mask_grad")
+_EAGER_ONLY = ("kept", "mask_grad", "running_update")
 """Parameters of the CPU implementations that only the eager path passes
-(``register_fused_autograd``): the intermediates the forward kept, and whether the mask
-needs a gradient."""
+(``register_fused_autograd``): the intermediates the forward kept, whether the mask needs a
+gradient, and the running statistics' update."""
 
 
 def op_impl(impl: Callable) -> Callable:
@@ -467,7 +483,9 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     θ steps of a search), and ``mask_grad=False`` to one that takes it when the mask needs
     none (weight steps, discrete models). With ``keeps``, the forward implementation takes a
     list ``kept`` that it may fill with intermediates; they are saved too and handed to the backward
-    implementation as ``kept``, which then reuses them instead of recomputing them.
+    implementation as ``kept``, which then reuses them instead of recomputing them. A forward
+    implementation that takes ``running_update`` updates the running statistics itself
+    (``run_fused_op``); the Function takes that argument last, after the op's.
     ``call_fused_op`` runs the forward implementation itself where no graph is recorded."""
     backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
     setup_context, backward = _fused_autograd(backward_op, op_inputs=True)
@@ -478,19 +496,26 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
         backward_impl, op_inputs=False,
         mask_grad="mask_grad" in inspect.signature(backward_impl).parameters)
 
+    updates = "running_update" in inspect.signature(forward_impl).parameters
+
     def forward(ctx, *inputs):  # ctx-style: a separate setup_context costs a signature bind
+        *inputs, update = inputs
+        more = {} if update is None else {"running_update": update}
         if keeps:
             kept = []
-            output = forward_impl(*inputs, kept=kept)
+            output = forward_impl(*inputs, kept=kept, **more)
             setup_context(ctx, inputs, output, kept)
         else:
-            output = forward_impl(*inputs)
+            output = forward_impl(*inputs, **more)
             setup_context(ctx, inputs, output)
         return output
 
+    def backward_all(ctx, *grads):  # and None for the running_update argument
+        return (*backward(ctx, *grads), None)
+
     return type(f"{name}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward),
-        "impl": staticmethod(forward_impl)})
+        "forward": staticmethod(forward), "backward": staticmethod(backward_all),
+        "impl": staticmethod(forward_impl), "updates_running": updates})
 
 
 def _fused_autograd(backward_fn: Callable, op_inputs: bool, mask_grad: bool = False) -> tuple:
