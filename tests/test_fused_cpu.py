@@ -4,6 +4,7 @@ reference, on every layer shape, are in test_backends.py; ``opcheck`` and ``torc
 of its op (as of every backend's) are in test_compile.py."""
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -244,21 +245,27 @@ def test_eager_function_matches_the_custom_op(monkeypatch, per_example):
         torch.testing.assert_close(a, b)
 
 
+def _profiled_backward(y, dy) -> list:
+    """The profiler's events of ``y.backward(dy)``: the ops the C++ backward node called,
+    with their scalar arguments (``concrete_inputs``)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y.backward(dy)
+    return prof.events()
+
+
+def _bool_args(events, op: str) -> list:
+    """Each call of ``op`` among ``events``: its bool arguments."""
+    return [[v for v in e.concrete_inputs if isinstance(v, bool)]
+            for e in events if e.name == op]
+
+
 @pytest.mark.parametrize("shape", [(16, 24, 2, 9), (24, 24, 1, 8), (112, 112, 1, 3)],
                          ids=["skip_conv_s2", "residual", "whole_gemms"])
-def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
-    """A θ step freezes the weights: the backward skips their gradients (weight_grads=False)
-    and gives the same input and mask gradients as the full backward, in float64; a conv skip,
-    a residual layer and the 112-channel case whose first 1x1 runs as whole GEMMs."""
-    asked = []                       # the flag each backward call got
-    module = jit.cpu_module()
-    backward = module.backward
-
-    def spy(*args):
-        asked.append(args[-3])       # ..., weight_grads, mask_grad, kept
-        return backward(*args)
-
-    monkeypatch.setattr(module, "backward", spy)
+def test_frozen_weights_skip_their_gradients(shape):
+    """A θ step freezes the weights: the backward node asks its kernels for no weight
+    gradients (the second 1x1s' and the depthwise backward get weight_grads=False) and gives
+    the same input and mask gradients as the full backward, in float64; a conv skip, a
+    residual layer and the 112-channel case whose first 1x1 runs as whole GEMMs."""
     c_in, c_out, stride, size = shape
     torch.manual_seed(4)
     block = MixedBlock(c_in, c_out, stride, backend="cpu").to(DT).train()
@@ -272,13 +279,13 @@ def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
             p.requires_grad_(not frozen)
             p.grad = None
         xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_()
-        block(xi, mi).backward(dy)
+        events = _profiled_backward(block(xi, mi), dy)
+        for op in ("fbnet_fast::pointwise_bn_backward_out", "fbnet_fast::dw_conv_bn_backward_out"):
+            assert _bool_args(events, op) == [[not frozen]], op
         return xi.grad, mi.grad
 
     full = grads(False)
-    assert asked == [True]
     frozen = grads(True)
-    assert asked[1:] == [False]
     assert all(p.grad is None for p in block.parameters())
     for a, b in zip(frozen, full, strict=True):
         torch.testing.assert_close(a, b)
@@ -286,18 +293,10 @@ def test_frozen_weights_skip_their_gradients(shape, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(16, 24, 2, 9), (24, 24, 1, 8), (16, 16, 1, 6)],
                          ids=["skip_conv_s2", "residual", "residual_small"])
-def test_mask_without_grad_skips_its_gradient(shape, monkeypatch):
-    """A weight step samples its masks without a graph: the backward skips the mask's
-    gradient (mask_grad=False) and gives the same input and weight gradients as with a mask
-    that needs one, in float64; a conv skip and two residual layers."""
-    asked = []
-    impl = fused_cpu.mixed_block_eager.backward
-
-    def spy(ctx, *args):
-        asked.append(ctx.needs_input_grad[1])
-        return impl(ctx, *args)
-
-    monkeypatch.setattr(fused_cpu.mixed_block_eager, "backward", staticmethod(spy))
+def test_mask_without_grad_skips_its_gradient(shape):
+    """A weight step samples its masks without a graph: the backward node skips the skip
+    path's share of the mask's gradient and gives the same input and weight gradients as
+    with a mask that needs one, in float64; a conv skip and two residual layers."""
     c_in, c_out, stride, size = shape
     torch.manual_seed(6)
     block = MixedBlock(c_in, c_out, stride, backend="cpu").to(DT).train()
@@ -309,13 +308,42 @@ def test_mask_without_grad_skips_its_gradient(shape, monkeypatch):
     def grads(mask_grad):
         block.zero_grad(set_to_none=True)
         xi, mi = x.clone().requires_grad_(), mask.clone().requires_grad_(mask_grad)
-        block(xi, mi).backward(dy)
-        return [xi.grad] + [p.grad for p in block.parameters()], mi.grad
+        events = _profiled_backward(block(xi, mi), dy)
+        ops = Counter(e.name for e in events if e.name.startswith(("aten::", "fbnet_fast::")))
+        return [xi.grad] + [p.grad for p in block.parameters()], mi.grad, ops
 
-    (with_mask, dmask), (without, none) = grads(True), grads(False)
-    assert asked == [True, False] and none is None and dmask.abs().sum() > 0
+    (with_mask, dmask, ops), (without, none, fewer) = grads(True), grads(False)
+    assert none is None and dmask.abs().sum() > 0
+    # without: no product of the output gradient with the skip path and no sum of it, and
+    # no kernel call more
+    assert all(fewer[op] == ops[op] - 1 for op in ("aten::mul", "aten::sum"))
+    assert all(n <= ops[op] for op, n in fewer.items() if op.startswith("fbnet_fast::"))
     for a, b in zip(without, with_mask, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_backward_node_guards_its_saved_tensors():
+    """The eager path's C++ backward node: with retain_graph a second backward gives the same
+    gradients again; without, it says the saved tensors were freed; an input changed in place
+    after the forward is caught, as for any autograd node."""
+    torch.manual_seed(8)
+    block = MixedBlock(16, 16, 1, backend="cpu").to(DT).train()
+    x = torch.randn(2, 16, 6, 6, dtype=DT, requires_grad=True)
+    mask = torch.softmax(torch.randn(block.num_candidates, dtype=DT), -1).requires_grad_()
+    y = block(x, mask)
+    assert y.grad_fn.name() == "MixedBlockCpuBackward"
+    dy = torch.randn_like(y)
+    y.backward(dy, retain_graph=True)
+    first = x.grad.clone()
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="saved tensors were freed"):
+        y.backward(dy)
+    y = block(x, mask)
+    with torch.no_grad():
+        block.pw1_weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
 
 
 _TWO_THREADS = r"""

@@ -22,8 +22,8 @@ intermediates from x, so only x, the mask, the weights and the BN batch statisti
 saved, and in the eager path X's covariance where BN1's statistics came from it; at small
 maps the eager path also keeps D, Z and A where the forward writes it (``KEEP_BYTES``).
 Both ops are registered with fake kernels, so torch.compile and export trace them; eager
-calls run the same two implementations through an autograd.Function
-(``plan.register_fused_autograd``), without the custom op's dispatch. The big
+calls run the same two C++ functions without the custom op's dispatch, the backward
+recorded as a C++ autograd node (``mixed_block_eager``): no Python runs in it. The big
 intermediates live in per-thread scratch buffers reused across calls (they hold about the
 largest layer's peak, ``clear_workspace()`` frees them).
 """
@@ -114,32 +114,32 @@ def _via_covariance(x: Tensor) -> bool:
 
 # --- the ops ----------------------------------------------------------------------------
 
+def _run(forward, args: tuple, keep_bytes: int, running_update: Optional[tuple]):
+    """``forward`` (the C++ module's forward or forward_with_grad) on ``fused_op_args``."""
+    *tensors, running, layout, training = args
+    momenta, tracked = running_update or ((), ())
+    return forward(_cpu_plan(layout), *tensors, running, training, _via_covariance(tensors[0]),
+                   keep_bytes, momentum_values(momenta), list(tracked))
+
+
 def mixed_block_cpu_impl(
         x: Tensor, mask: Tensor, pw1: Tensor, dw: Tensor, pw2: Tensor, bn1_weight: Tensor,
         bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor, bn3_weight: Tensor,
         bn3_bias: Tensor, skip_weight: Optional[Tensor], skip_bn_weight: Optional[Tensor],
         skip_bn_bias: Optional[Tensor], running: List[Tensor], layout: str,
-        training: bool, kept: Optional[list] = None,
-        running_update: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+        training: bool, running_update: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
     """Returns (y Tensor[N, C_out, H', W'] in x's memory format, statistics Tensor[2, S]).
 
     The statistics are each BN's (mean, biased variance) used: batch statistics in training,
     the running ones in eval; ``running`` holds the running mean/var of bn1, bn2, bn3, skip_bn.
-    ``kept`` (eager calls that record a backward; not part of the op): a list that gets, for
-    the backward, X's channel covariance where BN1's statistics came from it, and D, Z, A and
-    the skip conv's output where the call's intermediates fit ``KEEP_BYTES`` (Nones for what
-    is absent). ``running_update`` (eager calls in training; not part of the op, which
-    mutates nothing): ``(momenta, tracked)`` as ``plan.update_running`` takes them, for the
-    call to update the running statistics itself.
+    ``running_update`` (eager calls in training; not part of the op, which mutates nothing):
+    ``(momenta, tracked)`` as ``plan.update_running`` takes them, for the call to update the
+    running statistics itself.
     """
-    momenta, tracked = running_update or ((), ())
-    y, stats, more = jit.cpu_module().forward(
-        _cpu_plan(layout), x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
-        bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, running, training,
-        _via_covariance(x), -1 if kept is None else KEEP_BYTES,
-        momentum_values(momenta), list(tracked))
-    if kept is not None:
-        kept.extend(more)
+    y, stats, _ = _run(jit.cpu_module().forward,
+                       (x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight, bn2_bias,
+                        bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias,
+                        running, layout, training), -1, running_update)
     return y, stats
 
 
@@ -163,19 +163,15 @@ def mixed_block_cpu_backward_impl(
         bn1_weight: Tensor, bn1_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor,
         bn3_weight: Tensor, bn3_bias: Tensor, skip_weight: Optional[Tensor],
         skip_bn_weight: Optional[Tensor], skip_bn_bias: Optional[Tensor], stats: Tensor,
-        layout: str, training: bool, weight_grads: bool = True,
-        kept: Optional[list] = None, mask_grad: bool = True) -> List[Tensor]:
+        layout: str, training: bool, weight_grads: bool = True) -> List[Tensor]:
     """Gradients of ``mixed_block_cpu`` w.r.t. x, mask, pw1, dw, pw2, bn1-3 weight/bias and the
-    skip conv (empty tensors when the skip is the identity), recomputing the forward from x
-    unless the forward ``kept`` its intermediates. Without ``weight_grads`` (no weight needs
-    one: a θ step) the three convs' weight gradients are skipped and come back empty (a
-    quick-size θ step runs 1.19x faster). Without ``mask_grad`` (eager calls whose mask
-    needs none: weight steps, discrete models) the skip path's share of the mask's gradient,
-    a pass over x or the skip conv's output, is skipped and the mask's comes back empty."""
+    skip conv (empty tensors when the skip is the identity), recomputing the forward from x.
+    Without ``weight_grads`` (no weight needs one: a θ step) the three convs' weight
+    gradients are skipped and come back empty (a quick-size θ step runs 1.19x faster)."""
     return jit.cpu_module().backward(
         _cpu_plan(layout), grad, x, mask, pw1, dw, pw2, bn1_weight, bn1_bias, bn2_weight,
         bn2_bias, bn3_weight, bn3_bias, skip_weight, skip_bn_weight, skip_bn_bias, stats,
-        training, _via_covariance(x), weight_grads, mask_grad, list(kept or ()))
+        training, _via_covariance(x), weight_grads, True, [])
 
 
 mixed_block_cpu_backward = torch.library.custom_op(
@@ -199,9 +195,26 @@ def _(grad, x, mask, pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb, stats, la
             + [like(sw, conv=True), like(sg), like(sb)])
 
 
-# the eager path's autograd.Function (plan.run_fused_op), also cpu_layers' for single blocks
-mixed_block_eager = register_fused_autograd("mixed_block_cpu", mixed_block_cpu_impl,
-                                            mixed_block_cpu_backward_impl, keeps=True)
+register_fused_autograd("mixed_block_cpu")  # the custom op's, for torch.compile's traces
+
+
+class mixed_block_eager:
+    """The eager path (plan.run_fused_op), also cpu_layers' for single blocks: the C++
+    forward, which records its backward as a C++ autograd node (csrc/cpu/mixed_block.cpp,
+    MixedBlockCpuBackward) where an input needs a gradient. That node saves x, the mask,
+    the weights, the statistics and, where they fit ``KEEP_BYTES``, the intermediates the
+    backward would otherwise recompute; it skips the weights' gradients when none needs one
+    (the θ steps of a search) and the skip path's share of the mask's when the mask needs
+    none (weight steps, discrete models). The running statistics are updated in the call."""
+
+    updates_running = True
+    impl = staticmethod(mixed_block_cpu_impl)
+
+    @staticmethod
+    def apply(*args) -> tuple:
+        """(y, statistics) from ``fused_op_args``, then maybe ``running_update``."""
+        return _run(jit.cpu_module().forward_with_grad, args[:17], KEEP_BYTES,
+                    args[17] if len(args) > 17 else None)
 
 
 # --- the backend entry point --------------------------------------------------------------

@@ -428,33 +428,28 @@ def call_fused_op(op, block, x: Tensor, weights: Tensor, *extra, eager=None) -> 
 
 def run_fused_op(op, args: tuple, eager=None, running_update: Optional[tuple] = None) -> tuple:
     """(y, statistics, updated) of a fused MixedBlock op on ``args``: the custom op under a
-    trace, else ``eager`` (``register_fused_autograd``'s Function, when the backend has one),
-    or with no graph to record its implementation itself. ``running_update``: ``(momenta,
-    tracked)`` as ``update_running`` takes them, for an eager implementation that updates the
-    running statistics in its own call (``updated`` says whether it did; else the caller
-    does)."""
+    trace, else the backend's eager path ``eager`` (an object with ``apply`` recording the
+    backward and ``impl`` without it: ``register_fused_autograd``'s Function, or the CPU
+    backend's own), or with no graph to record its implementation itself.
+    ``running_update``: ``(momenta, tracked)`` as ``update_running`` takes them, handed as
+    the last argument to an eager path whose ``updates_running`` says it updates the running
+    statistics in its own call (``updated`` says whether it did; else the caller does)."""
     if eager is None or torch.compiler.is_compiling():
         return (*op(*args), False)
-    update = running_update if eager.updates_running else None
-    if torch.is_grad_enabled():
-        y, stats = eager.apply(*args, update)
-    elif update is None:
-        y, stats = eager.impl(*args)
-    else:
-        y, stats = eager.impl(*args, running_update=update)
+    update = running_update if getattr(eager, "updates_running", False) else None
+    more = () if update is None else (update,)
+    y, stats = (eager.apply if torch.is_grad_enabled() else eager.impl)(*args, *more)
     return y, stats, update is not None
 
 
-_EAGER_ONLY = ("kept", "mask_grad", "running_update")
-"""Parameters of the CPU implementations that only the eager path passes
-(``register_fused_autograd``): the intermediates the forward kept, whether the mask needs a
-gradient, and the running statistics' update."""
+_EAGER_ONLY = ("running_update",)
+"""Parameters of the implementations that only the eager path passes (``run_fused_op``)."""
 
 
 def op_impl(impl: Callable) -> Callable:
     """``impl`` as its custom op sees it: without the parameters that only the eager path
     passes (``_EAGER_ONLY``), so the op's schema and torch.compile's traces keep to x, the
-    weights and the statistics, and recompute."""
+    weights and the statistics, and the op mutates nothing."""
     def op(*args, **kwargs):
         return impl(*args, **kwargs)
 
@@ -467,7 +462,7 @@ def op_impl(impl: Callable) -> Callable:
 
 
 def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
-                            backward_impl: Optional[Callable] = None, keeps: bool = False):
+                            backward_impl: Optional[Callable] = None):
     """Autograd of the fused op ``fbnet_fast::<name>`` through ``fbnet_fast::<name>_backward``.
 
     The forward takes ``fused_op_args`` and maybe more plain values after them; the backward
@@ -480,68 +475,46 @@ def register_fused_autograd(name: str, forward_impl: Optional[Callable] = None,
     the custom op's dispatch, argument checks and pytree handling (about 0.4 ms of a small
     layer's forward and backward, on each of the 22 layers of every step). Its backward
     passes ``weight_grads=False`` to the implementation when no weight needs a gradient (the
-    θ steps of a search), and ``mask_grad=False`` to one that takes it when the mask needs
-    none (weight steps, discrete models). With ``keeps``, the forward implementation takes a
-    list ``kept`` that it may fill with intermediates; they are saved too and handed to the backward
-    implementation as ``kept``, which then reuses them instead of recomputing them. A forward
-    implementation that takes ``running_update`` updates the running statistics itself
-    (``run_fused_op``); the Function takes that argument last, after the op's.
-    ``call_fused_op`` runs the forward implementation itself where no graph is recorded."""
+    θ steps of a search). ``call_fused_op`` runs the forward implementation itself where no
+    graph is recorded. (The CPU backend's eager path is a C++ autograd node instead:
+    fused_cpu.py.)"""
     backward_op = getattr(torch.ops.fbnet_fast, name + "_backward").default
     setup_context, backward = _fused_autograd(backward_op, op_inputs=True)
     torch.library.register_autograd(f"fbnet_fast::{name}", backward, setup_context=setup_context)
     if forward_impl is None:
         return None
-    setup_context, backward = _fused_autograd(
-        backward_impl, op_inputs=False,
-        mask_grad="mask_grad" in inspect.signature(backward_impl).parameters)
-
-    updates = "running_update" in inspect.signature(forward_impl).parameters
+    setup_context, backward = _fused_autograd(backward_impl, op_inputs=False)
 
     def forward(ctx, *inputs):  # ctx-style: a separate setup_context costs a signature bind
-        *inputs, update = inputs
-        more = {} if update is None else {"running_update": update}
-        if keeps:
-            kept = []
-            output = forward_impl(*inputs, kept=kept, **more)
-            setup_context(ctx, inputs, output, kept)
-        else:
-            output = forward_impl(*inputs, **more)
-            setup_context(ctx, inputs, output)
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
         return output
 
-    def backward_all(ctx, *grads):  # and None for the running_update argument
-        return (*backward(ctx, *grads), None)
-
     return type(f"{name}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward_all),
-        "impl": staticmethod(forward_impl), "updates_running": updates})
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "impl": staticmethod(forward_impl)})
 
 
-def _fused_autograd(backward_fn: Callable, op_inputs: bool, mask_grad: bool = False) -> tuple:
+def _fused_autograd(backward_fn: Callable, op_inputs: bool) -> tuple:
     """(setup_context, backward) calling ``backward_fn``; a custom op takes a list of Nones as
     the gradient of its list input (the running statistics), an autograd.Function one None."""
 
-    def setup_context(ctx, inputs, output, kept=()):
+    def setup_context(ctx, inputs, output):
         x, mask, *params = inputs[:14]
         ctx.has_skip, ctx.n_running = params[-3] is not None, len(inputs[14])
         ctx.plain = inputs[15:]            # layout, training, and any extra value
-        ctx.save_for_backward(x, mask, output[1], *params, *kept)
+        ctx.save_for_backward(x, mask, output[1], *params)
         if not op_inputs:
             ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad, _grad_stats):
         x, mask, stats, *params = ctx.saved_tensors
-        params, kept = params[:12], params[12:]
         if op_inputs:
             grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain)
         else:  # the implementation skips the weights' gradients when none needs one
             need = ctx.needs_input_grad
-            more = {"kept": kept} if kept else {}
-            if mask_grad:
-                more["mask_grad"] = need[1]
             grads = backward_fn(grad, x, mask, *params, stats, *ctx.plain,
-                                weight_grads=any(need[2:14]), **more)
+                                weight_grads=any(need[2:14]))
             grads = [g if n else None for g, n in zip(grads, need)]
         skip_grads = grads[11:] if ctx.has_skip else [None, None, None]
         running = [None] * ctx.n_running if op_inputs else None
