@@ -108,11 +108,20 @@ def _block_inputs(c_in, c_out, stride, size, batch=2):
     return fused, x, torch.randn(batch, c_out, so, so, dtype=DT), batch * size * size, batch * so * so
 
 
+def _dense_w1(fused, m2: int) -> int:
+    """Elements of the first 1x1's dense weight that a keeping call keeps too: where it is at
+    most a quarter of D and Z (m2 output rows)."""
+    L = fused.layout
+    t, c, z = L.total_mid, L.in_channels, plan_for(L).n_conv * L.out_channels
+    return t * c if 4 * t * c <= m2 * (t + z) else 0
+
+
 @pytest.mark.parametrize("shape", [(16, 24, 2, 8), (112, 112, 1, 3), (64, 64, 1, 12)],
                          ids=["skip_conv_s2", "writes_a", "keeps_a_over_covariance"])
 def test_small_calls_keep_their_intermediates(shape, monkeypatch):
-    """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, and A where
-    its backward would make A whole (exactly their bytes more than recomputing), and its backward
+    """Under ``KEEP_BYTES`` a training call saves D, Z, the skip conv's output, A where its
+    backward would make A whole, and the first 1x1's dense weight where it is small next to
+    D and Z (exactly their bytes more than recomputing), and its backward
     runs no depthwise forward; the gradients are those of the recomputing backward."""
     c_in, c_out, stride, size = shape
     fused, x, dy, m1, m2 = _block_inputs(c_in, c_out, stride, size)
@@ -126,7 +135,8 @@ def test_small_calls_keep_their_intermediates(shape, monkeypatch):
     # and where the kept A gave BN1's statistics, not X's covariance, the recomputing call
     # saves X's mean and covariance instead
     cov = writes_a * bn1_stats_via_covariance(m1, c_in) * (c_in * c_in + c_in)
-    assert more == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t - cov)
+    w1 = _dense_w1(fused, m2)
+    assert more == 8 * (m2 * (t + p.n_conv * c_out + skip) + writes_a * m1 * t - cov + w1)
     assert calls == (1, 2)
 
 
@@ -144,12 +154,14 @@ def test_wide_blocks_keep_more(shape, keeps, monkeypatch):
     big = 8 * m2 * (L.total_mid + p.n_conv * c_out + skip)
     assert fused_cpu.KEEP_BYTES < big < fused_cpu.KEEP_BYTES * 112 // 64
     more, calls = _keep_vs_recompute(fused, x, dy, monkeypatch)
+    big += 8 * _dense_w1(fused, m2)
     assert (more, calls) == ((big, (1, 2)) if keeps else (0, (2, 2)))
 
 
 def test_keeps_a_for_d_where_all_three_do_not_fit(monkeypatch):
     """64 channels, stride 1, 648 rows: D and Z (10 MB) fit KEEP_BYTES, with A (17 MB) they do
-    not. The call keeps A and Z instead of D (as large as A at stride 1): its backward remakes D
+    not. The call keeps A and Z instead of D (as large as A at stride 1), and the dense first-1x1
+    weight: its backward remakes D
     with a depthwise forward, not A with a GEMM; the gradients are the recomputing backward's."""
     c = 64
     fused, x, dy, m, _ = _block_inputs(c, c, 1, 18)
@@ -159,7 +171,7 @@ def test_keeps_a_for_d_where_all_three_do_not_fit(monkeypatch):
     more, calls = _keep_vs_recompute(fused, x, dy, monkeypatch)
     # A and Z kept; the recomputing call keeps X's mean and covariance instead (BN1's
     # statistics came from them; the keeping call's came from A)
-    assert more == 8 * (m * (t + z) - (c * c + c))
+    assert more == 8 * (m * (t + z) - (c * c + c) + _dense_w1(fused, m))
     assert calls == (2, 2)
 
 

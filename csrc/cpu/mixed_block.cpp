@@ -29,7 +29,8 @@ namespace fbnet_fast {
 namespace {
 
 using Opt = std::optional<at::Tensor>;
-using Kept = std::vector<Opt>;  // X's mean and covariance, D, Z, A, S (None where absent)
+// X's mean and covariance, D, Z, A, S, the first 1x1's dense weight (None where absent)
+using Kept = std::vector<Opt>;
 
 // Up to this many input channels the backward makes A = X W1^T one tile at a time (inside
 // the depthwise backward) instead of one whole GEMM whose result it writes and reads twice:
@@ -242,8 +243,8 @@ struct Geo {
 };
 
 // The forward's intermediates (fused_cpu.py's plan); `stats_in`: the backward's recompute,
-// with the statistics the forward used; `reuse`: what the forward kept (D, Z, A, S where
-// present; the rest is made again).
+// with the statistics the forward used; `reuse`: what the forward kept (D, Z, A, S, the dense
+// W1 where present; the rest is made again).
 struct Fwd {
   at::Tensor X, W1, g1, A, D, Z, S, Xs;
   std::vector<at::Tensor> dw;  // the depthwise weights, one view per run
@@ -255,12 +256,14 @@ struct Fwd {
 Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params& w,
                  const std::vector<at::Tensor>& running, bool training, bool via_cov,
                  const at::Tensor* stats_in, bool keep, bool keep_big, const Kept* reuse,
-                 bool keep_d = true) {
+                 bool keep_d = true, bool keep_w1 = false) {
   const auto& k = K();
   Fwd r;
   const int64_t C = p.C, T = p.T, O = p.O;
   r.X = nhwc(x);
-  r.W1 = p.dense_pw1(w.pw1, scratch("W1", {p.T, p.C}, x));
+  r.W1 = reuse && (*reuse)[6] ? *(*reuse)[6]
+                               : p.dense_pw1(w.pw1, keep_w1 ? pooled_empty(x, {p.T, p.C})
+                                                            : scratch("W1", {p.T, p.C}, x));
   r.g1 = p.shuffle(w.g1);
   r.dw = p.dw_weights(w.dw);
   const at::Tensor b1 = p.shuffle(w.b1);
@@ -385,12 +388,24 @@ bool keeps_a_for_d(const Plan& p, const Geo& g, const at::Tensor& x, int64_t kee
          keeps(p, g, true, x, keep_bytes);
 }
 
+// Whether a call that keeps its intermediates (keep_big) also keeps the first 1x1's weight as
+// the dense matrix its GEMMs take, which the backward would otherwise make again: where the
+// candidates' weights need rearranging (a grouped candidate) and the dense weight is at most a
+// quarter of D and Z, so that it stays a small share of what a step keeps at any batch (kept
+// whatever the size, at the quick preset's 32x32 batch 2 the fused step saved more than the
+// reference). MixedBlock 1.015x faster at 112->112, 1.009x at 64->112, 1.012x at 64->64 (7x7,
+// batch 8; the 3x3 layers' weights are too large to keep there).
+bool keeps_w1(const Plan& p, const Geo& g) {
+  return p.perm.defined() && 4 * p.T * p.C <= g.M2 * (p.T + p.k * p.O);
+}
+
 // (y, statistics [2, S], kept): kept (with keep_bytes >= 0 in training) holds X's mean and
-// covariance (or None) and D, Z, A, S where the call keeps them (else None). With momenta (one
-// per BN, as bn_running_update takes them, with its `tracked`) a training call also updates
-// the running statistics from the batch's: in this call, not a Python call and an op after
-// it, each of which ran several times slower than alone because the kernels before it had
-// pushed its code and data out of the caches (MixedBlock 1.01-1.02x faster per step).
+// covariance (or None) and D, Z, A, S and the dense W1 where the call keeps them (else
+// None). With momenta (one per BN, as bn_running_update takes them, with its `tracked`) a
+// training call also updates the running statistics from the batch's: in this call, not a
+// Python call and an op after it, each of which ran several times slower than alone because
+// the kernels before it had pushed its code and data out of the caches (MixedBlock
+// 1.01-1.02x faster per step).
 std::tuple<at::Tensor, at::Tensor, Kept> forward(
     const Plan& p, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& pw1,
     const at::Tensor& dw, const at::Tensor& pw2, const at::Tensor& g1, const at::Tensor& b1,
@@ -407,8 +422,9 @@ std::tuple<at::Tensor, at::Tensor, Kept> forward(
   if (keeping && via_cov && (a_for_d || keeps_a(p, g, x, keep_bytes))) via_cov = false;
   const bool keep_big = keeping && (a_for_d || keeps(p, g, via_cov, x, keep_bytes));
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
+  const bool keep_w1 = keep_big && keeps_w1(p, g);
   Fwd r = forward_pass(p, g, x, w, running, training, via_cov, nullptr, false, keep_big, nullptr,
-                       !a_for_d);
+                       !a_for_d, keep_w1);
   const int64_t O = p.O, C = p.C, hw = g.h * g.w, howo = g.ho * g.wo;
   const at::Tensor mr = mask.dim() == 1 ? mask.view({1, -1}) : mask;  // [Nm, K]
   const int64_t nm = mr.size(0);
@@ -460,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor, Kept> forward(
     auto opt = [&](const at::Tensor& t) { return (keep_big && t.defined()) ? Opt(t) : Opt(); };
     kept.push_back(a_for_d ? Opt() : opt(r.D));
     for (const at::Tensor* t : {&r.Z, &r.A, &r.S}) kept.push_back(opt(*t));
+    kept.push_back(keep_w1 ? Opt(r.W1) : Opt());
   }
   return {y, stats, kept};
 }
@@ -498,7 +515,7 @@ std::vector<at::Tensor> backward(
   const auto& k = K();
   const Geo g(x, p.stride);
   const Params w{pw1, dw, pw2, g1, b1, g2, b2, g3, b3, sw, sg, sb};
-  const Kept* kept = kept_in.size() == 6 ? &kept_in : nullptr;
+  const Kept* kept = kept_in.size() == 7 ? &kept_in : nullptr;
   Fwd r = forward_pass(p, g, x, w, {}, training, via_cov, &stats, true, false, kept);
   const int64_t O = p.O, T = p.T, C = p.C, KK = mask.size(-1), hw = g.h * g.w,
                 howo = g.ho * g.wo;
