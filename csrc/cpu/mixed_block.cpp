@@ -260,10 +260,13 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
   const auto& k = K();
   Fwd r;
   const int64_t C = p.C, T = p.T, O = p.O;
+  auto get = [&](size_t i) { return (reuse && (*reuse)[i]) ? *(*reuse)[i] : at::Tensor(); };
+  auto buf = [&](const char* role, at::IntArrayRef shape, bool kept = true) {
+    return keep_big && kept ? pooled_empty(x, shape) : scratch(role, shape, x);
+  };
   r.X = nhwc(x);
-  r.W1 = reuse && (*reuse)[6] ? *(*reuse)[6]
-                               : p.dense_pw1(w.pw1, keep_w1 ? pooled_empty(x, {p.T, p.C})
-                                                            : scratch("W1", {p.T, p.C}, x));
+  r.W1 = get(6);
+  if (!r.W1.defined()) r.W1 = p.dense_pw1(w.pw1, buf("W1", {T, C}, keep_w1));
   r.g1 = p.shuffle(w.g1);
   r.dw = p.dw_weights(w.dw);
   const at::Tensor b1 = p.shuffle(w.b1);
@@ -272,10 +275,6 @@ Fwd forward_pass(const Plan& p, const Geo& g, const at::Tensor& x, const Params&
     return std::pair{stats_in->select(0, 0).narrow(0, off, len),
                      stats_in->select(0, 1).narrow(0, off, len)};
   };
-  auto buf = [&](const char* role, at::IntArrayRef shape, bool kept = true) {
-    return keep_big && kept ? pooled_empty(x, shape) : scratch(role, shape, x);
-  };
-  auto get = [&](size_t i) { return (reuse && (*reuse)[i]) ? *(*reuse)[i] : at::Tensor(); };
   r.D = get(2), r.Z = get(3), r.A = get(4), r.S = get(5);
   // A = X W1^T is written only where it is read whole: by BN1's backward where the map is
   // too small for the covariance route, and for BN1's statistics where it is too small for
@@ -732,12 +731,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("stride"), py::arg("skip_index"), py::arg("skip_is_conv"),
            py::arg("residual"), py::arg("conv_cols"), py::arg("dw_runs"),
            py::arg("pw2_segments"), py::arg("pw1_blocks"), py::arg("perm"), py::arg("eps"));
-  m.def("forward", &forward, py::arg("plan"), py::arg("x"), py::arg("mask"), py::arg("pw1"),
-        py::arg("dw"), py::arg("pw2"), py::arg("g1"), py::arg("b1"), py::arg("g2"),
-        py::arg("b2"), py::arg("g3"), py::arg("b3"), py::arg("sw"), py::arg("sg"),
-        py::arg("sb"), py::arg("running"), py::arg("training"), py::arg("via_cov"),
-        py::arg("keep_bytes"), py::arg("momenta") = std::vector<double>(),
-        py::arg("tracked") = std::vector<at::Tensor>());
+  m.def("forward", &forward);
   m.def("forward_with_grad", &forward_with_grad);
   m.def("backward", &backward);
   m.def("clear_workspace", &clear_workspace);
